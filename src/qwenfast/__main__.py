@@ -1,0 +1,3 @@
+from qwenfast.cli import main
+
+raise SystemExit(main())
