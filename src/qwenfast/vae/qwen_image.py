@@ -1,0 +1,587 @@
+"""The Qwen-Image VAE (the Wan-2.1 VAE family), top-down: parts first, the model last.
+
+Parameter names and shapes are those of diffusers' `AutoencoderKLQwenImage`, so state dicts load with
+`strict=True` in both directions. The computation differs where it can without changing the numbers:
+
+- **Image fast path.** A frame whose past is all zero padding (the first frame; every frame of an
+  image) runs through 4-D `[B, C, H, W]` tensors: each causal 3x3x3 conv is the 3x3 conv2d with its
+  weight's last temporal slice (18 of 27 taps multiply zeros), and no frame cache is kept.
+- **Video.** Frames stream through the decoder (encoder: 1, then 4 at a time, as diffusers) with an
+  explicit `FrameCache` holding, per causal conv, the last input frames the next chunk needs.
+- **Split decoder.** `Decoder3d.forward_global` (conv_in + mid block, which holds the only non-local
+  operator, the attention) and `Decoder3d.forward_local` (up blocks + head, a fixed receptive field of
+  `Decoder3d.receptive_field()` latent pixels) are separate so that tiling and parallel decode can run
+  the local part on regions.
+
+Shapes: B batch, C channels, T frames, H x W pixels at the current resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import VAEConfig
+from ..parallel.base import ParallelTiledVAE
+
+__all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH"]
+
+# Default architecture of the released Qwen-Image VAE (diffusers' defaults).
+DEFAULT_ARCH: dict[str, Any] = dict(
+    base_dim=96,
+    z_dim=16,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    dropout=0.0,
+    input_channels=3,
+    latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                  0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
+)
+
+CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
+
+
+class FrameCache:
+    """What each causal layer carries from one chunk of frames to the next, keyed by the layer.
+
+    One cache serves one pass over one video (a decode, an encode, or one tile of them). A layer
+    that finds no entry is at the first frame: its past is zero padding.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[nn.Module, Any] = {}
+
+    def get(self, layer: nn.Module) -> Any:
+        return self._state.get(layer)
+
+    def set(self, layer: nn.Module, value: Any) -> None:
+        self._state[layer] = value
+
+
+_FIRST_FRAME_PASSED = "first-frame-passed"  # Resample state: the first frame skipped the time conv
+
+
+def _last_frames(past: torch.Tensor | None, x: torch.Tensor, n: int = CACHE_T) -> torch.Tensor:
+    """The last `n` frames of cat(past, x) along time, without building the whole concatenation."""
+    if x.shape[2] >= n or past is None:
+        return x[:, :, -n:].clone()
+    return torch.cat([past[:, :, -(n - x.shape[2]):], x], dim=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalConv3d(nn.Conv3d):
+    """3-D conv, causal in time: `2·pad_t` zero frames in front, none behind.
+
+    `forward(x)` takes a 4-D first frame (its past is zero padding: the 2-D conv with the last
+    temporal tap), or a 5-D chunk of frames with a `FrameCache` holding the previous chunk's last
+    input frames (None at the first chunk).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        pt, ph, pw = self.padding
+        self._pad = (pw, pw, ph, ph, 2 * pt, 0)  # F.pad order: W, H, then T (all in front)
+        self.padding = (0, 0, 0)
+
+    @property
+    def is_causal_in_time(self) -> bool:
+        return self._pad[4] > 0
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        if x.dim() == 4:  # (B, C, H, W), a first frame
+            if cache is not None and self.is_causal_in_time:
+                cache.set(self, x.unsqueeze(2).clone())
+            pw, _, ph = self._pad[:3]
+            return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], (ph, pw))
+        # (B, C, T, H, W)
+        pad = list(self._pad)
+        if cache is not None and self.is_causal_in_time:
+            past = cache.get(self)
+            cache.set(self, _last_frames(past, x))
+            if past is not None:
+                x = torch.cat([past, x], dim=2)
+                pad[4] -= past.shape[2]
+        return super().forward(F.pad(x, pad))
+
+
+class RMSNorm(nn.Module):
+    """Per-pixel RMS norm over channels (dim 1): `x / max(‖x‖₂, 1e-12) · √C · γ`, statistics in fp32.
+
+    `gamma` is `(C, 1, 1)` for images (`images=True`, the attention's norm) or `(C, 1, 1, 1)`: the
+    shapes diffusers stores. It broadcasts over 4-D and 5-D inputs alike.
+    """
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
+        y = F.normalize(x.float(), dim=1) * (self.scale * gamma.float())
+        if silu:
+            y = F.silu(y)
+        return y.to(x.dtype)
+
+
+class Upsample2x(nn.Module):
+    """Nearest-exact 2x spatial upsampling. (A pure selection: diffusers' fp32 round trip changes nothing.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class Resample(nn.Module):
+    """Spatial 2x up/down sampling (frame by frame), with a causal time conv in the `*3d` modes.
+
+    `upsample3d`: the first frame of a video passes without the time conv; every later frame goes
+    through a causal (3,1,1) conv to 2C channels, read as two frames (so T frames become 1 + 2(T-1)).
+    `downsample3d`: the first frame passes; later chunks are strided by 2 in time, each strided window
+    starting at the last frame of the previous chunk (which is why the encoder takes 1, then 4 frames).
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.dim = dim
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        else:
+            raise ValueError(f"Resample mode must be up/downsample2d/3d; got {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        if x.dim() == 4:  # a first frame: no time conv in either direction
+            if cache is not None and self.mode == "upsample3d":
+                cache.set(self, _FIRST_FRAME_PASSED)
+            x = self.resample(x)
+            if cache is not None and self.mode == "downsample3d":
+                cache.set(self, x.unsqueeze(2).clone())
+            return x
+
+        if self.mode == "upsample3d" and cache is not None:
+            x = self._time_upsample(x, cache)
+        b, c, t = x.shape[:3]
+        y = self.resample(x.transpose(1, 2).flatten(0, 1))  # (B·T, C', H', W')
+        y = y.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
+        if self.mode == "downsample3d" and cache is not None:
+            y = self._time_downsample(y, cache)
+        return y
+
+    def _time_upsample(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        if cache.get(self) is None:  # the first frame of the video, as a 5-D chunk of one frame
+            if x.shape[2] != 1:
+                raise ValueError("the first chunk of a video must be a single frame")
+            cache.set(self, _FIRST_FRAME_PASSED)
+            return x
+        # The time conv sees only frames after the first, zero-padded in front: its own cache slot
+        # (the time_conv module) starts empty when the first frame passed.
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, cache)  # (B, 2C, T, H, W)
+        return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def _time_downsample(self, y: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        last = cache.get(self)
+        cache.set(self, y[:, :, -1:].clone())
+        if last is None:  # the first chunk passes unchanged
+            return y
+        return self.time_conv(torch.cat([last[:, :, -1:], y], dim=2))
+
+
+class ResidualBlock(nn.Module):
+    """RMSNorm → SiLU → causal conv → RMSNorm → SiLU → (dropout) → causal conv, plus a (1x1x1) shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.norm1 = RMSNorm(in_dim, images=False)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim, images=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        h = self.conv_shortcut(x)
+        x = self.conv1(self.norm1(x, silu=True), cache)
+        x = self.conv2(self.dropout(self.norm2(x, silu=True)), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over all pixels of each frame (head dim = C), plus the input.
+
+    The only operator of the model that is not local in space.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        if x.dim() == 5:  # frame by frame: (B, C, T, H, W) → (B·T, C, H, W)
+            b, t = x.shape[0], x.shape[2]
+            y = self.forward(x.transpose(1, 2).flatten(0, 1))
+            return y.unflatten(0, (b, t)).transpose(1, 2)
+        n, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C); a view when channels_last
+        qkv = F.linear(tokens, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)  # (B, N, 3C)
+        q, k, v = qkv.split(c, dim=-1)
+        o = attention(q, k, v)  # (B, N, C)
+        o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
+        return o.transpose(1, 2).unflatten(2, (h, w)) + x
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head attention `softmax(q kᵀ / √d) v` over `[B, N, D]`, by the fastest kernel available."""
+    try:
+        from ..ops.attention import single_head_attention
+    except ImportError:  # kernels not installed: plain SDPA
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+    return single_head_attention(q, k, v)
+
+
+class MidBlock(nn.Module):
+    """ResidualBlock → AttentionBlock → ResidualBlock (at the lowest resolution)."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, num_layers: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout)])
+        self.attentions = nn.ModuleList()
+        for _ in range(num_layers):
+            self.attentions.append(AttentionBlock(dim))
+            self.resnets.append(ResidualBlock(dim, dim, dropout))
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, cache)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x), cache)
+        return x
+
+
+class Encoder3d(nn.Module):
+    """Pixels → (mean, logvar) latents: conv_in, down blocks (ResBlocks, optional attention, Resample),
+    mid block, RMSNorm, SiLU, conv_out."""
+
+    def __init__(self, dim=96, z_dim=32, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
+                 temperal_downsample=(False, True, True), dropout=0.0, input_channels=3) -> None:
+        super().__init__()
+        dims = [dim * u for u in [1, *dim_mult]]
+        scale = 1.0
+        self.conv_in = CausalConv3d(input_channels, dims[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                self.down_blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    self.down_blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                mode = "downsample3d" if temperal_downsample[i] else "downsample2d"
+                self.down_blocks.append(Resample(out_dim, mode=mode))
+                scale /= 2.0
+        self.mid_block = MidBlock(out_dim, dropout, num_layers=1)
+        self.norm_out = RMSNorm(out_dim, images=False)
+        self.conv_out = CausalConv3d(out_dim, z_dim, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)
+        for layer in self.down_blocks:
+            x = layer(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(self.norm_out(x, silu=True), cache)
+
+
+class UpBlock(nn.Module):
+    """`num_res_blocks + 1` ResBlocks, then an optional 2x Resample."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float = 0.0,
+                 upsample_mode: str | None = None) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        dims = [in_dim] + [out_dim] * num_res_blocks
+        self.resnets = nn.ModuleList([ResidualBlock(d, out_dim, dropout) for d in dims])
+        self.upsamplers = None
+        if upsample_mode is not None:
+            self.upsamplers = nn.ModuleList([Resample(out_dim, mode=upsample_mode)])
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, cache)
+        return x
+
+
+class Decoder3d(nn.Module):
+    """Latents → pixels, in two parts: global (conv_in, mid block with the attention) at latent
+    resolution, then local (up blocks, RMSNorm, SiLU, conv_out), whose receptive field is finite."""
+
+    def __init__(self, dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, attn_scales=(),
+                 temperal_upsample=(True, True, False), dropout=0.0, input_channels=3) -> None:
+        super().__init__()
+        dims = [dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
+        self.conv_in = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], dropout, num_layers=1)
+        self.up_blocks = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim = in_dim // 2  # the previous block's Resample halved the channels
+            mode = None
+            if i != len(dim_mult) - 1:
+                mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
+            self.up_blocks.append(UpBlock(in_dim, out_dim, num_res_blocks, dropout, mode))
+        self.norm_out = RMSNorm(out_dim, images=False)
+        self.conv_out = CausalConv3d(out_dim, input_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        return self.forward_local(self.forward_global(x, cache), cache)
+
+    def forward_global(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        """(B, z, [T,] h, w) → mid-block output (B, C_mid, [T,] h, w)."""
+        return self.mid_block(self.conv_in(x, cache), cache)
+
+    def forward_local(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        """Mid-block output (B, C_mid, [T,] h, w) → pixels (B, 3, [T',] 8h, 8w), unclamped."""
+        for up_block in self.up_blocks:
+            x = up_block(x, cache)
+        return self.conv_out(self.norm_out(x, silu=True), cache)
+
+    def receptive_field(self) -> int:
+        """How far (in latent pixels of the mid-block output) any output pixel of `forward_local`
+        looks, on either side: the exact margin a tile needs.
+
+        Walks the local part backwards from each of the `scale` output pixels over one latent
+        pixel, growing an interval by 1 per 3x3 conv and mapping it through each nearest 2x
+        upsample (output j reads input ⌊j/2⌋); 13 for the Qwen-Image decoder.
+        """
+        layers: list[str] = []  # forward order: "conv" (3x3, stride 1) or "up" (nearest 2x)
+        for block in self.up_blocks:
+            layers += ["conv", "conv"] * len(block.resnets)
+            if block.upsamplers is not None:
+                layers += ["up", "conv"]
+        layers.append("conv")  # conv_out
+        scale = 2 ** layers.count("up")
+        reach = 0
+        for o in range(scale):
+            lo, hi = o, o
+            for layer in reversed(layers):
+                if layer == "conv":
+                    lo, hi = lo - 1, hi + 1
+                else:
+                    lo, hi = lo // 2, hi // 2
+            reach = max(reach, -lo, hi)
+        return reach
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class QwenImageVAE(ParallelTiledVAE):
+    """The Qwen-Image VAE: weight-compatible with diffusers' `AutoencoderKLQwenImage`.
+
+    `decode(z)` takes unscaled latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]` for images) and
+    returns what diffusers' `vae.decode(z).sample` returns, clamped to [-1, 1]; `encode(x)` returns
+    the posterior mean. How to decode (tiling, parallel decode) is set by `vae_config`.
+    """
+
+    def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
+                 attn_scales=(), temperal_downsample=(False, True, True), dropout: float = 0.0,
+                 input_channels: int = 3, latents_mean=None, latents_std=None,
+                 vae_config: VAEConfig | None = None) -> None:
+        super().__init__()
+        dim_mult, attn_scales = list(dim_mult), list(attn_scales)
+        temperal_downsample = list(temperal_downsample)
+        if len(temperal_downsample) != len(dim_mult) - 1:
+            raise ValueError(
+                f"temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} entries; got {temperal_downsample}"
+            )
+        latents_mean = list(DEFAULT_ARCH["latents_mean"] if latents_mean is None else latents_mean)
+        latents_std = list(DEFAULT_ARCH["latents_std"] if latents_std is None else latents_std)
+        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if len(values) != z_dim:
+                raise ValueError(f"{name} needs z_dim = {z_dim} values; got {len(values)}")
+        self.config = dict(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks,
+                           attn_scales=attn_scales, temperal_downsample=temperal_downsample, dropout=dropout,
+                           input_channels=input_channels, latents_mean=latents_mean, latents_std=latents_std)
+        self.z_dim = z_dim
+        self.temperal_downsample = temperal_downsample
+        self.temperal_upsample = temperal_downsample[::-1]
+        self.spatial_compression_ratio = 2 ** len(temperal_downsample)
+        self.temporal_compression_ratio = 2 ** sum(temperal_downsample)
+        self.vae_config = vae_config or VAEConfig()
+
+        self.encoder = Encoder3d(base_dim, z_dim * 2, dim_mult, num_res_blocks, attn_scales,
+                                 temperal_downsample, dropout, input_channels)
+        self.quant_conv = CausalConv3d(z_dim * 2, z_dim * 2, 1)
+        self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1)
+        self.decoder = Decoder3d(base_dim, z_dim, dim_mult, num_res_blocks, attn_scales,
+                                 self.temperal_upsample, dropout, input_channels)
+        self.decode_margin = self.decoder.receptive_field()
+
+    # -- loading (weights.py) ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "QwenImageVAE":
+        """Load a diffusers-format directory (config.json + safetensors, sharded or not), or a Qwen-Image
+        model directory with a `vae/` subfolder. Safetensors only."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device)
+
+    @classmethod
+    def from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None) -> "QwenImageVAE":
+        """The same weights, dtype and device as a diffusers `AutoencoderKLQwenImage`."""
+        from .weights import load_from_diffusers
+
+        return load_from_diffusers(cls, module, vae_config=vae_config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    # -- public API --------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]`) → pixels in [-1, 1],
+        `[B, 3, 1 + 4(T-1), 8h, 8w]` (or `[B, 3, 8h, 8w]`)."""
+        z, image = self._check_latent(z)
+        cfg = self.vae_config
+        out = None
+        if cfg.use_parallel_decode:
+            out = self._decode_with_parallel_dispatch(z)
+        elif cfg.use_tiling:
+            out = self.tiled_decode(z)
+        else:
+            out = self._decode_untiled(z)
+        if out is None:  # parallel decode with output on rank 0 only
+            return None
+        out = out.clamp_(-1.0, 1.0)
+        return out[:, :, 0] if image else out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels `[B, 3, T, H, W]` (T = 1 + 4k) or `[B, 3, H, W]` in [-1, 1] → posterior mean
+        `[B, z_dim, 1 + k, H/8, W/8]` (or 4-D), as diffusers' `encode(x).latent_dist.mode()`."""
+        if x.dim() not in (4, 5):
+            raise ValueError(f"encode expects [B, C, H, W] or [B, C, T, H, W]; got shape {tuple(x.shape)}")
+        image = x.dim() == 4
+        x = x.unsqueeze(2) if image else x
+        channels = self.config["input_channels"]
+        if x.shape[1] != channels:
+            raise ValueError(f"encode expects {channels} channels; got shape {tuple(x.shape)}")
+        if (x.shape[2] - 1) % self.temporal_compression_ratio:
+            raise ValueError(
+                f"encode needs 1 + {self.temporal_compression_ratio}k frames; got T = {x.shape[2]}"
+            )
+        x = x.to(device=self.device, dtype=self.dtype)
+        cfg = self.vae_config
+        if cfg.use_tiling and (x.shape[-1] > cfg.tile_sample_min_width or x.shape[-2] > cfg.tile_sample_min_height):
+            moments = self.tiled_encode(x)
+        else:
+            moments = self._encode_untiled(x)
+        mean = moments[:, : self.z_dim]
+        return mean[:, :, 0] if image else mean
+
+    # -- internals: the hooks ParallelTiledVAE drives ---------------------------------------------
+    def _check_latent(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"decode expects a torch.Tensor; got {type(z).__name__}")
+        if z.dim() not in (4, 5):
+            raise ValueError(f"decode expects latents [B, {self.z_dim}, T, h, w] or [B, {self.z_dim}, h, w]; "
+                             f"got shape {tuple(z.shape)}")
+        if z.shape[1] != self.z_dim:
+            raise ValueError(f"decode expects {self.z_dim} latent channels (dim 1); got shape {tuple(z.shape)}")
+        if z.numel() == 0:
+            raise ValueError(f"decode got an empty latent, shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise TypeError(f"decode expects floating-point latents; got {z.dtype}")
+        image = z.dim() == 4
+        z = z.unsqueeze(2) if image else z
+        return z.to(device=self.device, dtype=self.dtype), image
+
+    def _stream(self, fn: Callable, x: torch.Tensor, chunks: list[tuple[int, int]], desc: str) -> torch.Tensor:
+        """Run `fn(chunk, cache)` over the time chunks of `x` (B, C, T, H, W) and concatenate in time.
+
+        The first chunk must be the first frame alone: with the image fast path it runs as a 4-D
+        image, and an image (T = 1) keeps no frame cache at all.
+        """
+        fast = self.vae_config.image_fast_path
+        cache = FrameCache() if (x.shape[2] > 1 or not fast) else None
+        outs = []
+        for t0, t1 in self._progress(chunks, desc=desc, total=len(chunks), min_items=2):
+            if t0 == 0 and fast:
+                outs.append(fn(x[:, :, 0], cache).unsqueeze(2))
+            else:
+                outs.append(fn(x[:, :, t0:t1], cache))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    @staticmethod
+    def _frame_chunks(num_frames: int, first: int = 1, size: int = 1) -> list[tuple[int, int]]:
+        """[(0, first), then `size` frames at a time]: decode streams 1 frame at a time, encode 1 then 4."""
+        chunks = [(0, min(first, num_frames))]
+        chunks += [(t, min(t + size, num_frames)) for t in range(first, num_frames, size)]
+        return chunks
+
+    def _decode_global(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) → mid-block output (B, C_mid, T, h, w), streamed over frames."""
+        def fn(x, cache):
+            return self.decoder.forward_global(self.post_quant_conv(x), cache)
+
+        return self._stream(fn, z, self._frame_chunks(z.shape[2]), desc="decode (global)")
+
+    def _decode_local(self, h: torch.Tensor) -> torch.Tensor:
+        """Mid-block output (B, C_mid, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped."""
+        return self._stream(self.decoder.forward_local, h, self._frame_chunks(h.shape[2]), desc="decode (local)")
+
+    def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped: the whole decoder, frame by frame."""
+        def fn(x, cache):
+            x = self.post_quant_conv(x)
+            if x.is_cuda and x.dim() == 4:  # cuDNN's bf16 convs are fastest channels-last
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self.decoder(x, cache).contiguous()
+
+        return self._stream(fn, z, self._frame_chunks(z.shape[2]), desc="decode")
+
+    def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""
+        def fn(chunk, cache):
+            return self.quant_conv(self.encoder(chunk, cache))
+
+        chunks = self._frame_chunks(x.shape[2], first=1, size=self.temporal_compression_ratio)
+        return self._stream(fn, x, chunks, desc="encode")
+
+    def num_output_frames(self, num_latent_frames: int) -> int:
+        return 1 + self.temporal_compression_ratio * (num_latent_frames - 1)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"base_dim={c['base_dim']}, z_dim={c['z_dim']}, dim_mult={c['dim_mult']}, "
+                f"num_res_blocks={c['num_res_blocks']}, decode_margin={self.decode_margin}")
