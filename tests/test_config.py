@@ -1,6 +1,7 @@
 """VAEConfig: validation names the field, the value and what is allowed; every CLI flag form."""
 
 import argparse
+import dataclasses
 
 import pytest
 
@@ -75,6 +76,6 @@ def test_cli_validation_error_is_a_value_error():
 
 def test_every_field_has_a_flag_with_help():
     help_text = VAEConfig.add_cli_args(argparse.ArgumentParser()).format_help()
-    for name in VAEConfig.__dataclass_fields__:
-        assert "--vae-config." + name.replace("_", "-") in help_text
+    for f in dataclasses.fields(VAEConfig):
+        assert "--vae-config." + f.name.replace("_", "-") in help_text
     assert "receptive field" in " ".join(help_text.split())  # the field docstrings are the help
