@@ -1,0 +1,31 @@
+"""When may a Triton kernel of ours take a call? One rule for every kernel in this package.
+
+A kernel runs on CUDA tensors when Triton imports. Under TRITON_INTERPRET=1 (set by the test
+conftest on machines without CUDA) Triton runs the same kernels on CPU tensors through its
+interpreter, so that the tests check the kernels and not only the PyTorch fallbacks. Triton reads
+the variable when a kernel is decorated, that is when our kernel modules are imported: we read it
+once, at import, too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a test dependency
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_can_take(*tensors: torch.Tensor) -> bool:
+    """True when Triton is there and every tensor lives where our kernels run (CUDA; CPU when interpreted)."""
+    if not HAS_TRITON:
+        return False
+    device_type = "cpu" if INTERPRET else "cuda"
+    return all(t.device.type == device_type for t in tensors)
