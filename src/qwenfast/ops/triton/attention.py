@@ -71,8 +71,8 @@ def default_config(d: int, dtype: torch.dtype) -> AttentionConfig:
     # Measured on one H100 (benchmarks/results/vae_kernels.md). Wide heads: the (BLOCK_M, D) fp32
     # accumulator must fit in registers next to the Q tile, and K/V tiles of (BLOCK_N, D) in shared
     # memory, num_stages deep.
-    if d > 256:
-        return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    if d > 256:  # Q 64x384 + 2 stages of K and V 32x384, bf16: 144 KB of shared memory
+        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if d > 128:
         return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
     return AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
