@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, kernel_can_take
+from .triton._support import HAS_TRITON, kernel_can_take, launch
 
 if HAS_TRITON:
     from .triton import attention as _kernel
@@ -97,7 +97,7 @@ def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     """
     _check_qkv(q, k, v)
     if kernel_takes(q, k, v):
-        return torch.ops.qwenfast.single_head_attention(q, k, v)
+        return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
     return single_head_attention_native(q, k, v)
 
 

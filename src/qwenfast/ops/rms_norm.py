@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, kernel_can_take
+from .triton._support import HAS_TRITON, kernel_can_take, launch
 
 if HAS_TRITON:
     from .triton import rms_norm as _kernel
@@ -40,14 +40,15 @@ def _check(x: torch.Tensor, gamma: torch.Tensor) -> None:
 
 
 def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """The reference and the fallback: diffusers' formula, all in fp32, rounded once to x's dtype."""
+    """The reference and the fallback: diffusers' formula in fp32 (fp64 stays fp64), rounded once to x's dtype."""
     _check(x, gamma)
     C = x.shape[1]
-    g = gamma.reshape(C, *([1] * (x.dim() - 2))).float()  # broadcast over the spatial dims
-    y = F.normalize(x.float(), dim=1) * C**0.5 * g
+    compute = torch.promote_types(x.dtype, torch.float32)
+    g = gamma.reshape(C, *([1] * (x.dim() - 2))).to(compute)  # broadcast over the spatial dims
+    y = F.normalize(x.to(compute), dim=1) * C**0.5 * g
     if silu:
         y = F.silu(y)
-    return y.to(x.dtype)  # .float() and .to() keep x's memory format
+    return y.to(x.dtype)  # .to() keeps x's memory format
 
 
 def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
@@ -64,7 +65,8 @@ def rms_norm(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.
     """RMS norm over the channels (dim 1) of x, times gamma, then SiLU if `silu`; see the module doc."""
     _check(x, gamma)
     if kernel_takes(x, gamma):
-        return torch.ops.qwenfast.rms_norm(x, gamma.reshape(-1).contiguous(), bool(silu))
+        g = gamma.reshape(-1).contiguous()  # (C,)
+        return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, g, bool(silu))
     return rms_norm_native(x, gamma, silu)
 
 

@@ -10,6 +10,7 @@ once, at import, too.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -29,3 +30,14 @@ def kernel_can_take(*tensors: torch.Tensor) -> bool:
         return False
     device_type = "cpu" if INTERPRET else "cuda"
     return all(t.device.type == device_type for t in tensors)
+
+
+def launch(op: Callable[..., torch.Tensor], launcher: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """Run a kernel through its custom op while torch.compile traces, else straight through its launcher.
+
+    The custom op is what lets torch.compile (and its fake tensors) see the kernel; in eager mode
+    its dispatcher costs ~10 µs a call, measured: 35 vs 22 µs for the RMS norm at 384 x 166².
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return launcher(*args)

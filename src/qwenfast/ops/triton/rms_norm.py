@@ -86,13 +86,17 @@ def _empty_output(x: torch.Tensor) -> torch.Tensor:
 
 
 def default_blocks(c: int, channels_contiguous: bool) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_C, num_warps): about 8K elements per program (tuned on an H100, see benchmarks)."""
+    """(BLOCK_S, BLOCK_C, num_warps): 4096 elements per program, 4 warps.
+
+    On one H100, channels_last bf16: 96 x 1328² ran at 98% of the copy bandwidth with any tile from 16
+    to 128 pixels; at 384 x 166² (42 MB) 8 pixels x 512 lanes with 4 warps beat 16 x 512 with 8
+    warps (21 vs 23 µs) and 32 x 512 (32 µs): fewer, fatter programs starve a small tensor.
+    """
     block_c = triton.next_power_of_2(c)
-    if channels_contiguous:
-        block_s = max(1, 8192 // block_c)
-    else:  # NCHW: a run of pixels per channel, long enough for coalesced reads
-        block_s = max(32, 8192 // block_c)
-    return block_s, block_c, 8 if block_s * block_c >= 8192 else 4
+    block_s = max(1, 4096 // block_c)
+    if not channels_contiguous:  # NCHW: a run of >= 32 pixels per channel keeps the reads coalesced
+        block_s = max(32, block_s)
+    return block_s, block_c, 4
 
 
 def rms_norm_fwd(
