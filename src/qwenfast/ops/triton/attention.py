@@ -75,6 +75,10 @@ def default_config(d: int, dtype: torch.dtype) -> AttentionConfig:
     (BLOCK_N, D): 96 KB + 2 x 48 KB at D = 384, BLOCK_N = 32; BLOCK_N = 64 would need 288 KB (the
     H100 has 227 KB a block). That config ran 331-404 TFLOP/s; 64 rows with 4 warps, 3 stages 294-404.
     """
+    if dtype == torch.float32:  # not the fast path (fp32 dots on CUDA cores); tiles twice the bytes
+        if d > 256:  # Q 48 KB + 2 x (K + V) 48 KB
+            return AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+        return AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if d > 256:
         return AttentionConfig(block_m=128, block_n=32, num_warps=8, num_stages=2)
     if d > 128:  # not measured: Q 32 KB + 2 x 64 KB at D = 256
