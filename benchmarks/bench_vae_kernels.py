@@ -152,7 +152,8 @@ def attention_section(sweep: bool, sizes: list[int]) -> dict:
     # under torch.compile the kernel runs through the custom op (its fake gives the output's metadata)
     q, k, v = (torch.randn(2, 1234, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     compiled = torch.compile(single_head_attention, fullgraph=True)
-    res["compiled_max_abs_vs_eager"] = float((compiled(q, k, v).float() - single_head_attention(q, k, v).float()).abs().max())
+    diff = compiled(q, k, v).float() - single_head_attention(q, k, v).float()
+    res["compiled_max_abs_vs_eager"] = float(diff.abs().max())
     log("attn compiled vs eager", res["compiled_max_abs_vs_eager"])
 
     def inputs(n):
@@ -347,7 +348,8 @@ def markdown(res: dict) -> str:
     if "attention" in res:
         a = res["attention"]
         lines += ["## Single-head attention, D = 384, bf16, B = 1", "",
-                  "| N | SDPA backend | SDPA ms | SDPA TFLOP/s | ours ms | ours TFLOP/s | speed-up | max abs diff vs SDPA |",
+                  "| N | SDPA backend | SDPA ms | SDPA TFLOP/s | ours ms | ours TFLOP/s | speed-up "
+                  "| max abs diff vs SDPA |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in a["sizes"]:
             best = min(r.get("ours", []), key=lambda o: o["ms"], default=None)
@@ -361,32 +363,40 @@ def markdown(res: dict) -> str:
                   f"the public function with the default config: "
                   + ", ".join(f"N={r['N']}: {r['ours_default_ms']:.2f} ms" for r in a["sizes"]), ""]
         if a["sweep"]:
-            lines += [f"Sweep at N = {a['sweep'][0]['N']}:", "", "| BLOCK_M | BLOCK_N | warps | stages | chunk cap | ms | TFLOP/s |",
+            lines += [f"Sweep at N = {a['sweep'][0]['N']}:", "",
+                      "| BLOCK_M | BLOCK_N | warps | stages | chunk cap | ms | TFLOP/s |",
                       "|---|---|---|---|---|---|---|"]
             for r in a["sweep"]:
                 c = r["config"]
                 t = f"{r['ms']:.2f} | {r['TFLOPs']:.0f}" if "ms" in r else f"failed | {r.get('error', '')[:60]}"
-                lines.append(f"| {c['block_m']} | {c['block_n']} | {c['num_warps']} | {c['num_stages']} | {c['chunk_cap']} | {t} |")
+                lines.append(
+                    f"| {c['block_m']} | {c['block_n']} | {c['num_warps']} | {c['num_stages']} | "
+                    f"{c['chunk_cap']} | {t} |"
+                )
             lines.append("")
         lines += ["Correctness on CUDA (vs an fp64 oracle, fp32 for N = 27556): "
-                  + "; ".join(f"{r['dtype'].split('.')[-1]} B={r['B']} Nq={r['Nq']} Nk={r['Nk']}: rel {r['rel_err']:.1e}"
+                  + "; ".join(f"{r['dtype'].split('.')[-1]} B={r['B']} Nq={r['Nq']} Nk={r['Nk']}: "
+                              f"rel {r['rel_err']:.1e}"
                               for r in a["correctness"]), ""]
     if "rms" in res:
         lines += ["## RMS norm + SiLU, bf16, channels_last (bytes = read x + write y)", "",
-                  "| C x H x W | MB | copy µs | ours µs | ours GB/s | diffusers eager µs | diffusers compiled µs | ours NCHW µs | ours via custom op µs |",
+                  "| C x H x W | MB | copy µs | ours µs | ours GB/s | diffusers eager µs | diffusers compiled µs "
+                  "| ours NCHW µs | ours via custom op µs |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in res["rms"]["rows"]:
             def f(k):
                 return f"{r[k]:.0f}" if k in r else "-"
             lines.append(
                 f"| {r['C']} x {r['H']} x {r['W']} | {r['MB_moved']:.0f} | {f('copy_us')} | {f('ours_silu_us')} | "
-                f"{f('ours_silu_GBps')} | {f('diffusers_eager_silu_us')} | {f('diffusers_compiled_silu_us')} | {f('ours_silu_nchw_us')} | "
+                f"{f('ours_silu_GBps')} | {f('diffusers_eager_silu_us')} | {f('diffusers_compiled_silu_us')} | "
+                f"{f('ours_silu_nchw_us')} | "
                 f"{f('ours_custom_op_silu_us')} |"
             )
         lines.append("")
     if "conv" in res:
         lines += ["## cuDNN conv2d 3x3, padding 1, bf16 (reference for the decoder's layout)", "",
-                  "| Cin→Cout @ H x W | NCHW µs | NCHW TFLOP/s | channels_last µs | channels_last TFLOP/s |", "|---|---|---|---|---|"]
+                  "| Cin→Cout @ H x W | NCHW µs | NCHW TFLOP/s | channels_last µs | channels_last TFLOP/s |",
+                  "|---|---|---|---|---|"]
         for r in res["conv"]["rows"]:
             lines.append(f"| {r['Cin']}→{r['Cout']} @ {r['H']}² | {r['nchw_us']:.0f} | {r['nchw_TFLOPs']:.0f} | "
                          f"{r['channels_last_us']:.0f} | {r['channels_last_TFLOPs']:.0f} |")

@@ -1,12 +1,12 @@
 """Flash-attention forward for one head with a wide head dim (the Qwen-Image VAE mid block: D = 384).
 
-FlashAttention and cuDNN refuse D = 384, so PyTorch's SDPA falls back to its slow memory-efficient
-backend (~85 TFLOP/s on an H100). This kernel is the textbook online-softmax forward, shaped for wide
-heads:
+FlashAttention and cuDNN refuse D = 384, so PyTorch's SDPA falls back to its memory-efficient
+backend (70-120 TFLOP/s on an H100, measured). This kernel is the textbook online-softmax forward,
+shaped for wide heads:
 
-- A program owns BLOCK_M query rows and keeps them, and their (BLOCK_M, D) fp32 accumulator, in
-  registers for the whole sweep over the keys; K and V tiles of (BLOCK_N, D) stream through shared
-  memory.
+- A program owns BLOCK_M query rows: their Q tile stays (in shared memory) and their (BLOCK_M, D)
+  fp32 accumulator stays in registers for the whole sweep over the keys; K and V tiles of
+  (BLOCK_N, D) stream through shared memory, num_stages deep.
 - `tl.arange` needs power-of-two extents and 384 is not one, so the head dim is cut into at most four
   power-of-two chunks (384 = 3 x 128): S = Q K^T is the sum of one product per chunk, and each chunk
   has its own slice of the output accumulator.
@@ -73,7 +73,8 @@ def default_config(d: int, dtype: torch.dtype) -> AttentionConfig:
     The (BLOCK_M, D) fp32 accumulator lives in registers: at D = 384, 128 rows take 8 warps (255
     registers a thread, no spills). Shared memory holds the Q tile and num_stages K and V tiles of
     (BLOCK_N, D): 96 KB + 2 x 48 KB at D = 384, BLOCK_N = 32; BLOCK_N = 64 would need 288 KB (the
-    H100 has 227 KB a block). That config ran 331-404 TFLOP/s; 64 rows with 4 warps, 3 stages 294-404.
+    H100 has 227 KB a block). That config ran 331-397 TFLOP/s at N = 27556-262144; the runner-up,
+    64 rows with 4 warps and 3 stages, 294 at N = 27556.
     """
     if dtype == torch.float32:  # not the fast path (fp32 dots on CUDA cores); tiles twice the bytes
         if d > 256:  # Q 48 KB + 2 x (K + V) 48 KB
@@ -87,7 +88,9 @@ def default_config(d: int, dtype: torch.dtype) -> AttentionConfig:
 
 
 @triton.jit
-def _load_rows(base, offs, stride, col0, WIDTH: tl.constexpr, row_ok, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+def _load_rows(
+    base, offs, stride, col0, WIDTH: tl.constexpr, row_ok, MASKED: tl.constexpr, UPCAST: tl.constexpr
+):
     """Rows `offs` of a row-major tile, columns [col0, col0 + WIDTH): (len(offs), WIDTH).
 
     UPCAST (interpreter only): Triton's interpreter gets bf16 arithmetic and bf16 dot products wrong,
@@ -174,11 +177,12 @@ def _attention_fwd_kernel(
     D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,  # head-dim chunks (0: none)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)  # batch offsets in int64: B * N * D may pass 2**31
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Nq
-    q_base = q_ptr + pid_b * stride_qb
+    row0 = tl.program_id(0) * BLOCK_M
+    pid_b = tl.program_id(1).to(tl.int64)
+    # Tile base pointers in int64 (B x N x D may pass 2**31 elements); offsets inside a tile in int32.
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = row0 + offs_m < Nq
+    q_base = q_ptr + pid_b * stride_qb + row0.to(tl.int64) * stride_qn
     k_blk = k_ptr + pid_b * stride_kb
     v_blk = v_ptr + pid_b * stride_vb
 
@@ -217,7 +221,7 @@ def _attention_fwd_kernel(
         )
 
     inv_l = 1.0 / l_i
-    o_base = o_ptr + pid_b * stride_ob
+    o_base = o_ptr + pid_b * stride_ob + row0.to(tl.int64) * stride_on
     _store_rows(o_base, offs_m, stride_on, 0, D0, m_ok, acc0, inv_l)
     if D1 > 0:
         _store_rows(o_base, offs_m, stride_on, D0, D1, m_ok, acc1, inv_l)
@@ -245,7 +249,7 @@ def attention_fwd(
     config = config or default_config(D, q.dtype)
     chunks = split_head_dim(D, config.chunk_cap)
     if chunks is None:
-        raise ValueError(f"q: head dim {D} is not one the kernel supports (a multiple of 16, <= {MAX_HEAD_DIM})")
+        raise ValueError(f"q: head dim {D} is not one the kernel supports (multiple of 16, <= {MAX_HEAD_DIM})")
     # The kernel steps through rows with one stride and reads each row as one contiguous run.
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     o = torch.empty((B, Nq, D), dtype=q.dtype, device=q.device)
