@@ -1,0 +1,73 @@
+"""Per-pixel RMS norm (+ SiLU) of the Qwen-Image VAE.
+
+    rms_norm(x, gamma, silu=False) -> y
+
+y = x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma, then SiLU when `silu`: diffusers'
+`QwenImageRMS_norm` (channel_first) followed by the decoder's SiLU, with the statistics and the
+arithmetic in fp32 and one rounding to x's dtype at the end (diffusers rounds the normalised value
+to x's dtype before scaling: a difference of one bf16 rounding). x is (N, C, H, W) or (B, C, T, H, W)
+in any memory format; y has x's dtype and memory format. gamma has C elements: diffusers' (C, 1, 1)
+or (C, 1, 1, 1) parameter, or (C,).
+
+Dispatch per call: the fused Triton kernel (qwenfast.ops.triton.rms_norm) when Triton can take the
+tensors (CUDA; CPU under TRITON_INTERPRET=1) and x is fp16/bf16/fp32; otherwise `rms_norm_native`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .triton._support import HAS_TRITON, kernel_can_take, launch
+
+if HAS_TRITON:
+    from .triton import rms_norm as _kernel
+
+
+def _check(x: torch.Tensor, gamma: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: expected (N, C, H, W) or (B, C, T, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if not isinstance(gamma, torch.Tensor) or gamma.numel() != x.shape[1]:
+        shape = tuple(gamma.shape) if isinstance(gamma, torch.Tensor) else type(gamma).__name__
+        raise ValueError(f"gamma: expected {x.shape[1]} elements (one per channel of x), got shape {shape}")
+    if any(s != 1 for s in gamma.shape[1:]):
+        raise ValueError(f"gamma: expected shape (C,), (C, 1, 1) or (C, 1, 1, 1), got {tuple(gamma.shape)}")
+    if gamma.device != x.device:
+        raise ValueError(f"gamma: on {gamma.device}, x on {x.device}")
+
+
+def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """The reference and the fallback: diffusers' formula in fp32 (fp64 stays fp64), rounded once to x's dtype."""
+    _check(x, gamma)
+    C = x.shape[1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    g = gamma.reshape(C, *([1] * (x.dim() - 2))).to(compute)  # broadcast over the spatial dims
+    y = F.normalize(x.to(compute), dim=1) * C**0.5 * g
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)  # .to() keeps x's memory format
+
+
+def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
+    """Would `rms_norm` run the Triton kernel on these (already checked) tensors?"""
+    return (
+        HAS_TRITON
+        and kernel_can_take(x, gamma)
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and x.shape[0] <= 65535
+    )
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """RMS norm over the channels (dim 1) of x, times gamma, then SiLU if `silu`; see the module doc."""
+    _check(x, gamma)
+    if kernel_takes(x, gamma):
+        g = gamma.reshape(-1).contiguous()  # (C,)
+        return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, g, bool(silu))
+    return rms_norm_native(x, gamma, silu)
+
+
+__all__ = ["kernel_takes", "rms_norm", "rms_norm_native"]
