@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import VAEConfig
+from ..ops.attention import single_head_attention
+from ..ops.rms_norm import rms_norm
 from ..parallel.base import ParallelTiledVAE
 
 __all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH"]
@@ -128,11 +130,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        gamma = self.gamma.reshape(-1, *([1] * (x.dim() - 2)))
-        y = F.normalize(x.float(), dim=1) * (self.scale * gamma.float())
-        if silu:
-            y = F.silu(y)
-        return y.to(x.dtype)
+        return rms_norm(x, self.gamma, silu=silu)  # one fused pass on CUDA
 
 
 class Upsample2x(nn.Module):
@@ -247,18 +245,9 @@ class AttentionBlock(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C); a view when channels_last
         qkv = F.linear(tokens, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)  # (B, N, 3C)
         q, k, v = qkv.split(c, dim=-1)
-        o = attention(q, k, v)  # (B, N, C)
+        o = single_head_attention(q, k, v)  # (B, N, C): flash attention for head dim 384 on CUDA
         o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
         return o.transpose(1, 2).unflatten(2, (h, w)) + x
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-head attention `softmax(q kᵀ / √d) v` over `[B, N, D]`, by the fastest kernel available."""
-    try:
-        from ..ops.attention import single_head_attention
-    except ImportError:  # kernels not installed: plain SDPA
-        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-    return single_head_attention(q, k, v)
 
 
 class MidBlock(nn.Module):
