@@ -238,3 +238,23 @@ def test_compile_keeps_one_graph():
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(c["x"], c["residual"]), block(c["x"], c["residual"]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "cuda"])
+def test_compile_public_api_fullgraph(monkeypatch, backend):
+    # The modules' checks and per-call dispatch trace without a graph break, on either path.
+    monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: backend)
+    c = case(B=2, L=5, C=32, dtype=torch.float32, index="mixed", seed=24)
+    sel_gate = ops.FusedLayerNormScaleShiftGateSelect01()
+
+    def block(x, residual):
+        y, r = ops.residual_layer_norm_modulate(x, residual, c["gate0"], None, None, c["scale0"], c["shift0"],
+                                                c["gate1"], c["scale1"], c["shift1"], c["index"])
+        y2, g = sel_gate(y, None, None, c["scale0"], c["shift0"], c["gate0"], c["scale1"], c["shift1"], c["gate1"],
+                         c["index"], 1e-6)
+        return ops.gated_residual(y2, r, c["gate0"], c["gate1"], c["index"]), g
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    for u, v in zip(compiled(c["x"], c["residual"]), block(c["x"], c["residual"])):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
