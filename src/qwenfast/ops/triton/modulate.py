@@ -36,13 +36,13 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr):
     """The (ROWS, BLOCK_C) fp32 parameter of each token: p1 where sel, else p0.
 
     p0_ptr/p1_ptr: rows of (B, C) (or (B, L, C)) tensors; off0/off1: (ROWS,) int64 element offsets of
-    each token's row; sel: (ROWS,) bool. Each lane loads from exactly one set (complementary masks), so
-    selection costs no extra traffic.
+    each token's row; sel: (ROWS,) bool. The choice is made once per token, on the row's address, so a
+    selected load costs what a plain one does: no second load, no extra address arithmetic per element.
+    (Both sets must then share a dtype: the launcher sees to it.)
     """
     if SELECT:
-        a = tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask & ~sel[:, None], other=0.0)
-        b = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask & sel[:, None], other=0.0)
-        return tl.where(sel[:, None], b.to(tl.float32), a.to(tl.float32))
+        row = tl.where(sel, p1_ptr + off1, p0_ptr + off0)  # (ROWS,) pointers
+        return tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         return tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
@@ -196,17 +196,29 @@ class LaunchConfig:
         return f"LaunchConfig(rows={self.rows}, block_c={self.block_c}, num_warps={self.num_warps}, chunked={self.chunked})"
 
 
-def default_config(N: int, C: int, do_norm: bool = True) -> LaunchConfig:
+def default_config(N: int, C: int, do_norm: bool = True, has_residual: bool = False) -> LaunchConfig:
     """Launch configuration for N tokens of C channels (tuned on an H100 at C = 3072, see
     benchmarks/results/modulate_*.md)."""
     block = triton.next_power_of_2(C)
-    if not do_norm or block > MAX_TILE:
-        # Elementwise (gated residual) or a row too long for registers: chunks of CHUNK columns.
-        block_c = min(block, CHUNK)
-        return LaunchConfig(1, block_c, max(1, min(8, block_c // 256)), chunked=True)
+    if not do_norm:
+        # Elementwise (the gated residual alone): 1024-column chunks, one 16-byte bf16 vector per
+        # thread and tensor; 3072 = 3 x 1024 leaves no lane idle.
+        block_c = min(block, 1024)
+        return LaunchConfig(1, block_c, max(1, min(4, block_c // 256)), chunked=True)
+    if block > MAX_TILE:
+        # A row too long for registers: chunks of CHUNK columns, three passes.
+        return LaunchConfig(1, CHUNK, 8, chunked=True)
     # Whole rows in registers: about 16 fp32 values per thread and tensor (two 16-byte bf16 loads).
     rows = max(1, min(4, 4096 // block))
     return LaunchConfig(rows, block, max(1, min(16, rows * block // 512)), chunked=False)
+
+
+def _one_dtype(p0: Optional[Tensor], p1: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The two sets of one parameter in their promoted dtype (a (B, C) copy only if they differ)."""
+    if p0 is None or p1 is None or p0.dtype == p1.dtype:
+        return p0, p1
+    dt = torch.promote_types(p0.dtype, p1.dtype)
+    return p0.to(dt), p1.to(dt)
 
 
 def _launch(
@@ -226,18 +238,20 @@ def _launch(
     eps: float,
     do_norm: bool = True,
     config: Optional[LaunchConfig] = None,
+    checked: bool = False,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Run one modulation kernel; returns (y, residual_out, gate), None where not computed.
 
     residual/rgate0 given: residual_out = residual + rgate_sel * x first (rgate0 (B, C) or (B, L, C);
     selected by index with rgate1 when rgate1 is given). do_norm=False: only residual_out.
-    gate0 given: the selected gate (B, L, C) is written too.
+    gate0 given: the selected gate (B, L, C) is written too. checked=True: the caller (a module of
+    qwenfast.ops.modulate) has already run the argument checks.
     """
     has_res = residual is not None
-    if has_res:
+    if not checked and has_res:
         check_modulate_args(x, index=index, residual=residual, rows_or_full={"residual_gate": rgate0},
                             set1={} if rgate1 is None else {"gate1": rgate1})
-    if do_norm:
+    if not checked and do_norm:
         check_modulate_args(
             x, index=index, vectors={"weight": weight, "bias": bias},
             rows={"scale0": scale0, "shift0": shift0, **({} if gate0 is None else {"gate0": gate0})},
@@ -254,9 +268,15 @@ def _launch(
         return y, rout, gate  # nothing to compute: no launch
 
     select = index is not None
+    if select:  # the kernel picks a set by row address: both sets in one dtype (exact promotion)
+        scale0, scale1 = _one_dtype(scale0, scale1)
+        shift0, shift1 = _one_dtype(shift0, shift1)
+        gate0, gate1 = _one_dtype(gate0, gate1)
+        if has_res and rgate0.dim() == 2:
+            rgate0, rgate1 = _one_dtype(rgate0, rgate1)
     if index is not None and index.dtype == torch.bool:
         index = index.view(torch.uint8)  # same bytes; Triton reads bytes, not i1
-    cfg = config or default_config(N, C, do_norm)
+    cfg = config or default_config(N, C, do_norm, has_res)
 
     def row_stride(t: Optional[Tensor]) -> int:
         return 0 if t is None else t.stride(0)
@@ -344,22 +364,35 @@ def _(x, residual, gate0, gate1, index):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Wrappers with the signatures of the fp32 reference (qwenfast.ops.modulate.*_native).
+# Wrappers with the signatures of the fp32 reference (qwenfast.ops.modulate.*_native), called by the
+# modules after their argument checks. Under torch.compile they go through the torch.library ops (one
+# graph node each); in eager mode straight to the launcher: the dispatcher round trip and a second
+# check would add tens of µs of host time per call, more than the kernel takes at small L.
 # ---------------------------------------------------------------------------------------------------
 
 
 def layer_norm_modulate_triton(x, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps):
-    y, gate = torch.ops.qwenfast.layer_norm_modulate(x, weight, bias, scale0, shift0, scale1, shift1, index,
-                                                     gate0, gate1, eps)
-    return y, gate if gate0 is not None else None
+    if torch.compiler.is_compiling():
+        y, gate = torch.ops.qwenfast.layer_norm_modulate(x, weight, bias, scale0, shift0, scale1, shift1, index,
+                                                         gate0, gate1, eps)
+        return y, gate if gate0 is not None else None
+    y, _, gate = _launch(x, None, None, None, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps,
+                         checked=True)
+    return y, gate
 
 
 def residual_layer_norm_modulate_triton(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1,
                                         index, gate0, gate1, eps):
-    y, rout, gate = torch.ops.qwenfast.residual_layer_norm_modulate(
-        x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps)
-    return y, rout, gate if gate0 is not None else None
+    if torch.compiler.is_compiling():
+        y, rout, gate = torch.ops.qwenfast.residual_layer_norm_modulate(
+            x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps)
+        return y, rout, gate if gate0 is not None else None
+    return _launch(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1,
+                   eps, checked=True)
 
 
 def gated_residual_triton(x, residual, gate0, gate1, index):
-    return torch.ops.qwenfast.gated_residual(x, residual, gate0, gate1, index)
+    if torch.compiler.is_compiling():
+        return torch.ops.qwenfast.gated_residual(x, residual, gate0, gate1, index)
+    return _launch(x, residual, gate0, gate1, None, None, None, None, None, None, index, None, None, 0.0,
+                   do_norm=False, checked=True)[1]
