@@ -107,10 +107,10 @@ def test_channel_counts(C, L):
     check_residual(c, dtype)
 
 
-@pytest.mark.parametrize("rows,block_c", [(1, 32), (2, 64)])
-def test_chunked_kernel_at_small_C(rows, block_c):
+@pytest.mark.parametrize("rows,block_c,pick", [(1, 32, T.PICK_ADDRESS), (2, 64, T.PICK_BOTH)])
+def test_chunked_kernel_at_small_C(rows, block_c, pick):
     # Force the chunked kernel (3 passes over C in chunks): C = 150 is not a multiple of the chunk.
-    cfg = T.LaunchConfig(rows=rows, block_c=block_c, num_warps=1, chunked=True)
+    cfg = T.LaunchConfig(rows=rows, block_c=block_c, num_warps=1, chunked=True, pick=pick)
     for dtype in (torch.float32, torch.bfloat16):
         c = case(B=2, L=7, C=150, dtype=dtype, index="mixed", seed=14)
         check_ln(c, dtype, config=cfg)
@@ -273,3 +273,14 @@ def test_parameter_sets_of_different_dtypes():
         c[k] = c[k].float() + 1e-3  # not representable in bf16: a lossy cast would show
     check_ln(c, torch.bfloat16, gate_exact=False)
     check_residual(c, torch.bfloat16, gate_exact=False)
+
+
+@pytest.mark.parametrize("pick", [T.PICK_ADDRESS, T.PICK_BOTH])
+def test_both_ways_of_picking_a_set(pick):
+    cfg = T.LaunchConfig(rows=2, block_c=128, num_warps=2, chunked=False, pick=pick)
+    for dtype in (torch.float32, torch.bfloat16):
+        c = case(B=2, L=9, C=96, dtype=dtype, index="mixed", seed=26)
+        check_ln(c, dtype, config=cfg)
+        check_residual(c, dtype, config=cfg)
+    with pytest.raises(ValueError, match="pick must be"):
+        T.LaunchConfig(1, 128, 2, False, pick=3)
