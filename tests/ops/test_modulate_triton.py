@@ -1,0 +1,240 @@
+"""The Triton kernels themselves against the PyTorch path.
+
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and the kernels run on CPU tensors through
+Triton's interpreter; on a GPU the same tests run on CUDA (set QWENFAST_TEST_DEVICE=cuda).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from qwenfast import ops  # noqa: E402
+from qwenfast.ops import custom_op  # noqa: E402
+from qwenfast.ops import modulate as M  # noqa: E402
+from qwenfast.ops.triton import modulate as T  # noqa: E402
+
+from _modulate_cases import make_case, oracle_modulate, rel_err, sel64  # noqa: E402
+
+DEVICE = os.environ.get("QWENFAST_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Two results rounded to the same dtype differ by an ulp where fp32 intermediates differ in the last
+# bit (fused multiply-add, reduction order): relative tolerance of about two ulps.
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def case(**kw):
+    c = make_case(**kw)
+    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def run_ln(c, with_gate=True, config=None):
+    args = (c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"], c["scale1"], c["shift1"], c["index"],
+            c["gate0"] if with_gate else None, c["gate1"] if with_gate else None, 1e-6)
+    if config is not None:
+        y, _, gate = T._launch(c["x"], None, None, None, *args[1:], config=config)
+        return y, gate
+    return T.layer_norm_modulate_triton(*args)
+
+
+def check_ln(c, dtype, config=None):
+    y, gate = run_ln(c, config=config)
+    y_ref, gate_ref = M.layer_norm_modulate_native(c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"],
+                                                   c["scale1"], c["shift1"], c["index"], c["gate0"], c["gate1"], 1e-6)
+    assert_close(y, y_ref, dtype)
+    torch.testing.assert_close(gate, gate_ref, rtol=0, atol=0)  # a selection: bit-exact
+
+
+def check_residual(c, dtype, rgate_full=False, config=None):
+    rg0, rg1 = c["gate0"], c["gate1"]
+    if rgate_full:
+        rg0, rg1 = M.select01(c["index"], rg0, rg1).expand(c["x"].shape).contiguous(), None
+    args = (c["x"], c["residual"], rg0, rg1, c["weight"], c["bias"], c["scale0"], c["shift0"], c["scale1"],
+            c["shift1"], c["index"], c["gate0"], c["gate1"], 1e-6)
+    if config is None:
+        y, r, gate = T.residual_layer_norm_modulate_triton(*args)
+    else:
+        y, r, gate = T._launch(*args, config=config)
+    _, r_ref, gate_ref = M.residual_layer_norm_modulate_native(*args)
+    assert_close(r, r_ref, dtype)
+    # The LayerNorm part on the kernel's own residual_out (an ulp of difference in residual_out would
+    # otherwise move y by more than y's own rounding).
+    y_ref, _ = M.layer_norm_modulate_native(r, *args[4:11], None, None, 1e-6)
+    assert_close(y, y_ref, dtype)
+    torch.testing.assert_close(gate, gate_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", ["zeros", "ones", "mixed", "prefix", "none"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_modulate_matrix(dtype, index, affine):
+    # 2 x 13 tokens: not a multiple of the rows per program; C = 96 is not a power of two.
+    check_ln(case(B=2, L=13, C=96, dtype=dtype, index=index, affine=affine, seed=11), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index", ["mixed", "prefix", "none"])
+@pytest.mark.parametrize("rgate_full", [False, True])
+def test_residual_matrix(dtype, index, rgate_full):
+    check_residual(case(B=2, L=9, C=80, dtype=dtype, index=index, seed=12), dtype, rgate_full)
+
+
+@pytest.mark.parametrize("C,L", [(3072, 3), (1536, 5), (97, 1), (1, 4), (9000, 2)])
+def test_channel_counts(C, L):
+    # 9000 > MAX_TILE: the chunked kernel (the default config for long rows).
+    dtype = torch.bfloat16
+    c = case(B=2, L=L, C=C, dtype=dtype, index="mixed", seed=13)
+    check_ln(c, dtype)
+    check_residual(c, dtype)
+
+
+@pytest.mark.parametrize("rows,block_c", [(1, 32), (2, 64)])
+def test_chunked_kernel_at_small_C(rows, block_c):
+    # Force the chunked kernel (3 passes over C in chunks): C = 150 is not a multiple of the chunk.
+    cfg = T.LaunchConfig(rows=rows, block_c=block_c, num_warps=1, chunked=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        c = case(B=2, L=7, C=150, dtype=dtype, index="mixed", seed=14)
+        check_ln(c, dtype, config=cfg)
+        check_residual(c, dtype, config=cfg)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_large_offset_and_constant_rows(chunked):
+    cfg = T.LaunchConfig(1, 64, 1, True) if chunked else None
+    c = case(B=2, L=6, C=256, dtype=torch.float32, index="mixed", offset=1e4, constant_rows=True, affine=False,
+             seed=15)
+    y, _ = run_ln(c, config=cfg)
+    # Near 1e4 the fp32 mean itself is rounded (~3e-4 relative on y, in a different order than the
+    # reference's): judge against fp64. A one-pass variance would be off by O(1) (see the native test).
+    ref = oracle_modulate(c["x"], c["weight"], c["bias"], sel64(c["scale0"], c["scale1"], c["index"], 2, 6),
+                          sel64(c["shift0"], c["shift1"], c["index"], 2, 6))
+    assert rel_err(y, ref) < 2e-3
+    shift = M.select01(c["index"], c["shift0"], c["shift1"])
+    torch.testing.assert_close(y[:, ::2], shift[:, ::2], rtol=0, atol=1e-6)  # zero variance -> y = shift
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64, torch.bool])
+def test_index_dtypes_and_strided_inputs(index_dtype):
+    c = case(B=2, L=6, C=64, dtype=torch.bfloat16, index="mixed", index_dtype=index_dtype, seed=16)
+    # x and residual strided over L (stride(1) = 2C), index strided too: no copies needed.
+    big = torch.randn(2, 12, 64, device=DEVICE, dtype=torch.bfloat16)
+    c["x"], c["residual"] = big[:, ::2], big[:, 1::2]
+    c["index"] = torch.stack([c["index"], c["index"]], dim=-1)[..., 0]
+    assert c["index"].stride(1) == 2 and c["scale0"].stride(0) == 6 * 64
+    check_ln(c, torch.bfloat16)
+    check_residual(c, torch.bfloat16)
+
+
+def test_gated_residual_kernel():
+    for dtype in DTYPES:
+        c = case(B=3, L=5, C=72, dtype=dtype, index="mixed", seed=17)
+        for g1, idx in ((c["gate1"], c["index"]), (None, None)):
+            out = T.gated_residual_triton(c["x"], c["residual"], c["gate0"], g1, idx)
+            assert_close(out, M.gated_residual_native(c["x"], c["residual"], c["gate0"], g1, idx), dtype)
+
+
+def test_int64_offsets_past_2_31_elements():
+    # x's second batch starts 2**31 elements into its storage: the kernel must address past 2**31. The
+    # storage is allocated but untouched except for the two small slabs written (pages map lazily).
+    # (Outputs past 2**31 elements need a real 4 GB tensor: benchmarks/bench_modulate.py checks that
+    # on the GPU.)
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU, see benchmarks/bench_modulate.py --check")
+    L, C = 3, 64
+    storage = torch.empty(2**31 + L * C, dtype=torch.float16)
+    x = storage.as_strided((2, L, C), (2**31, C, 1))
+    c = case(B=2, L=L, C=C, dtype=torch.float16, index="mixed", seed=18)
+    x.copy_(c["x"])
+    c["x"] = x
+    check_ln(c, torch.float16)
+    del storage, x, c
+
+
+def test_empty_inputs_launch_nothing(monkeypatch):
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("launched a kernel for an empty input")
+
+    monkeypatch.setattr(T, "_modulate_kernel", NoLaunch())
+    for L, C in ((0, 3072), (4, 0)):
+        c = case(B=2, L=L, C=C, dtype=torch.bfloat16, index="mixed", seed=19)
+        y, gate = run_ln(c)
+        y2, r, gate2 = T.residual_layer_norm_modulate_triton(c["x"], c["residual"], c["gate0"], c["gate1"], None, None,
+                                                             c["scale0"], c["shift0"], c["scale1"], c["shift1"],
+                                                             c["index"], None, None, 1e-6)
+        assert y.shape == gate.shape == y2.shape == r.shape == (2, L, C) and gate2 is None
+
+
+def test_errors_on_the_triton_path(monkeypatch):
+    c = case(B=2, L=5, C=12, index="mixed", seed=20)
+    with pytest.raises(ValueError, match=r"scale0 must be \(B, C\)"):
+        torch.ops.qwenfast.layer_norm_modulate(c["x"], None, None, c["scale0"][:, :5], c["shift0"], c["scale1"],
+                                               c["shift1"], c["index"], None, None, 1e-6)
+    with pytest.raises(TypeError, match="index must be int32, int64 or bool"):
+        torch.ops.qwenfast.gated_residual(c["x"], c["residual"], c["gate0"], c["gate1"], c["index"].float())
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        torch.ops.qwenfast.residual_layer_norm_modulate(c["x"], c["residual"][:1], c["gate0"], None, None, None,
+                                                        c["scale0"], c["shift0"], None, None, None, None, None, 1e-6)
+    # The module checks before it dispatches, whichever path it picks.
+    monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: "cuda")
+    mod = ops.FusedLayerNormScaleShiftGateSelect01()
+    assert mod.dispatch(c["x"]) == mod.forward_cuda
+    with pytest.raises(ValueError, match=r"index must be \(B, L\)"):
+        mod(c["x"], None, None, c["scale0"], c["shift0"], c["gate0"], c["scale1"], c["shift1"], c["gate1"],
+            c["index"][:, :2], 1e-6)
+
+
+def test_modules_on_the_triton_path_match_native(monkeypatch):
+    c = case(B=2, L=6, C=48, dtype=torch.bfloat16, index="mixed", seed=21)
+    sel_args = (c["x"], c["residual"], c["gate0"][:, None, :].expand(c["x"].shape), c["weight"], c["bias"],
+                c["scale0"], c["shift0"], c["gate0"], c["scale1"], c["shift1"], c["gate1"], c["index"], 1e-6)
+    plain_args = (c["x"], c["residual"], c["gate0"], None, None, c["scale0"], c["shift0"], c["gate1"], 1e-6)
+    fn_args = (c["x"], c["residual"], c["gate0"], c["weight"], c["bias"], c["scale0"], c["shift0"], c["gate1"],
+               c["scale1"], c["shift1"], c["index"])
+    for mod, args in ((ops.FusedResidualLayerNormScaleShiftGateSelect01(), sel_args),
+                      (ops.FusedResidualLayerNormScaleShiftGate(), plain_args),
+                      (ops.ResidualLayerNormModulate(), fn_args)):
+        native = mod.forward_native(*args)
+        fused = mod.forward_cuda(*args)
+        assert len(native) == len(fused)
+        for u, v in zip(fused, native):
+            assert_close(u, v, torch.bfloat16)
+
+
+def test_opcheck():
+    c = case(B=2, L=5, C=40, dtype=torch.float32, index="mixed", seed=22)
+    torch.library.opcheck(torch.ops.qwenfast.layer_norm_modulate.default,
+                          (c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"], c["scale1"], c["shift1"],
+                           c["index"], c["gate0"], c["gate1"], 1e-6))
+    torch.library.opcheck(torch.ops.qwenfast.residual_layer_norm_modulate.default,
+                          (c["x"], c["residual"], c["gate0"], c["gate1"], None, None, c["scale0"], c["shift0"],
+                           c["scale1"], c["shift1"], c["index"], None, None, 1e-6))
+    torch.library.opcheck(torch.ops.qwenfast.gated_residual.default,
+                          (c["x"], c["residual"], c["gate0"], None, None))
+
+
+def test_compile_keeps_one_graph():
+    # fullgraph=True fails on any graph break; aot_eager needs no C++ compiler on the test machine.
+    c = case(B=1, L=4, C=32, dtype=torch.float32, index="mixed", seed=23)
+
+    def block(x, residual):
+        y, r = T.residual_layer_norm_modulate_triton(x, residual, c["gate0"], c["gate1"], None, None, c["scale0"],
+                                                     c["shift0"], c["scale1"], c["shift1"], c["index"], None, None,
+                                                     1e-6)[:2]
+        return T.gated_residual_triton(y, r, c["gate0"], c["gate1"], c["index"])
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(c["x"], c["residual"]), block(c["x"], c["residual"]), rtol=0, atol=0)
