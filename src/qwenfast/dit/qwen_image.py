@@ -222,7 +222,21 @@ def fuse_modulation(transformer: nn.Module) -> nn.Module:
     for block in _blocks(transformer):
         if not isinstance(block, FusedModulationMixin):
             block.__class__ = _fused_class(type(block))
+    _name_block_classes(_unwrap(transformer))
     return transformer
+
+
+# diffusers finds blocks by class name: `compile_repeated_blocks()` (regional torch.compile) by
+# `_repeated_blocks`, device maps by `_no_split_modules`. Extend both, on the instance, with the
+# fused class names, so that both keep working after fusing.
+_BLOCK_NAME_LISTS = ("_repeated_blocks", "_no_split_modules")
+
+
+def _name_block_classes(model: nn.Module) -> None:
+    fused = [c.__name__ for c in {type(b) for b in _blocks(model)} if issubclass(c, FusedModulationMixin)]
+    for attr in _BLOCK_NAME_LISTS:
+        names = list(getattr(type(model), attr, None) or [])
+        setattr(model, attr, names + [n for n in sorted(fused) if n not in names])
 
 
 def unfuse_modulation(transformer: nn.Module) -> nn.Module:
@@ -231,4 +245,7 @@ def unfuse_modulation(transformer: nn.Module) -> nn.Module:
         if isinstance(block, FusedModulationMixin):
             original = next(c for c in type(block).__mro__[1:] if not issubclass(c, FusedModulationMixin))
             block.__class__ = original
+    model = _unwrap(transformer)
+    for attr in _BLOCK_NAME_LISTS:
+        model.__dict__.pop(attr, None)  # back to the class's own lists
     return transformer
