@@ -35,7 +35,7 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
 from qwenfast.dit import fuse_modulation, unfuse_modulation
-from qwenfast.ops import layer_norm_modulate, residual_layer_norm_modulate
+from qwenfast.ops import gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 
 FULL = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
             in_channels=64, out_channels=16, patch_size=2, axes_dims_rope=(16, 56, 56))
@@ -73,7 +73,7 @@ def set_zero_cond_t(model, on: bool) -> None:
 class Case:
     """Inputs of one mode at the block level and at the model level."""
 
-    def __init__(self, model, mode: str, side: int, txt: int, batch: int, device, dtype, gen):
+    def __init__(self, model, mode: str, side: int, txt: int, batch: int, device, dtype, gen, mask: bool = True):
         cfg = model.config
         h = w = side // 16  # latent / 2: packed tokens per side (1328 -> 83)
         shapes = [(1, h, w)] + ([(1, h, w)] if mode == "edit" else [])
@@ -84,7 +84,7 @@ class Case:
         self.model_kwargs = dict(
             hidden_states=r(batch, self.img_tokens, cfg.in_channels),
             encoder_hidden_states=r(batch, txt, cfg.joint_attention_dim),
-            encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long, device=device),
+            encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.long, device=device) if mask else None,
             timestep=torch.full((batch,), 0.7, device=device, dtype=dtype),
             img_shapes=[shapes] * batch,
             return_dict=False,
@@ -95,7 +95,7 @@ class Case:
         self.block_kwargs = dict(
             hidden_states=r(batch, self.img_tokens, D),
             encoder_hidden_states=r(batch, txt, D),
-            encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.bool, device=device),
+            encoder_hidden_states_mask=torch.ones(batch, txt, dtype=torch.bool, device=device) if mask else None,
             temb=r(2 * batch if self.edit else batch, D),
             image_rotary_emb=model.pos_embed([shapes] * batch, max_txt_seq_len=txt, device=device),
             modulate_index=index,
@@ -129,6 +129,14 @@ def bench_modulate(block, case, device, warm, rep):
         h = x + gate * attn
         return QwenImageTransformerBlock._modulate(ref_block, ref_block.img_norm2(h), mod2, index), h
 
+    gate2 = QwenImageTransformerBlock._modulate(ref_block, x, mod2, index)[1]  # (B, L, D)
+
+    def diffusers_mlp_add():  # the block's last line: residual + gate2 * mlp_output
+        return x + gate2 * attn
+
+    def fused_mlp_add():
+        return gated_residual(attn, x, m2.gate0, m2.gate1, idx)
+
     def fused_norm1():
         return layer_norm_modulate(x, None, None, m1.scale0, m1.shift0, m1.scale1, m1.shift1, idx, 1e-6)
 
@@ -148,6 +156,9 @@ def bench_modulate(block, case, device, warm, rep):
         out["norm1_fused_ms"] = bench(fused_norm1, device, warm, rep)
         out["norm2_diffusers_ms"] = bench(diffusers_residual_norm2, device, warm, rep)
         out["norm2_fused_ms"] = bench(fused_residual_norm2, device, warm, rep)
+        out["check_mlp_add_rel"] = rel(fused_mlp_add(), diffusers_mlp_add())
+        out["mlp_add_diffusers_ms"] = bench(diffusers_mlp_add, device, warm, rep)
+        out["mlp_add_fused_ms"] = bench(fused_mlp_add, device, warm, rep)
     return out
 
 
@@ -194,6 +205,10 @@ def main() -> int:
     p.add_argument("--txt", type=int, default=None, help="text tokens (default 256; 7 with --small)")
     p.add_argument("--no-model", action="store_true", help="skip the whole-transformer timings")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile timings")
+    p.add_argument("--no-mask", action="store_true",
+                   help="pass no text mask (the pipelines pass one; without it SDPA may pick another backend)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each block variant this many times, interleaved, to see the run-to-run spread")
     p.add_argument("--warmup-ms", type=float, default=200)
     p.add_argument("--rep-ms", type=float, default=1000)
     p.add_argument("--model-rep-ms", type=float, default=3000)
@@ -222,8 +237,8 @@ def main() -> int:
     block = model.transformer_blocks[0]
     for mode in ("t2i", "edit"):
         set_zero_cond_t(model, mode == "edit")
-        case = Case(model, mode, side, txt, 1, device, dtype, gen)
-        row = {"mode": mode, "image_tokens": case.img_tokens, "text_tokens": txt}
+        case = Case(model, mode, side, txt, 1, device, dtype, gen, mask=not args.no_mask)
+        row = {"mode": mode, "image_tokens": case.img_tokens, "text_tokens": txt, "text_mask": not args.no_mask}
         rows.append(row)
 
         # Correctness on this device, then the per-op times.
@@ -253,6 +268,7 @@ def main() -> int:
                     row[f"block_{tag}_{variant}_first_call_s"] = time.perf_counter() - t
                     row[f"block_{tag}_{variant}_ms"] = bench(lambda: block(**case.block_kwargs), device,
                                                              args.warmup_ms, args.rep_ms)
+                    row[f"block_{tag}_{variant}_runs_ms"] = [row[f"block_{tag}_{variant}_ms"]]
                 print(f"[{mode}] block {tag:8s} {variant:9s} {row[f'block_{tag}_{variant}_ms']:.3f} ms", flush=True)
                 if not args.no_model and time.perf_counter() - t0 > args.budget_s:
                     row[f"model_{tag}_{variant}_skipped"] = "time budget"
@@ -272,6 +288,16 @@ def main() -> int:
                         if device.type == "cuda":
                             row[f"model_{tag}_{variant}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     print(f"[{mode}] model {tag:8s} {variant:9s} {row[f'model_{tag}_{variant}_ms']:.1f} ms", flush=True)
+            for _ in range(args.repeat - 1):  # interleaved re-runs: the spread says what is noise
+                for variant in ("diffusers", "fused"):
+                    (fuse_modulation if variant == "fused" else unfuse_modulation)(model)
+                    compile_blocks(model, compiled)
+                    with torch.no_grad():
+                        row[f"block_{tag}_{variant}_runs_ms"].append(
+                            bench(lambda: block(**case.block_kwargs), device, args.warmup_ms, args.rep_ms))
+                for variant in ("diffusers", "fused"):
+                    runs = row[f"block_{tag}_{variant}_runs_ms"]
+                    print(f"[{mode}] block {tag:8s} {variant:9s} runs " + " ".join(f"{r:.3f}" for r in runs), flush=True)
             compile_blocks(model, False)
         if args.out:  # keep what we have if a later step dies
             write(results, args.out)
@@ -330,6 +356,9 @@ def table(results) -> str:
                      f"{gain(row, 'norm1_diffusers_ms', 'norm1_fused_ms')} | | | |")
         lines.append(f"| {m} | image add+norm2+mod (ms) | {cell(row, 'norm2_diffusers_ms')} | {cell(row, 'norm2_fused_ms')} | "
                      f"{gain(row, 'norm2_diffusers_ms', 'norm2_fused_ms')} | | | |")
+        if row.get("mlp_add_diffusers_ms") is not None:
+            lines.append(f"| {m} | image gated add after MLP (ms) | {cell(row, 'mlp_add_diffusers_ms')} | "
+                         f"{cell(row, 'mlp_add_fused_ms')} | {gain(row, 'mlp_add_diffusers_ms', 'mlp_add_fused_ms')} | | | |")
         for what in ("block", "model"):
             k = lambda tag, v: f"{what}_{tag}_{v}_ms"  # noqa: E731
             if row.get(k("eager", "diffusers")) is None:
