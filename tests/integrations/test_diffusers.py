@@ -121,11 +121,15 @@ def test_vae_follows_pipe_to_and_decode_packed_latents():
     image = decode_packed_latents(pipe.vae, latents, H, W)
     assert image.shape == (1, 3, H, W)
     assert ((image / 2 + 0.5).clamp(0, 1) - expected).abs().max().item() <= TOL
-    # A cast moves diffusers' parameters; qwenfast's VAE is re-tied to the new tensors, not left behind.
-    pipe.to(torch.float64)
+    # qwenfast's VAE holds diffusers' own Parameter objects: a cast (or a device move, an offload
+    # hook) changes both, no copy is kept behind.
     ours = qwenfast_vae(pipe.vae)
-    assert ours.dtype == torch.float64
-    assert ours.post_quant_conv.weight.data_ptr() == pipe.vae.post_quant_conv.weight.data_ptr()
+    pipe.to(torch.float64)
+    assert qwenfast_vae(pipe.vae) is ours and ours.dtype == torch.float64
+    assert ours.post_quant_conv.weight is pipe.vae.post_quant_conv.weight
+    # A hook that replaces the Parameter objects themselves: rebuilt over the new ones.
+    pipe.vae.post_quant_conv.weight = torch.nn.Parameter(pipe.vae.post_quant_conv.weight.detach().clone())
+    assert qwenfast_vae(pipe.vae).post_quant_conv.weight is pipe.vae.post_quant_conv.weight
 
 
 def test_accelerate_rejects_other_objects():

@@ -60,7 +60,7 @@ def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.
         raise TypeError(f"vae_config must be a qwenfast.VAEConfig or None; got {type(vae_config).__name__}")
     ours = vae.__dict__.get(_ROUTED)
     if ours is None:
-        ours = QwenImageVAE.from_diffusers(vae, vae_config=vae_config)  # raises on a foreign VAE
+        ours = _share_parameters(QwenImageVAE.from_diffusers(vae, vae_config=vae_config), vae)  # raises on a foreign VAE
         object.__setattr__(vae, _ROUTED, ours)  # not a submodule: the state dict stays diffusers'
         object.__setattr__(vae, "decode", _routed_decode(vae))
     elif vae_config is not None:
@@ -75,13 +75,24 @@ def qwenfast_vae(vae: nn.Module):
     if ours is None:
         return None
     theirs = dict(vae.named_parameters())
-    if any(p.data_ptr() != theirs[n].data_ptr() or p.dtype != theirs[n].dtype for n, p in ours.named_parameters()):
-        # diffusers' parameters were moved or cast: rebuild over the new tensors (no copy, no init).
+    if any(p is not theirs[n] for n, p in ours.named_parameters()):
+        # Some hook replaced diffusers' Parameter objects (accelerate's sequential offload does):
+        # rebuild over the new ones (no copy, no init).
         from ..vae import QwenImageVAE
 
-        config = ours.vae_config
-        ours = QwenImageVAE.from_diffusers(vae, vae_config=config)
+        ours = _share_parameters(QwenImageVAE.from_diffusers(vae, vae_config=ours.vae_config), vae)
         object.__setattr__(vae, _ROUTED, ours)
+    return ours
+
+
+def _share_parameters(ours: nn.Module, vae: nn.Module) -> nn.Module:
+    """Make `ours` hold diffusers' own Parameter objects (same names). `.to()`, `.half()` and model
+    CPU offload change a Parameter's data in place, so both modules follow without a copy and no
+    stale device copy is kept alive."""
+    theirs = dict(vae.named_parameters())
+    for name, _ in list(ours.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        setattr(ours.get_submodule(owner), leaf, theirs[name])
     return ours
 
 
