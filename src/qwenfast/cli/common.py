@@ -35,3 +35,21 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def vae_config_from_args(args, progress_default: bool = True):
+    """`VAEConfig` from the `--vae-config.*` flags; the CLI shows progress bars unless told not to."""
+    from ..config import VAEConfig
+
+    try:
+        cfg = VAEConfig.from_cli_args(args)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if "vae_config__progress" not in vars(args):
+        cfg = cfg.replace(progress=progress_default)
+    return cfg
+
+
+def out_of_memory_hint(e: BaseException, what: str) -> CLIError:
+    return CLIError(f"out of memory while {what} ({str(e).splitlines()[0]}); "
+                    "try --vae-config.use-tiling, a smaller size, or --dtype bf16")

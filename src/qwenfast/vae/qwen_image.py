@@ -549,26 +549,32 @@ class QwenImageVAE(ParallelTiledVAE):
         chunks += [(t, min(t + size, num_frames)) for t in range(first, num_frames, size)]
         return chunks
 
+    @staticmethod
+    def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+        """A 4-D frame on CUDA runs channels-last: cuDNN's bf16/fp16 convs are fastest so, and the
+        per-pixel norms and the attention read each pixel's channels contiguously."""
+        if x.is_cuda and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def _decode_global(self, z: torch.Tensor) -> torch.Tensor:
         """(B, z, T, h, w) → mid-block output (B, C_mid, T, h, w), streamed over frames."""
         def fn(x, cache):
-            return self.decoder.forward_global(self.post_quant_conv(x), cache)
+            return self.decoder.forward_global(self._fast_layout(self.post_quant_conv(x)), cache)
 
         return self._stream(fn, z, self._frame_chunks(z.shape[2]), desc="decode (global)")
 
     def _decode_local(self, h: torch.Tensor) -> torch.Tensor:
         """Mid-block output (B, C_mid, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped."""
-        return self._stream(self.decoder.forward_local, h, self._frame_chunks(h.shape[2]), desc="decode (local)")
+        def fn(x, cache):
+            return self.decoder.forward_local(self._fast_layout(x), cache).contiguous()
+
+        return self._stream(fn, h, self._frame_chunks(h.shape[2]), desc="decode (local)")
 
     def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, z, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped: the whole decoder, frame by frame."""
-        def fn(x, cache):
-            x = self.post_quant_conv(x)
-            if x.is_cuda and x.dim() == 4:  # cuDNN's bf16 convs are fastest channels-last
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self.decoder(x, cache).contiguous()
-
-        return self._stream(fn, z, self._frame_chunks(z.shape[2]), desc="decode")
+        """(B, z, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped. Each layer keeps its own frame
+        cache, so running the global part over all frames before the local part changes nothing."""
+        return self._decode_local(self._decode_global(z))
 
     def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""

@@ -1,0 +1,158 @@
+"""`qwenfast bench`: decode synthetic latents and report time, peak memory and exactness per mode."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from ..config import VAEConfig
+from .common import CLIError, add_dtype_device_args, out_of_memory_hint, resolve_device, resolve_dtype, vae_config_from_args
+
+DESCRIPTION = """\
+Benchmark the Qwen-Image VAE decode on synthetic latents (random normal, de-normalised with the VAE's
+latents_mean / latents_std) with randomly initialised full-size weights (or --vae PATH). For each size
+and mode: median wall time, peak memory, and max|Δ| against the untiled decode of the same latent.
+
+modes:
+  untiled     the default decode (for images: the 2-D fast path, no frame cache)
+  untiled-3d  the decode as diffusers runs it (3-D causal convs, frame cache), for comparison
+  exact       exact tiling (global part once, local part on tiles with a margin): equal to untiled
+  blend       diffusers' blend tiling (not exact)
+"""
+
+EPILOG = """\
+examples:
+  qwenfast bench                                   # CPU: 256² and 512² in about a minute
+  qwenfast bench --sizes 1328,2048,1664x928 --modes untiled,exact --dtype bf16
+  qwenfast bench --frames 5 --sizes 480x832        # a video latent
+"""
+
+# mode name → the VAEConfig fields it sets over the --vae-config.* flags
+MODES: dict[str, dict] = {
+    "untiled": dict(use_tiling=False, use_parallel_decode=False),
+    "untiled-3d": dict(use_tiling=False, use_parallel_decode=False, image_fast_path=False),
+    "exact": dict(use_tiling=True, tiling="exact", use_parallel_decode=False),
+    "blend": dict(use_tiling=True, tiling="blend", use_parallel_decode=False),
+}
+
+COLUMNS = [("size", "size", ""), ("frames", "T", "d"), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
+           ("peak_gib", "peak GiB", ".2f"), ("max_abs_diff", "max|Δ| vs untiled", ".2e")]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the VAE decode on synthetic latents", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, metavar="LIST",
+                   help="output sizes in pixels, comma-separated: N (square) or WxH, multiples of 8 "
+                        "(default: 256,512 on a CPU; 1024,1328,2048 on a GPU)")
+    p.add_argument("--frames", type=int, default=1, metavar="T", help="latent frames (1 = images; default 1)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--modes", default="untiled,exact", metavar="LIST",
+                   help=f"comma-separated, from: {', '.join(MODES)} (default: untiled,exact)")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help="timed runs (default: 5 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed runs first (default: 2 GPU, 0 CPU)")
+    p.add_argument("--vae", default=None, metavar="PATH", help="real weights (default: random full-size weights)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and latents (default 0)")
+    p.add_argument("--json", default="qwenfast-bench.json", metavar="PATH",
+                   help="where to write the results (default: ./qwenfast-bench.json)")
+    add_dtype_device_args(p)
+    VAEConfig.add_cli_args(p)
+    p.set_defaults(handler=run)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'1328,1664x928' → [(1328, 1328), (928, 1664)] as (height, width)."""
+    sizes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?", item)
+        if not m:
+            raise CLIError(f"--sizes: {item!r} is not N or WxH")
+        w = int(m.group(1))
+        h = int(m.group(2)) if m.group(2) else w
+        if h % 8 or w % 8 or h <= 0 or w <= 0:
+            raise CLIError(f"--sizes: {item} must be positive multiples of 8 (the VAE's compression)")
+        sizes.append((h, w))
+    if not sizes:
+        raise CLIError("--sizes is empty")
+    return sizes
+
+
+def run(args) -> int:
+    from ..benchmarking import PeakMemory, format_table, provenance, time_ms, write_json
+    from ..vae import QwenImageVAE
+    from ..vae.weights import WeightsError
+
+    base_cfg = vae_config_from_args(args, progress_default=False)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    gpu = device.type == "cuda"
+    sizes = parse_sizes(args.sizes or ("1024,1328,2048" if gpu else "256,512"))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise CLIError(f"--modes: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}")
+    if args.frames < 1 or args.batch < 1:
+        raise CLIError("--frames and --batch must be >= 1")
+    repeats = args.repeats if args.repeats is not None else (5 if gpu else 2)
+    warmup = args.warmup if args.warmup is not None else (2 if gpu else 0)
+
+    torch.manual_seed(args.seed)
+    if args.vae:
+        try:
+            vae = QwenImageVAE.from_pretrained(args.vae, dtype=dtype, device=device)
+        except (FileNotFoundError, WeightsError) as e:
+            raise CLIError(f"--vae {args.vae}: {e}") from None
+        weights = args.vae
+    else:
+        with torch.device(device):
+            vae = QwenImageVAE().to(dtype).eval().requires_grad_(False)
+        weights = "random (full-size Qwen-Image architecture)"
+    mean = torch.tensor(vae.config["latents_mean"], device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config["latents_std"], device=device).view(1, -1, 1, 1, 1)
+
+    rows = []
+    for h, w in sizes:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        z = torch.randn(args.batch, vae.z_dim, args.frames, h // 8, w // 8, device=device, generator=gen)
+        z = (z * std + mean).to(dtype)
+        reference = None
+        for mode in (["untiled"] if "untiled" not in modes else []) + modes:
+            vae.vae_config = base_cfg.replace(**MODES[mode])
+            out = None
+
+            def decode():
+                nonlocal out
+                out = None  # free the previous output before the next decode
+                with torch.inference_mode():
+                    out = vae.decode(z)
+
+            try:
+                with PeakMemory(device) as peak:
+                    timing = time_ms(decode, device, repeats=repeats, warmup=warmup)
+            except torch.cuda.OutOfMemoryError as e:
+                raise out_of_memory_hint(e, f"benchmarking {mode} at {w}x{h}") from None
+            if reference is None:
+                reference = out
+            if mode not in modes:
+                continue
+            diff = (out.float() - reference.float()).abs().max().item()
+            rows.append(dict(size=f"{w}x{h}", height=h, width=w, frames=args.frames, batch=args.batch, mode=mode,
+                             peak_gib=peak.gib, peak_kind=peak.kind, max_abs_diff=diff, **timing))
+            print(f"  {w}x{h} T={args.frames} {mode:<10} {timing['median_ms']:9.1f} ms  peak {peak.gib:6.2f} GiB"
+                  f"  max|Δ| {diff:.2e}", flush=True)
+        del reference, out, z
+
+    info = provenance(device, dtype=str(dtype).replace("torch.", ""), weights=weights, batch=args.batch,
+                      repeats=repeats, warmup=warmup, vae_config=vars(base_cfg))
+    path = write_json(args.json, {"provenance": info, "results": rows})
+    print()
+    print(format_table(rows, COLUMNS))
+    print(f"\nMeasured on {info['device']} ({info['dtype']}, torch {info['torch']}), weights: {weights}; "
+          f"peak = {rows[0]['peak_kind'] if rows else '-'}. JSON: {path}")
+    print("To decode real latents with downloaded weights (e.g. `huggingface-cli download Qwen/Qwen-Image "
+          "--include 'vae/*' --local-dir Qwen-Image`):\n"
+          "  qwenfast decode latents.safetensors --vae Qwen-Image -o out/   "
+          "(add --vae-config.use-tiling for bounded memory)")
+    return 0

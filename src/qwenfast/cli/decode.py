@@ -1,0 +1,90 @@
+"""`qwenfast decode`: latents (.safetensors) → PNG images / MP4 (or GIF) videos."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import VAEConfig
+from .common import CLIError, add_dtype_device_args, out_of_memory_hint, resolve_device, resolve_dtype, vae_config_from_args
+
+DESCRIPTION = """\
+Decode Qwen-Image latents to images (PNG, one per batch entry) or videos (MP4, or GIF when no video
+encoder is installed).
+
+LATENTS is a .safetensors file holding the tensor named `latents` (or a single tensor), unscaled as
+diffusers' vae.decode takes it: [B, 16, T, h, w] or [B, 16, h, w]. Pass --normalized for latents still
+in the DiT's normalised space (they are mapped back with the VAE's latents_mean / latents_std first).
+"""
+
+EPILOG = """\
+examples:
+  qwenfast decode latents.safetensors --vae /models/Qwen-Image -o out/
+  qwenfast decode big.safetensors --vae /models/Qwen-Image/vae --vae-config.use-tiling
+  torchrun --nproc-per-node 4 -m qwenfast decode big.safetensors --vae /models/Qwen-Image \\
+      --vae-config.use-parallel-decode --vae-config.parallel-decode-mode patch
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("decode", help="decode latents to PNG images / MP4 videos", description=DESCRIPTION,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("latents", help="a .safetensors file of latents")
+    p.add_argument("--vae", required=True, metavar="PATH",
+                   help="a diffusers-format VAE directory, or a Qwen-Image model directory with vae/")
+    p.add_argument("-o", "--output", default="decoded", metavar="DIR",
+                   help="output directory (default: ./decoded); files are named after LATENTS")
+    add_dtype_device_args(p)
+    p.add_argument("--normalized", action="store_true",
+                   help="latents are normalised: decode latents * latents_std + latents_mean")
+    p.add_argument("--allow-nonfinite", action="store_true", help="decode latents holding NaN or inf anyway")
+    VAEConfig.add_cli_args(p)
+    p.set_defaults(handler=run)
+
+
+def denormalize(z: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """The inverse of the pipelines' normalisation: z · std + mean, per channel (dim 1)."""
+    shape = (1, -1) + (1,) * (z.dim() - 2)
+    return z.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+
+
+def run(args) -> int:
+    from ..vae import QwenImageVAE
+    from ..vae.weights import WeightsError
+    from . import media
+
+    cfg = vae_config_from_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    out_dir = Path(args.output)
+    media.check_writable(out_dir)
+    try:
+        vae = QwenImageVAE.from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
+    except (FileNotFoundError, WeightsError) as e:
+        raise CLIError(f"--vae {args.vae}: {e}") from None
+    z = media.load_latents(args.latents, vae.z_dim, allow_nonfinite=args.allow_nonfinite)
+    if args.normalized:
+        z = denormalize(z, vae.config["latents_mean"], vae.config["latents_std"])
+    try:
+        with torch.inference_mode():
+            x = vae.decode(z.to(device=device, dtype=dtype))
+    except torch.cuda.OutOfMemoryError as e:
+        raise out_of_memory_hint(e, f"decoding {tuple(z.shape)}") from None
+    if x is None:  # parallel decode with the output on rank 0 only, and this is not rank 0
+        return 0
+
+    stem = Path(args.latents).stem
+    written = []
+    for i, sample in enumerate(x):
+        name = stem if len(x) == 1 else f"{stem}_{i:03d}"
+        if sample.dim() == 3:  # (3, H, W)
+            written.append(media.save_image(media.to_uint8(sample), out_dir / f"{name}.png"))
+        elif sample.shape[1] == 1:  # a video latent of one frame is an image
+            written.append(media.save_image(media.to_uint8(sample[:, 0]), out_dir / f"{name}.png"))
+        else:
+            written.append(media.save_video(media.to_uint8(sample), out_dir / name))
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,43 @@
+"""Small random models shared by the tests: diffusers' AutoencoderKLQwenImage (the reference) and ours
+over the same weights. Gammas are perturbed so that a wrong norm scale cannot hide behind all-ones."""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 0.5, 2.0, 1.0])
+# Other architectures diffusers accepts: 4x spatial / 2x temporal, more res blocks, odd z_dim.
+ARCHS = {
+    "tiny": TINY,
+    "shallow": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 3], num_res_blocks=2, attn_scales=[],
+                    temperal_downsample=[True, False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
+    "wide-z": dict(base_dim=4, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                   temperal_downsample=[False, False, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6),
+}
+
+
+def diffusers_vae(arch: dict | None = None, seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLQwenImage(**(arch or TINY)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def pair(arch: dict | None = None, seed: int = 0, vae_config=None):
+    """(diffusers reference, ours over the same tensors)."""
+    from qwenfast import QwenImageVAE
+
+    ref = diffusers_vae(arch, seed)
+    return ref, QwenImageVAE.from_diffusers(ref, vae_config=vae_config)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
+    return (a.double() - b.double()).abs().max().item()
