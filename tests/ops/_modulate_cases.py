@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def make_case(B=2, L=7, C=96, dtype=torch.float32, *, seed=0, index="mixed", index_dtype=torch.int64,
-              affine=True, offset=0.0, constant_rows=False, param_dtype=None):
+              affine=True, offset=0.0, constant_rows=False, param_dtype=None, device="cpu"):
     """x, residual, weight/bias and two parameter sets as row views of one chunked (2B, 6C) tensor,
     the way the DiT hands them over: rows [:B] are set 0, rows [B:] set 1; the chunks are shift,
     scale, gate (norm1) and shift, scale, gate (norm2)."""
@@ -17,7 +17,7 @@ def make_case(B=2, L=7, C=96, dtype=torch.float32, *, seed=0, index="mixed", ind
     if constant_rows and L > 0:
         x[:, ::2, :] = 3.25  # every other token constant: zero variance
     residual = torch.randn(B, L, C, generator=g)
-    mod = (torch.randn(2 * B, 6 * C, generator=g) * 0.5).to(param_dtype)  # (2B, 6C)
+    mod = (torch.randn(2 * B, 6 * C, generator=g) * 0.5).to(param_dtype).to(device)  # (2B, 6C)
     s0, s1 = mod[:B].chunk(6, dim=1), mod[B:].chunk(6, dim=1)  # (B, C) views, row stride 6C
     p = dict(shift0=s0[0], scale0=s0[1], gate0=s0[2], shift1=s1[3], scale1=s1[4], gate1=s1[5])
     if index == "none":
@@ -34,7 +34,10 @@ def make_case(B=2, L=7, C=96, dtype=torch.float32, *, seed=0, index="mixed", ind
         idx = idx.bool() if index_dtype == torch.bool else idx.to(index_dtype)
     weight = (1 + 0.1 * torch.randn(C, generator=g)).to(dtype) if affine else None
     bias = (0.1 * torch.randn(C, generator=g)).to(dtype) if affine else None
-    return dict(x=x.to(dtype), residual=residual.to(dtype), weight=weight, bias=bias, index=idx, mod=mod, **p)
+    # Moved to `device` before the parameter views are taken (moving a view copies it contiguous).
+    out = dict(x=x.to(dtype), residual=residual.to(dtype), weight=weight, bias=bias, index=idx)
+    out = {k: (v.to(device) if v is not None else None) for k, v in out.items()}
+    return dict(out, mod=mod, **p)
 
 
 def sel64(p0, p1, index, B, L):

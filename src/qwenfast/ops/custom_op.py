@@ -9,7 +9,6 @@ devices needs no re-initialisation.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from typing import Any, Callable
 
@@ -21,10 +20,14 @@ __all__ = ["CustomOp", "Backend", "choose_backend", "triton_available"]
 Backend = str  # one of "cuda", "hip", "native"
 
 
-@functools.cache
+# Looked up once at import (triton is an optional dependency). A plain constant, not a cached
+# function: torch.compile traces `forward`, and a constant costs it nothing.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether `import triton` can succeed (looked up once; triton is an optional dependency)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether `import triton` can succeed."""
+    return _HAS_TRITON
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -66,7 +69,11 @@ class CustomOp(nn.Module):
         """The bound implementation that `forward` would run for these arguments."""
         t = _first_tensor(args, kwargs)
         backend = choose_backend(None if t is None else t.device)
-        return {"cuda": self.forward_cuda, "hip": self.forward_hip, "native": self.forward_native}[backend]
+        if backend == "cuda":
+            return self.forward_cuda
+        if backend == "hip":
+            return self.forward_hip
+        return self.forward_native
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.dispatch(*args, **kwargs)(*args, **kwargs)

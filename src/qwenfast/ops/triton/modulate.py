@@ -21,6 +21,8 @@ from ..modulate import check_modulate_args
 
 Tensor = torch.Tensor
 
+# How a kernel picks a token's parameter set (see _pick).
+PICK_ADDRESS, PICK_BOTH = 1, 2
 # Above this padded row length the row no longer fits in registers: the chunked kernel takes over.
 MAX_TILE = 8192
 CHUNK = 2048
@@ -36,13 +38,19 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr):
     """The (ROWS, BLOCK_C) fp32 parameter of each token: p1 where sel, else p0.
 
     p0_ptr/p1_ptr: rows of (B, C) (or (B, L, C)) tensors; off0/off1: (ROWS,) int64 element offsets of
-    each token's row; sel: (ROWS,) bool. Each lane loads from exactly one set (complementary masks), so
-    selection costs no extra traffic.
+    each token's row; sel: (ROWS,) bool. SELECT: 0 = set 0 only; PICK_ADDRESS = choose the row's
+    address, then one load (no extra bytes or address arithmetic, but the load waits for the index);
+    PICK_BOTH = load both sets (cache hits: the rows are shared by all tokens of a batch) and choose
+    per element, so the loads do not wait for the index. (Both sets share a dtype: the launcher sees to
+    it.)
     """
-    if SELECT:
-        a = tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask & ~sel[:, None], other=0.0)
-        b = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask & sel[:, None], other=0.0)
-        return tl.where(sel[:, None], b.to(tl.float32), a.to(tl.float32))
+    if SELECT == 1:
+        row = tl.where(sel, p1_ptr + off1, p0_ptr + off0)  # (ROWS,) pointers
+        return tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif SELECT == 2:
+        a = tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask, other=0.0)
+        b = tl.load(p1_ptr + off1[:, None] + cols[None, :], mask=mask, other=0.0)
+        return tl.where(sel[:, None], b, a).to(tl.float32)
     else:
         return tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
@@ -109,7 +117,7 @@ def _modulate_kernel(
     ssc0, ssh0, sg0, ssc1, ssh1, sg1,  # their row strides (6C for chunks of a (B, 6C) tensor)
     idx_ptr, sib, sil,  # (B, L) int32 / int64 / uint8
     N, L, C, eps,
-    HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr, DO_NORM: tl.constexpr, SELECT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr, DO_NORM: tl.constexpr, SELECT: tl.constexpr,  # 0/PICK_*
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_GATE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKED: tl.constexpr,
 ):
@@ -119,7 +127,7 @@ def _modulate_kernel(
     rg0_off = b * srg0 + l * srgl
     rg1_off = b * srg1 + l * srgl
     sel = ok  # unused unless selecting
-    if SELECT or RG_SELECT:
+    if SELECT + RG_SELECT > 0:
         sel = tl.load(idx_ptr + idx_off, mask=ok, other=0) != 0  # (ROWS,) bool: set 1?
     cols0 = tl.arange(0, BLOCK_C)
 
@@ -184,29 +192,46 @@ def _modulate_kernel(
 
 
 class LaunchConfig:
-    """How one launch tiles the work: ROWS tokens per program, BLOCK_C columns per tile."""
+    """How one launch tiles the work: ROWS tokens per program, BLOCK_C columns per tile; and how a
+    token's parameter set is picked (PICK_ADDRESS or PICK_BOTH, see _pick)."""
 
-    def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool):
+    def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool, pick: int = PICK_ADDRESS):
         for name, v in (("rows", rows), ("block_c", block_c), ("num_warps", num_warps)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two, got {v}")
-        self.rows, self.block_c, self.num_warps, self.chunked = rows, block_c, num_warps, chunked
+        if pick not in (PICK_ADDRESS, PICK_BOTH):
+            raise ValueError(f"LaunchConfig.pick must be PICK_ADDRESS (1) or PICK_BOTH (2), got {pick}")
+        self.rows, self.block_c, self.num_warps, self.chunked, self.pick = rows, block_c, num_warps, chunked, pick
 
     def __repr__(self) -> str:
-        return f"LaunchConfig(rows={self.rows}, block_c={self.block_c}, num_warps={self.num_warps}, chunked={self.chunked})"
+        return (f"LaunchConfig(rows={self.rows}, block_c={self.block_c}, num_warps={self.num_warps}, "
+                f"chunked={self.chunked}, pick={self.pick})")
 
 
-def default_config(N: int, C: int, do_norm: bool = True) -> LaunchConfig:
+def default_config(N: int, C: int, do_norm: bool = True, has_residual: bool = False) -> LaunchConfig:
     """Launch configuration for N tokens of C channels (tuned on an H100 at C = 3072, see
     benchmarks/results/modulate_*.md)."""
     block = triton.next_power_of_2(C)
-    if not do_norm or block > MAX_TILE:
-        # Elementwise (gated residual) or a row too long for registers: chunks of CHUNK columns.
-        block_c = min(block, CHUNK)
-        return LaunchConfig(1, block_c, max(1, min(8, block_c // 256)), chunked=True)
-    # Whole rows in registers: about 16 fp32 values per thread and tensor (two 16-byte bf16 loads).
+    if not do_norm:
+        # Elementwise (the gated residual alone): 1024-column chunks, one 16-byte bf16 vector per
+        # thread and tensor; 3072 = 3 x 1024 leaves no lane idle.
+        block_c = min(block, 1024)
+        return LaunchConfig(1, block_c, max(1, min(4, block_c // 256)), chunked=True)
+    if block > MAX_TILE:
+        # A row too long for registers: chunks of CHUNK columns, three passes.
+        return LaunchConfig(1, CHUNK, 8, chunked=True)
+    # Whole rows in registers, 4 warps for a 4096-wide tile: of 1-4 rows x 4-16 warps and chunked
+    # tiles, the fastest at C = 3072 on an H100 (benchmarks/results/modulate_h100.md).
     rows = max(1, min(4, 4096 // block))
-    return LaunchConfig(rows, block, max(1, min(16, rows * block // 512)), chunked=False)
+    return LaunchConfig(rows, block, max(1, min(16, rows * block // 1024)), chunked=False)
+
+
+def _one_dtype(p0: Optional[Tensor], p1: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The two sets of one parameter in their promoted dtype (a (B, C) copy only if they differ)."""
+    if p0 is None or p1 is None or p0.dtype == p1.dtype:
+        return p0, p1
+    dt = torch.promote_types(p0.dtype, p1.dtype)
+    return p0.to(dt), p1.to(dt)
 
 
 def _launch(
@@ -226,18 +251,20 @@ def _launch(
     eps: float,
     do_norm: bool = True,
     config: Optional[LaunchConfig] = None,
+    checked: bool = False,
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Run one modulation kernel; returns (y, residual_out, gate), None where not computed.
 
     residual/rgate0 given: residual_out = residual + rgate_sel * x first (rgate0 (B, C) or (B, L, C);
     selected by index with rgate1 when rgate1 is given). do_norm=False: only residual_out.
-    gate0 given: the selected gate (B, L, C) is written too.
+    gate0 given: the selected gate (B, L, C) is written too. checked=True: the caller (a module of
+    qwenfast.ops.modulate) has already run the argument checks.
     """
     has_res = residual is not None
-    if has_res:
+    if not checked and has_res:
         check_modulate_args(x, index=index, residual=residual, rows_or_full={"residual_gate": rgate0},
                             set1={} if rgate1 is None else {"gate1": rgate1})
-    if do_norm:
+    if not checked and do_norm:
         check_modulate_args(
             x, index=index, vectors={"weight": weight, "bias": bias},
             rows={"scale0": scale0, "shift0": shift0, **({} if gate0 is None else {"gate0": gate0})},
@@ -254,9 +281,15 @@ def _launch(
         return y, rout, gate  # nothing to compute: no launch
 
     select = index is not None
+    if select:  # the kernel picks a set by row address: both sets in one dtype (exact promotion)
+        scale0, scale1 = _one_dtype(scale0, scale1)
+        shift0, shift1 = _one_dtype(shift0, shift1)
+        gate0, gate1 = _one_dtype(gate0, gate1)
+        if has_res and rgate0.dim() == 2:
+            rgate0, rgate1 = _one_dtype(rgate0, rgate1)
     if index is not None and index.dtype == torch.bool:
         index = index.view(torch.uint8)  # same bytes; Triton reads bytes, not i1
-    cfg = config or default_config(N, C, do_norm)
+    cfg = config or default_config(N, C, do_norm, has_res)
 
     def row_stride(t: Optional[Tensor]) -> int:
         return 0 if t is None else t.stride(0)
@@ -277,8 +310,8 @@ def _launch(
         row_stride(scale1), row_stride(shift1), row_stride(gate1),
         index if select else any_t, row_stride(index), index.stride(1) if select else 0,
         N, L, C, eps,
-        HAS_RESIDUAL=has_res, RG_SELECT=has_res and select and rgate1 is not None and not rg_full,
-        DO_NORM=do_norm, SELECT=select and do_norm,
+        HAS_RESIDUAL=has_res, RG_SELECT=cfg.pick if has_res and select and rgate1 is not None and not rg_full else 0,
+        DO_NORM=do_norm, SELECT=cfg.pick if select and do_norm else 0,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_GATE=store_gate,
         ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, num_warps=cfg.num_warps,
     )
@@ -344,22 +377,35 @@ def _(x, residual, gate0, gate1, index):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Wrappers with the signatures of the fp32 reference (qwenfast.ops.modulate.*_native).
+# Wrappers with the signatures of the fp32 reference (qwenfast.ops.modulate.*_native), called by the
+# modules after their argument checks. Under torch.compile they go through the torch.library ops (one
+# graph node each); in eager mode straight to the launcher: the dispatcher round trip and a second
+# check would add tens of µs of host time per call, more than the kernel takes at small L.
 # ---------------------------------------------------------------------------------------------------
 
 
 def layer_norm_modulate_triton(x, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps):
-    y, gate = torch.ops.qwenfast.layer_norm_modulate(x, weight, bias, scale0, shift0, scale1, shift1, index,
-                                                     gate0, gate1, eps)
-    return y, gate if gate0 is not None else None
+    if torch.compiler.is_compiling():
+        y, gate = torch.ops.qwenfast.layer_norm_modulate(x, weight, bias, scale0, shift0, scale1, shift1, index,
+                                                         gate0, gate1, eps)
+        return y, gate if gate0 is not None else None
+    y, _, gate = _launch(x, None, None, None, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps,
+                         checked=True)
+    return y, gate
 
 
 def residual_layer_norm_modulate_triton(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1,
                                         index, gate0, gate1, eps):
-    y, rout, gate = torch.ops.qwenfast.residual_layer_norm_modulate(
-        x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps)
-    return y, rout, gate if gate0 is not None else None
+    if torch.compiler.is_compiling():
+        y, rout, gate = torch.ops.qwenfast.residual_layer_norm_modulate(
+            x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1, eps)
+        return y, rout, gate if gate0 is not None else None
+    return _launch(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, scale1, shift1, index, gate0, gate1,
+                   eps, checked=True)
 
 
 def gated_residual_triton(x, residual, gate0, gate1, index):
-    return torch.ops.qwenfast.gated_residual(x, residual, gate0, gate1, index)
+    if torch.compiler.is_compiling():
+        return torch.ops.qwenfast.gated_residual(x, residual, gate0, gate1, index)
+    return _launch(x, residual, gate0, gate1, None, None, None, None, None, None, index, None, None, 0.0,
+                   do_norm=False, checked=True)[1]
