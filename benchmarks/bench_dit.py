@@ -21,7 +21,6 @@ L2 difference of the block outputs, bf16 both). Prints a table last; JSON to --o
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -115,21 +114,20 @@ def bench_modulate(block, case, device, warm, rep):
     from qwenfast.dit.qwen_image import split_modulation
 
     x, attn, mod1, mod2, index = modulate_rows(block, case)
-    ref_block = block
     out = {}
 
     def diffusers_norm1():
-        return QwenImageTransformerBlock._modulate(ref_block, ref_block.img_norm1(x), mod1, index)
+        return QwenImageTransformerBlock._modulate(block, block.img_norm1(x), mod1, index)
 
     m1, m2 = split_modulation(mod1, index), split_modulation(mod2, index)
     idx = index if m1.shift1 is not None else None
-    gate = QwenImageTransformerBlock._modulate(ref_block, x, mod1, index)[1]  # (B, L, D) as diffusers keeps it
+    gate = QwenImageTransformerBlock._modulate(block, x, mod1, index)[1]  # (B, L, D) as diffusers keeps it
 
     def diffusers_residual_norm2():
         h = x + gate * attn
-        return QwenImageTransformerBlock._modulate(ref_block, ref_block.img_norm2(h), mod2, index), h
+        return QwenImageTransformerBlock._modulate(block, block.img_norm2(h), mod2, index), h
 
-    gate2 = QwenImageTransformerBlock._modulate(ref_block, x, mod2, index)[1]  # (B, L, D)
+    gate2 = QwenImageTransformerBlock._modulate(block, x, mod2, index)[1]  # (B, L, D)
 
     def diffusers_mlp_add():  # the block's last line: residual + gate2 * mlp_output
         return x + gate2 * attn
