@@ -1,0 +1,1 @@
+"""Integrations with other libraries: `qwenfast.integrations.diffusers.accelerate(pipe)`."""

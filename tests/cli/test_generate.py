@@ -1,0 +1,165 @@
+"""`qwenfast generate`: bad input gets one clear line on stderr and exit status 2, before anything
+is loaded (each case here returns in well under a second)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qwenfast.cli import main
+
+
+def qwen_image_dir(tmp_path, cls="QwenImagePipeline", subfolders=("vae", "transformer", "scheduler")):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    for sub in subfolders:
+        (model / sub).mkdir()
+    return model
+
+
+def fails(capsys, *argv) -> str:
+    assert main(["generate", "--prompt", "a cat", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("qwenfast generate: error: "), err  # one line, no traceback
+    return err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert "no such directory" in fails(capsys, "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "a.png"))
+
+
+def test_directory_without_model_index(tmp_path, capsys):
+    assert "no model_index.json" in fails(capsys, "--model", str(tmp_path), "-o", str(tmp_path / "a.png"))
+
+
+def test_other_pipeline_class(tmp_path, capsys):
+    model = qwen_image_dir(tmp_path, cls="StableDiffusionPipeline")
+    err = fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
+    assert "StableDiffusionPipeline" in err and "QwenImagePipeline" in err
+
+
+def test_broken_model_index(tmp_path, capsys):
+    model = qwen_image_dir(tmp_path)
+    (model / "model_index.json").write_text("{not json")
+    assert "not readable JSON" in fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
+
+
+def test_missing_component(tmp_path, capsys):
+    model = qwen_image_dir(tmp_path, subfolders=("vae", "scheduler"))
+    assert "transformer/" in fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
+
+
+@pytest.mark.parametrize("flag,value", [("--height", "1000"), ("--width", "1336"), ("--height", "0"), ("--width", "-16")])
+def test_size_not_a_multiple_of_16(tmp_path, capsys, flag, value):
+    model = qwen_image_dir(tmp_path)
+    err = fails(capsys, "--model", str(model), flag, value, "-o", str(tmp_path / "a.png"))
+    assert f"{flag} {value}" in err and "multiple of 16" in err
+
+
+def test_bad_steps_output_and_vae_config(tmp_path, capsys):
+    model = qwen_image_dir(tmp_path)
+    assert "--steps 0" in fails(capsys, "--model", str(model), "--steps", "0", "-o", str(tmp_path / "a.png"))
+    assert "does not exist" in fails(capsys, "--model", str(model), "-o", str(tmp_path / "no" / "a.png"))
+    assert "image file" in fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.txt"))
+    err = fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"), "--vae-config.exact-tile-sample-size", "12")
+    assert "exact_tile_sample_size" in err
+
+
+# -- end to end: a tiny random Qwen-Image directory written here (tokenizer and text encoder too) ---
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    # The GPT-2 byte-to-unicode table: with no merges, every byte is one token.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: i for i, c in enumerate(chars[b] for b in range(256))}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    import torch
+    from diffusers import QwenImagePipeline
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+    from test_diffusers import tiny_pipeline
+
+    tok = transformers.Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[])
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=32, vocab_size=len(tok), max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=24, num_heads=2, intermediate_size=16,
+                           fullatt_block_indexes=[0]),
+    )
+    torch.manual_seed(0)
+    parts = tiny_pipeline().components
+    pipe = QwenImagePipeline(**{**parts, "tokenizer": tok,
+                                "text_encoder": transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()})
+    path = tmp_path_factory.mktemp("qwen-image-tiny")
+    pipe.save_pretrained(path)
+    return path
+
+
+def reference_image(model_dir, seed, steps, height, width):
+    """diffusers' own pipeline, unaccelerated, as uint8 (H, W, 3)."""
+    import numpy as np
+    import torch
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="a cat", negative_prompt=" ", true_cfg_scale=4.0, height=height, width=width,
+               num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def test_generate_writes_diffusers_image(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "-o", str(out), "--steps", "2",
+            "--seed", "7", "--height", "32", "--width", "48", "--device", "cpu"]
+    assert main(argv + ["--vae-config.use-tiling", "--vae-config.exact-tile-sample-size", "16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert got.shape == (32, 48, 3)
+    expected = reference_image(tiny_model_dir, seed=7, steps=2, height=32, width=48)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # one uint8 step of rounding
+
+
+def test_generate_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
+    # Two CPU ranks (gloo): rank 0 denoises and broadcasts, both decode, rank 0 writes.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "qwenfast", "generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "-o", str(out),
+           "--steps", "2", "--seed", "7", "--height", "32", "--width", "48", "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote") == 1  # rank 0 only
+    expected = reference_image(tiny_model_dir, seed=7, steps=2, height=32, width=48)
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
