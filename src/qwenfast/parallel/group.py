@@ -161,7 +161,8 @@ class ProcessGroupComm:
 
     def _count(self, sent: torch.Tensor, received: torch.Tensor) -> None:
         self.collectives += 1
-        self.bytes_sent += sent.numel() * sent.element_size()
+        if self.world_size > 1:  # alone, nothing leaves the rank
+            self.bytes_sent += sent.numel() * sent.element_size()
         self.bytes_received += received.numel() * received.element_size()
 
     def stats(self) -> dict[str, int]:
