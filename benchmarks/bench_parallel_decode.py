@@ -7,7 +7,7 @@ one rank) and runs the parallel strategies through it, so a one-GPU run exercise
 Random weights (seeded: the same on every rank), bf16. For each size:
 
 - `single untiled` and `single tiled (exact)`: our single-device decode, on rank 0 alone (the others wait);
-- `patch`, `tiled (exact)`, `tiled (blend)` (with --blend), `auto`: over all ranks, output on every rank.
+- `patch` (halo `mid`), `patch (level)`, `tiled (exact)`, `tiled (blend)` (with --blend), `auto`: over all ranks, output on every rank.
 
 Reported per mode: median ms (slowest rank, over --reps after a warm-up), speed-up over the single-GPU
 untiled decode (and over single-GPU exact tiling for `tiled`), per-rank peak memory, max|Δ| on rank 0
@@ -36,6 +36,7 @@ from qwenfast.vae.qwen_image import QwenImageVAE
 
 PARALLEL_MODES = {
     "patch": dict(parallel_decode_mode="patch"),
+    "patch (level)": dict(parallel_decode_mode="patch", patch_halo="level"),
     "tiled (exact)": dict(parallel_decode_mode="tiled", tiling="exact"),
     "tiled (blend)": dict(parallel_decode_mode="tiled", tiling="blend"),
     "auto": dict(parallel_decode_mode="auto"),

@@ -43,6 +43,11 @@ CASES = [
     ("patch video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch"), "untiled"),
     ("tiled exact video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled"), "untiled"),
     ("tiled blend video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled", tiling="blend"), "blend"),
+    ("patch level 40x9 B2", (2, 4, 1, 40, 9), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
+    ("patch level video T3 24x6", (1, 4, 3, 24, 6), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
+    ("patch level 20x7 rank0", (1, 4, 1, 20, 7),
+     dict(parallel_decode_mode="patch", patch_halo="level", parallel_output="rank0"), "untiled"),
+    ("patch level 13x21 thin bands", (1, 4, 1, 13, 21), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
     ("patch bands 40x5", (1, 4, 1, 40, 5), dict(parallel_decode_mode="patch"), "untiled"),
 ]
 
@@ -117,6 +122,15 @@ def run_faults(rank: int, world: int) -> dict:
     attempt("raise mid-decode patch", z, dict(parallel_decode_mode="patch"))
     attempt("raise mid-decode tiled", z, dict(parallel_decode_mode="tiled", exact_tile_sample_size=32))
     vae._decode_local = original
+    # ... and in the middle of the level-halo local part (between two exchanges), on rank 1 only.
+    block = vae.decoder.up_blocks[2]
+    if rank == 1:
+        def broken_block(x, cache=None):
+            raise RuntimeError("injected failure in up block 2")
+        block.forward = broken_block
+    attempt("raise mid-decode level", latent((1, 4, 1, 20, 7)), dict(parallel_decode_mode="patch", patch_halo="level"))
+    if rank == 1:
+        del block.forward
     # The group still works after all of that.
     attempt("after faults", z, dict(parallel_decode_mode="patch"))
     return results

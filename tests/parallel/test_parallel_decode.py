@@ -66,7 +66,20 @@ def test_faults_fail_every_rank_without_hanging(world):
     assert all(r["bad input on rank 1"] == "RemoteRankError" for i, r in enumerate(per_rank) if i != 1)
     assert all(r["latent differs"] == "LatentMismatchError" for r in per_rank)
     assert all(r["shape differs"] == "LatentMismatchError" for r in per_rank)
-    for name in ("raise mid-decode patch", "raise mid-decode tiled"):
+    for name in ("raise mid-decode patch", "raise mid-decode tiled", "raise mid-decode level"):
         assert bad[name] == "RuntimeError"
         assert all(r[name] == "RemoteRankError" for i, r in enumerate(per_rank) if i != 1), name
     assert all(r["after faults"] == "ok" for r in per_rank)
+
+
+def test_level_halo_exchanges_rows_or_falls_back(case_results):
+    """`patch_halo="level"` exchanges halo rows between levels (more messages than `mid`'s 4 after the
+    latent check: global stage sync, attention gather, local stage sync, output gather); with bands
+    thinner than a level's halo it decodes with the full margin instead."""
+    world, per_rank = case_results
+    mid_count = per_rank[0]["patch bands 40x5"]["stats"]["collectives"]
+    for r in per_rank:
+        assert r["patch level 40x9 B2"]["stats"]["collectives"] > mid_count
+    thin = [r["patch level 13x21 thin bands"]["stats"]["collectives"] for r in per_rank]
+    if world >= 3:  # bands of 4 rows < the tiny decoder's 5-row halo
+        assert thin == [mid_count] * world

@@ -159,13 +159,32 @@ class ParallelTiledVAE(nn.Module):
     def parallel_patch_decode(self, z: torch.Tensor, comm) -> torch.Tensor | None:
         """One region per rank (uneven bands, or a 2-D grid when bands would be thinner than the
         margin), each decoded with a margin >= the receptive field: equal to the untiled decode."""
-        if self.vae_config.patch_halo != "mid":
-            raise NotImplementedError(
-                f"VAEConfig.patch_halo={self.vae_config.patch_halo!r} is not implemented yet; use 'mid' "
-                "(qwenfast.parallel.plan.patch_halo_costs counts what 'level' would save)")
         regions = plan.patch_regions(z.shape[-2], z.shape[-1], comm.world_size, self._tile_margin())
         tiles = [r for r in regions if r is not None]
-        return self._parallel_exact_decode(z, comm, tiles, [[r] if r < len(tiles) else [] for r in range(comm.world_size)])
+        assignment = [[r] if r < len(tiles) else [] for r in range(comm.world_size)]
+        if self.vae_config.patch_halo == "level" and z.shape[-2] >= comm.world_size:
+            from . import halo
+
+            halos = halo.level_halos(self)
+            bands = plan.grid_tiles(z.shape[-2], z.shape[-1], comm.world_size, 1, 0)
+            if halo.bands_allow_level(bands, halos):
+                return self._parallel_level_decode(z, comm, bands, halos)
+        # `mid` (or bands too thin for the level halos): the full margin, once, at the mid output
+        return self._parallel_exact_decode(z, comm, tiles, assignment)
+
+    def _parallel_level_decode(self, z: torch.Tensor, comm, bands: list[plan.Tile], halos) -> torch.Tensor | None:
+        """`patch` with `patch_halo="level"`: bands, halo rows exchanged at each resolution level."""
+        from . import halo, mid
+
+        x = mid.split_attention(self, z, comm)  # (B, C_mid, T, h, w) on every rank
+        core = halo.decode_band_with_level_halos(self, x, bands[comm.rank], z.shape[-2], comm, halos)
+        del x
+        s = self.spatial_compression_ratio
+        b, c, t = self._output_shape(z)[:3]
+        shapes = [(b, c, t, (band.y1 - band.y0) * s, (band.x1 - band.x0) * s) for band in bands]
+        assignment = [[r] for r in range(comm.world_size)]
+        cores = self._process_parallel_tiled_outputs([core], assignment, shapes, z, comm)
+        return None if cores is None else self._place_cores(cores, bands, z)
 
     def _parallel_exact_decode(self, z: torch.Tensor, comm, tiles: list[plan.Tile],
                                assignment: list[list[int]]) -> torch.Tensor | None:

@@ -57,6 +57,10 @@ class SingleRankComm:
         """Every rank's `buf` on rank `dst` (None elsewhere)."""
         return [buf]
 
+    def exchange_with_neighbours(self, send_up, send_down, above_shape, below_shape):
+        """Rows to/from rank - 1 and rank + 1: none with one rank."""
+        return None, None
+
     def stats(self) -> dict[str, int]:
         return dict(bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
                     collectives=self.collectives, world_size=self.world_size)

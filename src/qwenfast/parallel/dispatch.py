@@ -13,7 +13,6 @@ import logging
 import torch
 
 from . import plan
-from .comm import SingleRankComm
 from .group import ProcessGroupComm, get_world_size, is_initialized
 
 __all__ = ["decode_parallel", "latent_signature", "LatentMismatchError"]
@@ -22,6 +21,7 @@ log = logging.getLogger("qwenfast.parallel")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _logged: set = set()
+_SIG_NAMES = ("ndim", "B", "C", "T", "h", "w", "dtype", "sum", "sum of squares", "weighted sum")
 
 
 class LatentMismatchError(ValueError):
@@ -91,9 +91,6 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     return out
 
 
-_SIG_NAMES = ("ndim", "B", "C", "T", "h", "w", "dtype", "sum", "sum of squares", "weighted sum")
-
-
 def _free_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
@@ -109,5 +106,3 @@ def _log_once(choice: plan.DecodeChoice, shape: tuple, comm) -> None:
         log.info("parallel decode auto: %s for latent %s on %d ranks (%s)", choice.mode, shape,
                  comm.world_size, choice.reason)
 
-
-__all__ += ["SingleRankComm"]

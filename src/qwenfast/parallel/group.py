@@ -159,6 +159,29 @@ class ProcessGroupComm:
         dist.gather(src, None, dst=dst_global, group=self.group)
         return None
 
+    def exchange_with_neighbours(self, send_up: torch.Tensor | None, send_down: torch.Tensor | None,
+                                 above_shape: tuple[int, ...], below_shape: tuple[int, ...]):
+        """Send `send_up` to rank - 1 and `send_down` to rank + 1 (None: no such neighbour), receive
+        tensors of `above_shape` from rank - 1 and `below_shape` from rank + 1, in one batch of
+        point-to-point ops. Returns (from above, from below), None where there is no neighbour."""
+        ops, above, below = [], None, None
+        for send, shape, peer in ((send_up, above_shape, self.rank - 1), (send_down, below_shape, self.rank + 1)):
+            if send is None:
+                continue
+            send = send.to(self.device).contiguous()
+            recv = torch.empty(shape, dtype=send.dtype, device=self.device)
+            glob = dist.get_global_rank(self.group, peer) if self.group is not dist.group.WORLD else peer
+            ops += [dist.P2POp(dist.isend, send, glob, self.group), dist.P2POp(dist.irecv, recv, glob, self.group)]
+            self._count(send, recv)
+            if peer < self.rank:
+                above = recv
+            else:
+                below = recv
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return above, below
+
     def _count(self, sent: torch.Tensor, received: torch.Tensor) -> None:
         self.collectives += 1
         if self.world_size > 1:  # alone, nothing leaves the rank
