@@ -73,7 +73,7 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
     last = len(decoder.up_blocks) - 1
 
     def fn(chunk: torch.Tensor, cache) -> torch.Tensor:
-        x, top = chunk, band.y0 - y0  # rows of halo above the core, at the current scale
+        x, top = mid.frame_layout(vae, chunk), band.y0 - y0  # rows of halo above the core, at the current scale
         for i, block in enumerate(decoder.up_blocks):
             scale, rows = halos[i]
             if i > 0:  # every rank synced at the end of the previous level's guard
@@ -86,7 +86,7 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
                     x = decoder.conv_out(decoder.norm_out(x, silu=True), cache)
                 grow = 2 if block.upsamplers is not None else 1
                 x = x[..., top * grow:(top + core) * grow, :]  # the core at the new resolution
-        return x
+        return x.contiguous()
 
     return vae._stream(fn, h0, vae._frame_chunks(h0.shape[2]), desc="decode (local, level halos)")
 

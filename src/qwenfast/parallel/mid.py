@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import plan
 
-__all__ = ["split_attention", "tail_reach", "tail_on_region"]
+__all__ = ["split_attention", "tail_reach", "tail_on_region", "frame_layout"]
 
 
 def split_attention(vae, z: torch.Tensor, comm) -> torch.Tensor:
@@ -33,7 +33,7 @@ def split_attention(vae, z: torch.Tensor, comm) -> torch.Tensor:
     block = decoder.mid_block.attentions[0]
     with comm.guard("global part"):
         def head(x, cache):
-            return decoder.mid_block.resnets[0](decoder.conv_in(vae.post_quant_conv(x), cache), cache)
+            return decoder.mid_block.resnets[0](decoder.conv_in(frame_layout(vae, vae.post_quant_conv(x)), cache), cache)
 
         x = vae._stream(head, z, vae._frame_chunks(z.shape[2]), desc="decode (global)")  # (B, C, T, h, w)
         b, c, t, h, w = x.shape
@@ -72,5 +72,13 @@ def tail_on_region(vae, x: torch.Tensor, need: plan.Tile) -> torch.Tensor:
     cropped → (B, C, T, core_h, core_w)."""
     resnet = vae.decoder.mid_block.resnets[-1]
     sub = x[..., need.wy0:need.wy1, need.wx0:need.wx1]
-    y = vae._stream(resnet, sub, vae._frame_chunks(x.shape[2]), desc="decode (mid)")
+    y = vae._stream(lambda chunk, cache: resnet(frame_layout(vae, chunk), cache), sub, vae._frame_chunks(x.shape[2]),
+                    desc="decode (mid)")
     return y[..., need.y0 - need.wy0:need.y1 - need.wy0, need.x0 - need.wx0:need.x1 - need.wx0]
+
+
+def frame_layout(vae, x: torch.Tensor) -> torch.Tensor:
+    """The model's preferred memory layout for a frame (channels-last 4-D on CUDA for the Qwen-Image
+    VAE), where it has one."""
+    fast = getattr(vae, "_fast_layout", None)
+    return x if fast is None else fast(x)
