@@ -98,3 +98,16 @@ def test_auto_is_pure_and_rejects_bad_sizes():
     assert a == plan.choose_decode(256, 256, 1, 4, "bfloat16", 40 * GIB)
     with pytest.raises(ValueError, match="world=0"):
         plan.choose_decode(256, 256, 1, 0, "bfloat16", None)
+
+
+@pytest.mark.parametrize("height,width,core,world,expect", [
+    (166, 166, 128, 8, 8),    # 1328², 1024-px tiles: 4 tiles for 8 ranks → split to 8
+    (512, 512, 128, 8, 16),   # enough tiles already: unchanged
+    (1, 40, 128, 4, 4),       # one row: columns
+    (2, 2, 128, 8, 1),        # fewer pixels than ranks: as exact_tiles
+    (20, 3, 128, 4, 4),
+])
+def test_exact_tiles_for_ranks_has_a_tile_per_rank_where_it_can(height, width, core, world, expect):
+    tiles = plan.exact_tiles_for_ranks(height, width, core, 13, world)
+    assert len(tiles) == expect
+    assert covers_once(tiles, height, width)

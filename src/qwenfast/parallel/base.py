@@ -148,11 +148,13 @@ class ParallelTiledVAE(nn.Module):
     def parallel_tiled_decode(self, z: torch.Tensor, comm,
                               exact_tile_sample_size: int | None = None) -> torch.Tensor | None:
         """Tiles of the configured flavour (exact, or blend) balanced over ranks by cost (longest first),
-        gathered once: equal to the single-device `tiled_decode` of the same flavour.
+        gathered once: equal to the single-device `tiled_decode` of the same flavour. Exact tiles are
+        split further while there are fewer tiles than ranks.
         `exact_tile_sample_size` (output px) forces exact tiles of that size (what `auto` picks)."""
         if self.vae_config.tiling == "blend" and exact_tile_sample_size is None:
             return self._parallel_blend_decode(z, comm)
-        tiles = self._exact_tiles(z.shape[-2], z.shape[-1], exact_tile_sample_size)
+        core = (exact_tile_sample_size or self.vae_config.exact_tile_sample_size) // self.spatial_compression_ratio
+        tiles = plan.exact_tiles_for_ranks(z.shape[-2], z.shape[-1], core, self._tile_margin(), comm.world_size)
         assignment = plan.balance_lpt([plan.exact_tile_cost(t) for t in tiles], comm.world_size)
         return self._parallel_exact_decode(z, comm, tiles, assignment)
 

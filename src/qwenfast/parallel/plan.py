@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Tile", "split_evenly", "exact_tiles", "blend_tile_grid", "grid_tiles", "patch_regions",
+__all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
            "bounding_window", "balance_lpt", "exact_tile_cost", "blend_tile_cost", "CostModel",
            "DecodeChoice", "choose_decode", "patch_halo_costs"]
 
@@ -71,6 +71,26 @@ def exact_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
     if core < 1:
         raise ValueError(f"tile core must be >= 1 latent pixel; got {core}")
     return grid_tiles(height, width, -(-height // core), -(-width // core), margin)
+
+
+def exact_tiles_for_ranks(height: int, width: int, core: int, margin: int, world: int) -> list[Tile]:
+    """`exact_tiles`, split further while there are fewer tiles than ranks (a rank with no tile idles
+    while others work): the grid of at least `world` tiles (no fewer rows or columns than
+    `exact_tiles` has) whose slowest rank, at ⌈tiles / world⌉ tiles of the largest window, is fastest;
+    ties to fewer tiles."""
+    rows, cols = -(-height // core), -(-width // core)
+    if rows * cols >= world or height * width < world:
+        return grid_tiles(height, width, min(rows, height), min(cols, width), margin)
+    best = None
+    for r in range(rows, min(height, rows + world) + 1):
+        for c in range(cols, min(width, cols + world) + 1):
+            if r * c < world:
+                continue
+            tiles = grid_tiles(height, width, r, c, margin)
+            key = (-(-len(tiles) // world) * max(t.window_area for t in tiles), len(tiles))
+            if best is None or key < best[0]:
+                best = (key, tiles)
+    return best[1]
 
 
 def grid_tiles(height: int, width: int, rows: int, cols: int, margin: int) -> list[Tile]:
@@ -319,7 +339,7 @@ def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_
 
     def tiled_choice(why: str) -> DecodeChoice:
         for size in model.tile_sizes:
-            tiles = exact_tiles(height, width, max(1, size // model.scale), margin)
+            tiles = exact_tiles_for_ranks(height, width, max(1, size // model.scale), margin, world)
             loads = [sum(exact_tile_cost(tiles[i]) for i in b) for b in balance_lpt([exact_tile_cost(t) for t in tiles], world)]
             p = peak(max(t.window_area for t in tiles))
             if fits(p) or size == model.tile_sizes[-1]:
