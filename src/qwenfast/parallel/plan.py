@@ -6,9 +6,12 @@ agree without pickling anything. Coordinates are in latent pixels, half-open `[s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-__all__ = ["Tile", "split_evenly", "exact_tiles", "blend_tile_grid"]
+__all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
+           "bounding_window", "balance_lpt", "exact_tile_cost", "blend_tile_cost", "CostModel",
+           "DecodeChoice", "choose_decode", "patch_halo_costs"]
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,88 @@ def exact_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
     even as possible) and whose windows add `margin` pixels on every side that is not the border."""
     if core < 1:
         raise ValueError(f"tile core must be >= 1 latent pixel; got {core}")
-    rows = split_evenly(height, -(-height // core))
-    cols = split_evenly(width, -(-width // core))
+    return grid_tiles(height, width, -(-height // core), -(-width // core), margin)
+
+
+def exact_tiles_for_ranks(height: int, width: int, core: int, margin: int, world: int) -> list[Tile]:
+    """`exact_tiles`, split further while there are fewer tiles than ranks (a rank with no tile idles
+    while others work): the grid of at least `world` tiles (no fewer rows or columns than
+    `exact_tiles` has) whose slowest rank, at ⌈tiles / world⌉ tiles of the largest window, is fastest;
+    ties to fewer tiles."""
+    rows, cols = -(-height // core), -(-width // core)
+    if rows * cols >= world or height * width < world:
+        return grid_tiles(height, width, min(rows, height), min(cols, width), margin)
+    best = None
+    for r in range(rows, min(height, rows + world) + 1):
+        for c in range(cols, min(width, cols + world) + 1):
+            if r * c < world:
+                continue
+            tiles = grid_tiles(height, width, r, c, margin)
+            key = (-(-len(tiles) // world) * max(t.window_area for t in tiles), len(tiles))
+            if best is None or key < best[0]:
+                best = (key, tiles)
+    return best[1]
+
+
+def grid_tiles(height: int, width: int, rows: int, cols: int, margin: int) -> list[Tile]:
+    """A `rows x cols` grid of uneven cores (sizes differ by at most one; never padding), row-major,
+    each window = core + `margin` on every side, clipped to the latent."""
+    if not (1 <= rows <= max(height, 1) and 1 <= cols <= max(width, 1)):
+        raise ValueError(f"a {rows}x{cols} grid does not fit a {height}x{width} latent")
     return [
         Tile(y0, y1, x0, x1, max(0, y0 - margin), min(height, y1 + margin),
              max(0, x0 - margin), min(width, x1 + margin))
-        for y0, y1 in rows for x0, x1 in cols
+        for y0, y1 in split_evenly(height, rows) for x0, x1 in split_evenly(width, cols)
     ]
+
+
+def patch_regions(height: int, width: int, world: int, margin: int) -> list[Tile | None]:
+    """One region per rank for `patch` decode (None for a rank with no region), rank order.
+
+    Uneven horizontal bands (rows are contiguous in memory, and each band has two neighbours at
+    most) when every band is at least `margin` rows thick; otherwise the 2-D grid of at most
+    `world` regions whose largest window (core + margin: the work of the slowest rank) is smallest,
+    ties going to more regions, then to more rows.
+    """
+    if world < 1 or height < 1 or width < 1:
+        raise ValueError(f"patch_regions needs a non-empty latent and world >= 1; got {height}x{width}, world={world}")
+    if height >= world * max(margin, 1):
+        grid = grid_tiles(height, width, world, 1, margin)
+    else:
+        best = None
+        for gy in range(1, min(world, height) + 1):
+            for gx in range(1, min(world // gy, width) + 1):
+                tiles = grid_tiles(height, width, gy, gx, margin)
+                key = (max(t.window_area for t in tiles), -gy * gx, -gy)
+                if best is None or key < best[0]:
+                    best = (key, tiles)
+        grid = best[1]
+    return list(grid) + [None] * (world - len(grid))
+
+
+def bounding_window(tiles: list[Tile], grow: int, height: int, width: int) -> Tile | None:
+    """The box around the tiles' windows (its core), grown by `grow` on every side and clipped (its
+    window): the region of the mid-block output a rank needs (None for no tiles)."""
+    if not tiles:
+        return None
+    y0, y1 = min(t.wy0 for t in tiles), max(t.wy1 for t in tiles)
+    x0, x1 = min(t.wx0 for t in tiles), max(t.wx1 for t in tiles)
+    return Tile(y0, y1, x0, x1, max(0, y0 - grow), min(height, y1 + grow), max(0, x0 - grow), min(width, x1 + grow))
+
+
+def balance_lpt(costs: list[float], parts: int) -> list[list[int]]:
+    """Longest processing time first: items (by index) to `parts` bins, each item in turn (largest
+    cost first, ties by index) to the least loaded bin (ties to the lowest bin). Deterministic, so
+    every rank computes the same assignment. Each bin's indices come back sorted."""
+    if parts < 1:
+        raise ValueError(f"balance_lpt needs parts >= 1; got {parts}")
+    loads = [0.0] * parts
+    bins: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        b = min(range(parts), key=lambda b: (loads[b], b))
+        loads[b] += costs[i]
+        bins[b].append(i)
+    return [sorted(b) for b in bins]
 
 
 def blend_tile_grid(height: int, width: int, tile_h: int, tile_w: int, stride_h: int,
@@ -82,3 +160,207 @@ def blend_tile_grid(height: int, width: int, tile_h: int, tile_w: int, stride_h:
     `tile_h x tile_w` in size, clipped to `height x width` (any unit: latent or pixels)."""
     return [[(i, min(i + tile_h, height), j, min(j + tile_w, width)) for j in range(0, width, stride_w)]
             for i in range(0, height, stride_h)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model: what a tile or a region costs, and what `patch` halo exchanges cost
+# --------------------------------------------------------------------------------------------------
+
+
+def exact_tile_cost(tile: Tile) -> float:
+    """Work of an exact tile: the local part over its window (the global part is shared)."""
+    return float(tile.window_area)
+
+
+def blend_tile_cost(box: tuple[int, int, int, int], attention_weight: float = 1.0 / 4096) -> float:
+    """Work of a blend tile decoded whole: local part ∝ area, its own attention ∝ area²."""
+    y0, y1, x0, x1 = box
+    area = (y1 - y0) * (x1 - x0)
+    return area + attention_weight * area * area
+
+
+def decoder_levels(base_dim: int = 96, dim_mult: tuple[int, ...] = (1, 2, 4, 4),
+                   num_res_blocks: int = 2, out_channels: int = 3) -> list[dict]:
+    """The local part of a Wan-family decoder by resolution level: `scale` (output px per latent px
+    along one side at that level) and its 3x3 convs `(c_in, c_out)` in order."""
+    dims = [base_dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
+    levels, scale = [], 1
+    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+        if i > 0:
+            c_in //= 2
+        convs = []
+        for d in [c_in] + [c_out] * num_res_blocks:
+            convs += [(d, c_out), (c_out, c_out)]
+        levels.append(dict(scale=scale, convs=convs))
+        if i != len(dim_mult) - 1:
+            scale *= 2
+            levels.append(dict(scale=scale, convs=[(c_out, c_out // 2)]))
+    levels[-1]["convs"].append((dims[-1], out_channels))
+    merged: list[dict] = []  # one entry per scale
+    for lv in levels:
+        if merged and merged[-1]["scale"] == lv["scale"]:
+            merged[-1]["convs"] += lv["convs"]
+        else:
+            merged.append(dict(scale=lv["scale"], convs=list(lv["convs"])))
+    return merged
+
+
+def patch_halo_costs(height: int, width: int, world: int, halo: str, margin: int, dtype_bytes: int = 2,
+                     levels: list[dict] | None = None) -> dict:
+    """FLOPs and bytes of the local part of `patch` decode over horizontal bands, per rank, for one
+    frame, with `halo="mid"` (one margin of `margin` latent rows at the mid-block output; no messages)
+    or `halo="level"` (at the start of each resolution level, as many rows at that resolution as the
+    level has 3x3 convs, exchanged with both neighbours). Pure counting, so the trade-off is visible
+    without a GPU. Returns the slowest rank's FLOPs, the single-device FLOPs, their ratio to the ideal
+    (`redundancy`: 1.0 = no redundant work), halo bytes received and messages per rank."""
+    if halo not in ("mid", "level"):
+        raise ValueError(f"halo must be 'mid' or 'level'; got {halo!r}")
+    levels = decoder_levels() if levels is None else levels
+    bands = split_evenly(height, min(world, height))
+    single = rank_max = 0.0
+    bytes_max = messages = 0
+    for y0, y1 in bands:
+        flops = 0.0
+        received = 0
+        n_nb = (y0 > 0) + (y1 < height)
+        for lv in levels:
+            s = lv["scale"]
+            per_px = sum(2 * 9 * ci * co for ci, co in lv["convs"])
+            rows = (y1 - y0) * s
+            if halo == "mid":
+                wy0, wy1 = max(0, y0 - margin), min(height, y1 + margin)
+                rows_done = (wy1 - wy0) * s
+            else:
+                h = len(lv["convs"])
+                rows_done = rows + n_nb * h  # each level re-grows a halo of h rows, shrinking by one per conv
+                received += n_nb * h * width * s * lv["convs"][0][0] * dtype_bytes
+            flops += per_px * rows_done * width * s
+            single += per_px * rows * width * s
+        rank_max = max(rank_max, flops)
+        bytes_max = max(bytes_max, received)
+        messages = max(messages, n_nb * (len(levels) if halo == "level" else 0))
+    ideal = single / len(bands)
+    return dict(halo=halo, flops_rank_max=rank_max, flops_single=single, redundancy=rank_max / ideal,
+                halo_bytes_per_rank=bytes_max, messages_per_rank=messages)
+
+
+# --------------------------------------------------------------------------------------------------
+# auto: which strategy, from shapes, world size, dtype and free memory alone
+# --------------------------------------------------------------------------------------------------
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+
+
+def _dtype_bytes(dtype) -> int:
+    if isinstance(dtype, int):
+        return dtype
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    name = str(dtype).split(".")[-1]
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rates and sizes for the Qwen-Image decoder (one H100, bf16; fp32 runs at `fp32_slowdown`).
+
+    Estimates from DESIGN.md §1/§4 and the folded-decode probe: the local part costs ~4.1 TFLOP per
+    output megapixel (image fast path; ~10.75 for video frames after the first), the mid attention
+    4·N²·384 FLOP per frame at the SDPA rate for head dim 384, ~1400 B of live activations per output
+    pixel in bf16 (21.5 GiB at 4096²).
+    """
+
+    local_flop_per_px: float = 4.1e6
+    video_local_flop_per_px: float = 10.75e6
+    global_flop_per_latent_px: float = 1.1e7  # conv_in + two ResBlocks at latent resolution
+    mid_channels: int = 384
+    conv_flop_per_s: float = 250e12
+    attention_flop_per_s: float = 85e12
+    link_bytes_per_s: float = 100e9
+    fixed_s: float = 2e-3  # per parallel decode: collectives, stage syncs, launches
+    act_bytes_per_px_per_byte: float = 700.0  # live activation bytes per output px, per dtype byte
+    fp32_slowdown: float = 4.0
+    min_speedup: float = 1.25  # below this, `auto` decodes on every rank alone (no communication)
+    tile_sizes: tuple[int, ...] = (1024, 768, 512, 256)  # exact tile cores to try, output px
+    scale: int = 8
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """What `auto` decided: `mode` is "replicated" (every rank decodes alone, single-device path),
+    "patch" or "tiled" (exact tiles of `tile_sample_size` output px); estimates for the log."""
+
+    mode: str
+    margin: int
+    tile_sample_size: int | None = None
+    est_speedup: float = 1.0
+    est_peak_bytes: float = 0.0
+    reason: str = field(default="", compare=False)
+
+
+def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_bytes: float | None,
+                  margin: int = 13, batch: int = 1, model: CostModel = CostModel()) -> DecodeChoice:
+    """`auto`: from the latent shape `(frames, height, width)` and batch, the world size, the dtype and
+    the smallest free memory over ranks (None: unknown, assume it fits), the strategy and its
+    parameters. Replicated single-device decode when the estimated parallel speed-up is under
+    `model.min_speedup` (and it fits); `patch` when its per-rank peak fits; `tiled` (the largest exact
+    tile that fits) otherwise."""
+    if min(height, width, frames, world, batch) < 1:
+        raise ValueError(f"choose_decode needs positive sizes; got {height}x{width}, frames={frames}, "
+                         f"world={world}, batch={batch}")
+    nbytes = _dtype_bytes(dtype)
+    rate = 1.0 if nbytes <= 2 else model.fp32_slowdown
+    s2 = model.scale ** 2
+    out_frames = 1 + 4 * (frames - 1)
+    local_flop = model.local_flop_per_px + (out_frames - 1) * model.video_local_flop_per_px  # per px, all frames
+    n = height * width
+    out_bytes = batch * 3 * out_frames * n * s2 * nbytes
+    chunk_frames = 1 if frames == 1 else 6  # a latent frame becomes 4, plus the frame cache
+    mid_bytes = 6 * batch * model.mid_channels * frames * n * nbytes  # latent-res maps: x, q, k, v, out, mid
+
+    def t_local(area: float) -> float:
+        return batch * area * s2 * local_flop * rate / model.conv_flop_per_s
+
+    t_global = batch * frames * n * model.global_flop_per_latent_px * rate / model.conv_flop_per_s
+    t_attn = batch * frames * 4.0 * n * n * model.mid_channels * rate / model.attention_flop_per_s
+
+    def peak(window_area: float) -> float:
+        return batch * window_area * s2 * chunk_frames * model.act_bytes_per_px_per_byte * nbytes + mid_bytes + 2 * out_bytes
+
+    t_single = t_local(n) + t_global + t_attn
+    single_peak = peak(n)
+
+    def fits(b: float) -> bool:
+        return free_bytes is None or b <= free_bytes
+
+    def tiled_choice(why: str) -> DecodeChoice:
+        for size in model.tile_sizes:
+            tiles = exact_tiles_for_ranks(height, width, max(1, size // model.scale), margin, world)
+            loads = [sum(exact_tile_cost(tiles[i]) for i in b) for b in balance_lpt([exact_tile_cost(t) for t in tiles], world)]
+            p = peak(max(t.window_area for t in tiles))
+            if fits(p) or size == model.tile_sizes[-1]:
+                comm = out_bytes / model.link_bytes_per_s
+                t = t_local(max(loads)) + t_global + t_attn / world + comm + model.fixed_s
+                return DecodeChoice("tiled", margin, size, t_single / t, p, why)
+        raise AssertionError("unreachable")
+
+    if world == 1:
+        return DecodeChoice("replicated", margin, None, 1.0, single_peak, "one rank")
+    regions = [r for r in patch_regions(height, width, world, margin) if r is not None]
+    patch_peak = peak(max(r.window_area for r in regions))
+    comm_bytes = batch * frames * n * model.mid_channels * nbytes + out_bytes  # attention out + output
+    t_patch = (t_local(max(r.window_area for r in regions)) + t_global + t_attn / len(regions)
+               + comm_bytes / model.link_bytes_per_s + model.fixed_s)
+    speedup = t_single / t_patch
+    if speedup < model.min_speedup and fits(single_peak):
+        return DecodeChoice("replicated", margin, None, 1.0, single_peak,
+                            f"estimated patch speed-up {speedup:.2f} < {model.min_speedup}")
+    if fits(patch_peak):
+        return DecodeChoice("patch", margin, None, speedup, patch_peak,
+                            f"patch fits ({patch_peak / 2**30:.2f} GiB per rank), estimated speed-up {speedup:.2f}")
+    return tiled_choice(f"patch needs {patch_peak / 2**30:.2f} GiB per rank, more than the "
+                        f"{(free_bytes or 0) / 2**30:.2f} GiB free")

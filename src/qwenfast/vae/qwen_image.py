@@ -461,15 +461,15 @@ class QwenImageVAE(ParallelTiledVAE):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]`) → pixels in [-1, 1],
         `[B, 3, 1 + 4(T-1), 8h, 8w]` (or `[B, 3, 8h, 8w]`)."""
-        z, image = self._check_latent(z)
         cfg = self.vae_config
-        out = None
         if cfg.use_parallel_decode:
+            # Checked inside, on every rank together: a bad latent on one rank must fail every rank,
+            # not leave the others waiting in a collective.
+            image = isinstance(z, torch.Tensor) and z.dim() == 4
             out = self._decode_with_parallel_dispatch(z)
-        elif cfg.use_tiling:
-            out = self.tiled_decode(z)
         else:
-            out = self._decode_untiled(z)
+            z, image = self._check_latent(z)
+            out = self.tiled_decode(z) if cfg.use_tiling else self._decode_untiled(z)
         if out is None:  # parallel decode with output on rank 0 only
             return None
         out = out.clamp_(-1.0, 1.0)

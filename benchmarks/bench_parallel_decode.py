@@ -1,0 +1,297 @@
+"""Parallel decode benchmark: every mode against our own single-GPU decode, in one run.
+
+    torchrun --nproc-per-node N benchmarks/bench_parallel_decode.py [--sizes 1328 2048 4096] [--video-frames 21]
+
+Runs unchanged on 1, 2, 4 and 8 GPUs. Under torchrun the script always makes a NCCL group (even of
+one rank) and runs the parallel strategies through it, so a one-GPU run exercises the real collectives.
+Random weights (seeded: the same on every rank), bf16. For each size:
+
+- `single untiled` and `single tiled (exact)`: our single-device decode, on rank 0 alone (the others wait);
+- `patch` (halo `mid`), `patch (level)`, `tiled (exact)`, `tiled (blend)` (with --blend), `auto`: over all ranks, output on every rank.
+
+Reported per mode: median ms (slowest rank, over --reps after a warm-up), speed-up over the single-GPU
+untiled decode (and over single-GPU exact tiling for `tiled`), per-rank peak memory, max|Δ| on rank 0
+against the single-GPU untiled decode (bf16 both), bytes sent and received per rank. Before timing,
+an fp32 check on a small latent gives each mode's max|Δ| where rounding does not hide errors.
+Rank 0 writes JSON + markdown with provenance to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from qwenfast.config import VAEConfig
+from qwenfast.parallel import group as pg
+from qwenfast.parallel.dispatch import decode_parallel
+from qwenfast.vae.qwen_image import QwenImageVAE
+
+PARALLEL_MODES = {
+    "patch": dict(parallel_decode_mode="patch"),
+    "patch (level)": dict(parallel_decode_mode="patch", patch_halo="level"),
+    "tiled (exact)": dict(parallel_decode_mode="tiled", tiling="exact"),
+    "tiled (blend)": dict(parallel_decode_mode="tiled", tiling="blend"),
+    "auto": dict(parallel_decode_mode="auto"),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="*", default=[1328, 2048, 4096], help="square image sizes (px)")
+    p.add_argument("--video-frames", type=int, default=21, help="latent frames of the 720p video (21 = 81 frames; 0 skips)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--video-reps", type=int, default=1)
+    p.add_argument("--blend", action="store_true", help="also time blend tiling (slow, not exact)")
+    p.add_argument("--check-size", type=int, default=48, help="latent side of the fp32 check (0 skips)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="added to the result file names")
+    p.add_argument("--commit", default=None, help="git commit (when the checkout has no .git)")
+    return p.parse_args()
+
+
+def make_comm():
+    """A NCCL group even for one rank under torchrun (so the collectives run); None without torchrun."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return None
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return pg.ProcessGroupComm()
+
+
+CUDA = torch.cuda.is_available()  # a CPU run (gloo) checks the script, not the speed
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def model(dtype: torch.dtype, device) -> QwenImageVAE:
+    torch.manual_seed(0)
+    return QwenImageVAE().to(device=device, dtype=dtype).eval()
+
+
+def latent(h: int, w: int, t: int, device, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234 + h * 7 + w * 3 + t)
+    return torch.randn(1, 16, t, h, w, generator=g).to(device=device, dtype=dtype)
+
+
+def all_max(x: float, comm) -> float:
+    if comm is None or comm.world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=comm.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_values(x: float, comm) -> list[float]:
+    if comm is None or comm.world_size == 1:
+        return [x]
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=comm.device)
+    out = torch.empty(comm.world_size, dtype=torch.float64, device=comm.device)
+    dist.all_gather_into_tensor(out, t)
+    return out.tolist()
+
+
+def barrier(comm) -> None:
+    if comm is not None:
+        pg.barrier(comm.group)
+
+
+def time_decode(fn, reps: int, comm, everyone: bool) -> tuple[float, list[float], object]:
+    """Median ms of `fn()` (the slowest rank per rep), per-rank peak GiB, the last output.
+    `everyone=False`: rank 0 runs alone while the others wait."""
+    runs = (comm is None or comm.rank == 0) or everyone
+    out = None
+    times = []
+    sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if CUDA else 0
+    for i in range(reps + 1):  # the first is the warm-up
+        barrier(comm)
+        del out
+        out = None
+        sync()
+        t0 = time.perf_counter()
+        if runs:
+            with torch.no_grad():
+                out = fn()
+        sync()
+        dt = (time.perf_counter() - t0) * 1e3
+        if not everyone:  # only rank 0's time counts
+            dt = dt if runs else 0.0
+        if i:
+            times.append(all_max(dt, comm))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if CUDA else 0.0
+    return statistics.median(times), all_values(peak, comm), out
+
+
+def fp32_check(side: int, comm, device) -> dict:
+    """max|Δ| of each parallel mode against the single-device untiled decode, fp32, a small latent."""
+    vae = model(torch.float32, device)
+    z = latent(side, side + 5, 1, device, torch.float32)
+    result = {}
+    # TF32 off: with it, cuDNN's conv algorithms differ by shape at ~1e-3 and hide what is being checked
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        ref = vae._decode_untiled(z)
+        vae.vae_config = VAEConfig(use_tiling=True, tiling="blend")
+        ref_blend = vae.tiled_decode(z)
+        for name, cfg in PARALLEL_MODES.items():
+            vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+            out = decode_parallel(vae, z, comm=comm)
+            against = ref_blend if name == "tiled (blend)" else ref
+            result[name] = all_max((out - against).abs().max().item(), comm)
+        vae.vae_config = VAEConfig(use_tiling=True)
+        result["single tiled (exact)"] = all_max((vae.tiled_decode(z) - ref).abs().max().item(), comm)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return result
+
+
+def provenance(args, comm) -> dict:
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:  # noqa: BLE001
+            commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    return dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", gpus=comm.world_size if comm else 1, torch=torch.__version__,
+                cuda=torch.version.cuda, triton=triton_version, python=platform.python_version(),
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv), commit=commit,
+                time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device) -> list[dict]:
+    rank0 = comm is None or comm.rank == 0
+    z = latent(h, w, t, device, vae.dtype)
+    rows = []
+
+    def single(cfg):
+        vae.vae_config = cfg
+        return lambda: vae.decode(z[:, :, 0] if t == 1 else z)
+
+    ms_untiled, peak, ref = time_decode(single(VAEConfig()), reps, comm, everyone=False)
+    rows.append(dict(case=label, mode="single untiled", ms=ms_untiled, speedup=1.0, peak_gib=peak[:1], max_abs=0.0,
+                     bytes_sent=[0], bytes_received=[0]))
+    ms_tiled1, peak, out = time_decode(single(VAEConfig(use_tiling=True)), reps, comm, everyone=False)
+    rows.append(dict(case=label, mode="single tiled (exact)", ms=ms_tiled1, speedup=ms_untiled / ms_tiled1,
+                     peak_gib=peak[:1], max_abs=(out - ref).abs().max().item() if rank0 else None,
+                     bytes_sent=[0], bytes_received=[0]))
+    del out
+    for name, cfg in modes.items():
+        vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+
+        def fn():
+            out = decode_parallel(vae, z, comm=comm)
+            return out.clamp_(-1, 1) if out is not None else None
+
+        if CUDA:
+            torch.cuda.empty_cache()
+        ms, peak, out = time_decode(fn, reps, comm, everyone=True)
+        stats = vae.last_parallel_stats or {}
+        against = ref if ref is not None else None
+        if out is not None and t == 1:
+            out = out[:, :, 0]
+        row = dict(case=label, mode=name, ran=stats.get("mode"), ms=ms, speedup=ms_untiled / ms, peak_gib=peak,
+                   max_abs=(out - against).abs().max().item() if (rank0 and against is not None and name != "tiled (blend)") else None,
+                   bytes_sent=all_values(stats.get("bytes_sent", 0), comm),
+                   bytes_received=all_values(stats.get("bytes_received", 0), comm))
+        if name == "tiled (exact)":
+            row["speedup_vs_single_tiled"] = ms_tiled1 / ms
+        rows.append(row)
+        del out
+    del ref, z
+    if CUDA:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
+    lines = [f"# Parallel decode, {prov['gpus']} x {prov['gpu']}", "",
+             f"torch {prov['torch']} (CUDA {prov['cuda']}), triton {prov['triton']}, commit `{prov['commit']}`, "
+             f"{prov['time_utc']}", f"`{prov['command']}`", "",
+             "bf16, random weights. ms: median of the slowest rank; speed-up over our single-GPU untiled decode; "
+             "peak: per rank, GiB above the model; max|Δ|: rank 0 vs single-GPU untiled (bf16); "
+             "MiB sent: per rank.", ""]
+    if check:
+        lines += ["fp32 check (small latent): max|Δ| vs single-device untiled (blend: vs single-device blend): "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in check.items()), ""]
+    lines += ["| case | mode | ran | ms | speed-up | peak GiB (per rank) | max abs diff | MiB sent (per rank) |",
+              "|---|---|---|---:|---:|---|---:|---|"]
+    for r in rows:
+        peaks = ", ".join(f"{p:.2f}" for p in r["peak_gib"])
+        sent = ", ".join(f"{b / 2**20:.1f}" for b in r["bytes_sent"])
+        mad = "" if r["max_abs"] is None else f"{r['max_abs']:.2e}"
+        sp = f"{r['speedup']:.2f}" + (f" ({r['speedup_vs_single_tiled']:.2f} vs tiled)" if "speedup_vs_single_tiled" in r else "")
+        lines.append(f"| {r['case']} | {r['mode']} | {r.get('ran', '')} | {r['ms']:.1f} | {sp} | {peaks} | {mad} | {sent} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    args = parse_args()
+    comm = make_comm()
+    device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    rank0 = comm is None or comm.rank == 0
+    if comm is None:  # without torchrun: the strategies through a one-rank comm
+        from qwenfast.parallel.comm import SingleRankComm
+
+        comm_or_single = SingleRankComm()
+    else:
+        comm_or_single = comm
+    modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
+    check = fp32_check(args.check_size, comm_or_single, device) if args.check_size else {}
+    if rank0 and check:
+        print("fp32 check:", json.dumps(check), flush=True)
+    vae = model(torch.bfloat16 if CUDA else torch.float32, device)
+    rows = []
+    cases = [(f"{s}x{s}", s // 8, s // 8, 1, args.reps) for s in args.sizes]
+    if args.video_frames:
+        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
+    for label, h, w, t, reps in cases:
+        rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device)
+        if rank0:
+            r = rows[-1]
+            print(f"{label}: " + ", ".join(f"{x['mode']} {x['ms']:.1f} ms" for x in rows if x["case"] == label), flush=True)
+    if rank0:
+        prov = provenance(args, comm)
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"parallel_decode_{prov['gpus']}gpu{args.tag}")
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(provenance=prov, fp32_check=check, results=rows), f, indent=1)
+        md = markdown(prov, check, rows)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
+        print(md)
+    if comm is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

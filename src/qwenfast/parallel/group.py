@@ -1,0 +1,193 @@
+"""Process-group helpers: the one place (with `dispatch`) that touches torch.distributed.
+
+For the CLI and scripts run under `torchrun`:
+
+    group = init_from_env()          # None when WORLD_SIZE is 1 or unset: the plain single-GPU run
+    vae.set_process_group(group)     # optional: the VAE defaults to the world group
+    ...
+    print0("decoded", path)          # rank 0 prints; `is_rank0()` guards file writes
+    vae.last_parallel_stats          # mode, bytes sent/received, collectives of the last decode
+    destroy_if_owned()               # destroys only what `init_from_env` created
+
+Nothing here creates or destroys a group unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .comm import RemoteRankError
+
+__all__ = ["init_from_env", "destroy_if_owned", "is_initialized", "get_rank", "get_world_size",
+           "is_rank0", "print0", "barrier", "ProcessGroupComm"]
+
+_OWNED = False  # whether init_from_env created the default group
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> Any | None:
+    """Initialise the default group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...)
+    when WORLD_SIZE > 1 and no group exists yet; return the world group, or None for one process.
+
+    NCCL when CUDA is available (and each rank's device set to LOCAL_RANK), gloo otherwise.
+    `timeout_s` bounds how long a collective may wait for a rank that died.
+    """
+    global _OWNED
+    if is_initialized():
+        return dist.group.WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    _OWNED = True
+    return dist.group.WORLD
+
+
+def destroy_if_owned() -> None:
+    """Destroy the default group if `init_from_env` created it; leave a caller's group alone."""
+    global _OWNED
+    if _OWNED and is_initialized():
+        dist.destroy_process_group()
+    _OWNED = False
+
+
+def get_rank(group: Any | None = None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group: Any | None = None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def is_rank0(group: Any | None = None) -> bool:
+    return get_rank(group) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """`print` on rank 0 only (every process when there is no group)."""
+    if is_rank0():
+        print(*args, **kwargs)
+
+
+def barrier(group: Any | None = None) -> None:
+    if is_initialized():
+        dist.barrier(group)
+
+
+class ProcessGroupComm:
+    """The `comm` interface of `qwenfast.parallel.comm` over a torch.distributed process group.
+
+    Collective tensors live on `device`: the current CUDA device for NCCL, the CPU for gloo.
+    """
+
+    def __init__(self, group: Any | None = None) -> None:
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        backend = dist.get_backend(self.group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.collectives = 0
+
+    # -- failing together ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guard(self, stage: str) -> Iterator[None]:
+        """Run the block; then every rank learns whether any rank raised in it, and all raise."""
+        try:
+            yield
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
+            self.agree(None, e, stage)
+            raise
+        self.agree(None, None, stage)
+
+    def agree(self, values: torch.Tensor | None, error: BaseException | None, stage: str) -> torch.Tensor:
+        """One all-reduce carrying a failure flag and (k,) float64 `values`: returns (2, k), the max and
+        the min of `values` over ranks. Raises `error` on its own rank and `RemoteRankError` on the others
+        when any rank failed. Every rank passes `values` of the same size (zeros where it failed)."""
+        k = 0 if values is None else values.numel()
+        msg = torch.zeros(1 + 2 * k, dtype=torch.float64, device=self.device)
+        msg[0] = 1.0 if error is not None else 0.0
+        if values is not None and error is None:
+            v = values.to(device=self.device, dtype=torch.float64).flatten()
+            msg[1:1 + k] = v
+            msg[1 + k:] = -v
+        self._count(msg, msg)
+        dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.group)
+        if error is not None:
+            raise error
+        if msg[0].item() > 0:
+            raise RemoteRankError(f"parallel decode aborted at stage {stage!r}: another rank of the group failed "
+                                  "(its own exception is raised there)")
+        return torch.stack([msg[1:1 + k], -msg[1 + k:]]).cpu()
+
+    # -- data ---------------------------------------------------------------------------------------
+    def all_gather(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D `buf` (the same size on every rank), in rank order, on every rank."""
+        if buf.numel() == 0:  # the same size everywhere: every rank skips together
+            return [buf] * self.world_size
+        src = buf.to(self.device).contiguous()
+        out = torch.empty(self.world_size * src.numel(), dtype=src.dtype, device=self.device)
+        self._count(src, out[src.numel():])
+        dist.all_gather_into_tensor(out, src, group=self.group)
+        return [p.to(buf.device) for p in out.chunk(self.world_size)]
+
+    def gather(self, buf: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's 1-D `buf` (the same size on every rank) on rank `dst`, None on the others."""
+        if buf.numel() == 0:
+            return [buf] * self.world_size if self.rank == dst else None
+        src = buf.to(self.device).contiguous()
+        dst_global = dist.get_global_rank(self.group, dst) if self.group is not dist.group.WORLD else dst
+        if self.rank == dst:
+            parts = [torch.empty_like(src) for _ in range(self.world_size)]
+            self._count(src[:0], src.new_empty((self.world_size - 1) * src.numel()))
+            dist.gather(src, parts, dst=dst_global, group=self.group)
+            return [p.to(buf.device) for p in parts]
+        self._count(src, src[:0])
+        dist.gather(src, None, dst=dst_global, group=self.group)
+        return None
+
+    def exchange_with_neighbours(self, send_up: torch.Tensor | None, send_down: torch.Tensor | None,
+                                 above_shape: tuple[int, ...], below_shape: tuple[int, ...]):
+        """Send `send_up` to rank - 1 and `send_down` to rank + 1 (None: no such neighbour), receive
+        tensors of `above_shape` from rank - 1 and `below_shape` from rank + 1, in one batch of
+        point-to-point ops. Returns (from above, from below), None where there is no neighbour."""
+        ops, above, below = [], None, None
+        for send, shape, peer in ((send_up, above_shape, self.rank - 1), (send_down, below_shape, self.rank + 1)):
+            if send is None:
+                continue
+            send = send.to(self.device).contiguous()
+            recv = torch.empty(shape, dtype=send.dtype, device=self.device)
+            glob = dist.get_global_rank(self.group, peer) if self.group is not dist.group.WORLD else peer
+            ops += [dist.P2POp(dist.isend, send, glob, self.group), dist.P2POp(dist.irecv, recv, glob, self.group)]
+            self._count(send, recv)
+            if peer < self.rank:
+                above = recv
+            else:
+                below = recv
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return above, below
+
+    def _count(self, sent: torch.Tensor, received: torch.Tensor) -> None:
+        self.collectives += 1
+        if self.world_size > 1:  # alone, nothing leaves the rank
+            self.bytes_sent += sent.numel() * sent.element_size()
+        self.bytes_received += received.numel() * received.element_size()
+
+    def stats(self) -> dict[str, int]:
+        return dict(bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
+                    collectives=self.collectives, world_size=self.world_size)

@@ -1,0 +1,78 @@
+"""Spawn `world` CPU processes in a gloo group, run one function on every rank, collect the results.
+
+Each test gets a free port; a rank's exception is returned as a result (so the parent asserts for
+all ranks at once); a rank that does not finish by the deadline is killed and the run fails as a
+hang. Tiny shapes, one thread per rank: the whole tests/parallel stays within a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, target: str, args: tuple, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.pop("WORLD_SIZE", None)
+    result: object
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        path, name = target.rsplit(":", 1)
+        spec = importlib.util.spec_from_file_location(f"_rank_target_{rank}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        result = getattr(module, name)(rank, world, *args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which asserts
+        result = {"harness_error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_ranks(world: int, target: str, *args, timeout_s: float = 240.0) -> list:
+    """`target` ("/path/to/file.py:function", called as `f(rank, world, *args)`) on `world` gloo ranks; returns
+    the per-rank results. Raises if a rank hangs past `timeout_s` or dies without a result."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world, port, target, args, out_dir)) for r in range(world)]
+        for p in procs:
+            p.start()
+        hung = []
+        for p in procs:
+            p.join(timeout_s)
+            if p.is_alive():
+                hung.append(p)
+        for p in hung:
+            p.kill()
+            p.join()
+        if hung:
+            raise TimeoutError(f"{len(hung)} of {world} ranks still running after {timeout_s}s: a hang")
+        results = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"{r}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            results.append(torch.load(path, weights_only=False))
+    for r, res in enumerate(results):
+        if isinstance(res, dict) and "harness_error" in res:
+            raise AssertionError(f"rank {r} failed outside the scenarios:\n{res['harness_error']}")
+    return results

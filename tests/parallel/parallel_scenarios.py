@@ -1,0 +1,136 @@
+"""What every rank runs in the multi-rank tests (imported by file path in the spawned ranks).
+
+Each scenario decodes with a parallel mode and returns, per rank, max|Δ| against the single-device
+decode it must equal (computed on the same rank with the same seeded model), or the exception's
+type: the parent test asserts over all ranks at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenfast.config import VAEConfig
+from qwenfast.vae.qwen_image import QwenImageVAE
+
+TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0] * 4, latents_std=[1] * 4)
+# Small tiles so that tiny latents have several: exact cores of 8 latent px; blend tiles of 8, stride 6.
+SMALL_TILES = dict(exact_tile_sample_size=64, tile_sample_min_height=64, tile_sample_min_width=64,
+                   tile_sample_stride_height=48, tile_sample_stride_width=48)
+
+
+def tiny_vae() -> QwenImageVAE:
+    torch.manual_seed(0)
+    return QwenImageVAE(**TINY).eval()
+
+
+def latent(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g)
+
+
+# (name, latent shape (B, z, T, h, w), config, reference: "untiled" | "blend")
+CASES = [
+    ("patch 13x21 B2", (2, 4, 1, 13, 21), dict(parallel_decode_mode="patch"), "untiled"),
+    ("tiled exact 13x21 B2", (2, 4, 1, 13, 21), dict(parallel_decode_mode="tiled"), "untiled"),
+    ("tiled blend 13x21", (1, 4, 1, 13, 21), dict(parallel_decode_mode="tiled", tiling="blend"), "blend"),
+    ("auto 13x21", (1, 4, 1, 13, 21), dict(parallel_decode_mode="auto"), "untiled"),
+    ("patch 1x40", (1, 4, 1, 1, 40), dict(parallel_decode_mode="patch"), "untiled"),
+    ("tiled exact 1x40", (1, 4, 1, 1, 40), dict(parallel_decode_mode="tiled"), "untiled"),
+    ("patch 9x7 rank0", (1, 4, 1, 9, 7), dict(parallel_decode_mode="patch", parallel_output="rank0"), "untiled"),
+    ("tiled exact 9x7 rank0", (1, 4, 1, 9, 7), dict(parallel_decode_mode="tiled", parallel_output="rank0"), "untiled"),
+    ("tiled blend 9x15 rank0", (1, 4, 1, 9, 15),
+     dict(parallel_decode_mode="tiled", tiling="blend", parallel_output="rank0"), "blend"),
+    ("patch video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch"), "untiled"),
+    ("tiled exact video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled"), "untiled"),
+    ("tiled blend video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled", tiling="blend"), "blend"),
+    ("patch level 40x9 B2", (2, 4, 1, 40, 9), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
+    ("patch level video T3 24x6", (1, 4, 3, 24, 6), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
+    ("patch level 20x7 rank0", (1, 4, 1, 20, 7),
+     dict(parallel_decode_mode="patch", patch_halo="level", parallel_output="rank0"), "untiled"),
+    ("patch level 13x21 thin bands", (1, 4, 1, 13, 21), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
+    ("patch bands 40x5", (1, 4, 1, 40, 5), dict(parallel_decode_mode="patch"), "untiled"),
+]
+
+
+def run_cases(rank: int, world: int) -> dict:
+    vae = tiny_vae()
+    results: dict = {}
+    refs: dict = {}
+    with torch.no_grad():
+        for name, shape, cfg, ref_kind in CASES:
+            z = latent(shape)
+            key = (shape, ref_kind)
+            if key not in refs:
+                if ref_kind == "untiled":
+                    vae.vae_config = VAEConfig()
+                    refs[key] = vae._decode_untiled(z)
+                else:
+                    vae.vae_config = VAEConfig(use_tiling=True, tiling="blend", **SMALL_TILES)
+                    refs[key] = vae.tiled_decode(z)
+            vae.vae_config = VAEConfig(use_parallel_decode=True, **{**SMALL_TILES, **cfg})
+            try:
+                out = vae._decode_with_parallel_dispatch(z)
+            except Exception as e:  # noqa: BLE001 - reported, asserted by the parent
+                results[name] = dict(error=f"{type(e).__name__}: {e}")
+                continue
+            stats = dict(vae.last_parallel_stats)
+            if out is None:
+                results[name] = dict(none=True, stats=stats)
+            else:
+                results[name] = dict(none=False, shape=tuple(out.shape), stats=stats,
+                                     max_abs=(out - refs[key]).abs().max().item())
+        # The public API: decode() with parallel decode = decode() without, clamped, 4-D in and out.
+        z = latent((1, 4, 13, 21), seed=2)
+        vae.vae_config = VAEConfig()
+        plain = vae.decode(z)
+        vae.vae_config = VAEConfig(use_parallel_decode=True, parallel_decode_mode="patch")
+        par = vae.decode(z)
+        results["public decode"] = dict(shape=tuple(par.shape), max_abs=(par - plain).abs().max().item())
+    return results
+
+
+def run_faults(rank: int, world: int) -> dict:
+    """Faults, one after another on the same group (each must leave every rank in step)."""
+    vae = tiny_vae()
+    results = {}
+    z = latent((1, 4, 1, 9, 11))
+
+    def attempt(name, z_rank, cfg):
+        vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+        try:
+            with torch.no_grad():
+                vae._decode_with_parallel_dispatch(z_rank)
+            results[name] = "ok"
+        except Exception as e:  # noqa: BLE001
+            results[name] = type(e).__name__
+
+    # A bad input seen by rank 1 only (wrong channel count).
+    attempt("bad input on rank 1", latent((1, 3, 1, 9, 11)) if rank == 1 else z, dict(parallel_decode_mode="patch"))
+    # A latent that differs between ranks (same shape, one value changed on the last rank).
+    z_diff = z.clone()
+    if rank == world - 1:
+        z_diff[0, 0, 0, 4, 5] += 1e-3
+    attempt("latent differs", z_diff, dict(parallel_decode_mode="tiled"))
+    # A shape that differs between ranks.
+    attempt("shape differs", latent((1, 4, 1, 9, 12)) if rank == 0 else z, dict(parallel_decode_mode="patch"))
+    # A rank that raises in the middle of the decode (in its local part).
+    original = vae._decode_local
+    if rank == 1:
+        def broken(h):
+            raise RuntimeError("injected failure in the local part")
+        vae._decode_local = broken
+    attempt("raise mid-decode patch", z, dict(parallel_decode_mode="patch"))
+    attempt("raise mid-decode tiled", z, dict(parallel_decode_mode="tiled", exact_tile_sample_size=32))
+    vae._decode_local = original
+    # ... and in the middle of the level-halo local part (between two exchanges), on rank 1 only.
+    block = vae.decoder.up_blocks[2]
+    if rank == 1:
+        def broken_block(x, cache=None):
+            raise RuntimeError("injected failure in up block 2")
+        block.forward = broken_block
+    attempt("raise mid-decode level", latent((1, 4, 1, 20, 7)), dict(parallel_decode_mode="patch", patch_halo="level"))
+    if rank == 1:
+        del block.forward
+    # The group still works after all of that.
+    attempt("after faults", z, dict(parallel_decode_mode="patch"))
+    return results

@@ -1,0 +1,113 @@
+"""The pure planning functions: partitions, balancing, halo costs and auto's decision table."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenfast.parallel import plan
+
+
+def covers_once(tiles, height, width):
+    seen = [[0] * width for _ in range(height)]
+    for t in tiles:
+        assert 0 <= t.wy0 <= t.y0 < t.y1 <= t.wy1 <= height and 0 <= t.wx0 <= t.x0 < t.x1 <= t.wx1 <= width
+        for y in range(t.y0, t.y1):
+            for x in range(t.x0, t.x1):
+                seen[y][x] += 1
+    return all(v == 1 for row in seen for v in row)
+
+
+@pytest.mark.parametrize("height,width,world,margin", [
+    (166, 166, 3, 13), (116, 208, 8, 13), (13, 21, 4, 9), (1, 40, 4, 9), (9, 7, 3, 9), (2, 2, 8, 13),
+    (512, 512, 8, 13), (40, 5, 4, 9),
+])
+def test_patch_regions_cover_the_latent_once_without_padding(height, width, world, margin):
+    regions = plan.patch_regions(height, width, world, margin)
+    assert len(regions) == world
+    tiles = [r for r in regions if r is not None]
+    assert regions[len(tiles):] == [None] * (world - len(tiles))  # idle ranks are the last ones
+    assert covers_once(tiles, height, width)
+    for t in tiles:  # windows: the core plus the margin, clipped to the latent (never beyond it)
+        assert (t.wy0, t.wy1) == (max(0, t.y0 - margin), min(height, t.y1 + margin))
+        assert (t.wx0, t.wx1) == (max(0, t.x0 - margin), min(width, t.x1 + margin))
+
+
+def test_patch_regions_bands_when_thick_enough_grid_otherwise():
+    bands = plan.patch_regions(166, 166, 4, 13)
+    assert [(t.y0, t.y1) for t in bands] == [(0, 42), (42, 84), (84, 125), (125, 166)]  # uneven, no padding
+    assert all((t.x0, t.x1) == (0, 166) for t in bands)
+    grid = plan.patch_regions(40, 200, 8, 13)  # bands of 5 rows < margin 13: a 2-D grid
+    assert any(t.x1 - t.x0 < 200 for t in grid if t is not None)
+    wide = plan.patch_regions(1, 40, 4, 9)  # a world larger than the number of rows: columns
+    assert [(t.x0, t.x1) for t in wide] == [(0, 10), (10, 20), (20, 30), (30, 40)]
+
+
+def test_balance_lpt_is_deterministic_and_balanced():
+    costs = [7, 7, 5, 5, 4, 3, 3, 2]
+    bins = plan.balance_lpt(costs, 3)
+    assert sorted(i for b in bins for i in b) == list(range(len(costs)))
+    loads = [sum(costs[i] for i in b) for b in bins]
+    assert max(loads) - min(loads) <= max(costs)  # no rank has two tiles' more work than another
+    assert max(loads) <= sum(costs) / 3 + max(costs)  # LPT's bound; here 13 against the ideal 12
+    assert bins == plan.balance_lpt(costs, 3)
+    assert plan.balance_lpt([1.0], 4) == [[0], [], [], []]  # a rank with no tile is fine
+
+
+def test_exact_tiles_balanced_over_ranks_by_window_cost():
+    tiles = plan.exact_tiles(256, 256, 128, 13)  # 4 tiles, equal windows
+    bins = plan.balance_lpt([plan.exact_tile_cost(t) for t in tiles], 4)
+    assert sorted(len(b) for b in bins) == [1, 1, 1, 1]
+
+
+def test_halo_costs_level_trades_compute_for_messages():
+    mid = plan.patch_halo_costs(512, 512, 8, "mid", 13)
+    level = plan.patch_halo_costs(512, 512, 8, "level", 13)
+    assert mid["messages_per_rank"] == 0 and mid["halo_bytes_per_rank"] == 0
+    assert 1.3 < mid["redundancy"] < 1.5  # a 64-row band decodes 90 rows: ~1.4x
+    assert level["redundancy"] < 1.1 and level["messages_per_rank"] == 8
+    assert level["flops_single"] == mid["flops_single"]
+    assert plan.patch_halo_costs(512, 512, 1, "mid", 13)["redundancy"] == 1.0
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("height,width,frames,world,dtype,free,mode,tile", [
+    (166, 166, 1, 1, "bfloat16", None, "replicated", None),      # one rank
+    (64, 64, 1, 2, "bfloat16", None, "replicated", None),        # 512²: gain too small
+    (32, 32, 1, 8, "bfloat16", 80 * GIB, "replicated", None),
+    (166, 166, 1, 2, "bfloat16", 80 * GIB, "patch", None),       # 1328²
+    (256, 256, 1, 4, "bfloat16", 80 * GIB, "patch", None),       # 2048²
+    (512, 512, 1, 8, "bfloat16", 80 * GIB, "patch", None),       # 4096²
+    (90, 160, 21, 4, "bfloat16", 80 * GIB, "patch", None),       # 720p, 81 frames
+    (512, 512, 1, 4, "bfloat16", 4 * GIB, "tiled", 1024),        # patch does not fit: the largest tile that does
+    (512, 512, 1, 4, "bfloat16", 1 * GIB, "tiled", 256),
+    (512, 512, 1, 2, "float32", 8 * GIB, "tiled", 1024),
+    (512, 512, 1, 2, "float32", 4 * GIB, "tiled", 512),
+    (64, 64, 1, 2, "bfloat16", 0.1 * GIB, "tiled", 256),         # small gain, but replicated does not fit
+])
+def test_auto_decision_table(height, width, frames, world, dtype, free, mode, tile):
+    choice = plan.choose_decode(height, width, frames, world, dtype, free)
+    assert (choice.mode, choice.tile_sample_size) == (mode, tile), choice.reason
+    if free is not None and mode == "patch":
+        assert choice.est_peak_bytes <= free
+
+
+def test_auto_is_pure_and_rejects_bad_sizes():
+    a = plan.choose_decode(256, 256, 1, 4, "bfloat16", 40 * GIB)
+    assert a == plan.choose_decode(256, 256, 1, 4, "bfloat16", 40 * GIB)
+    with pytest.raises(ValueError, match="world=0"):
+        plan.choose_decode(256, 256, 1, 0, "bfloat16", None)
+
+
+@pytest.mark.parametrize("height,width,core,world,expect", [
+    (166, 166, 128, 8, 8),    # 1328², 1024-px tiles: 4 tiles for 8 ranks → split to 8
+    (512, 512, 128, 8, 16),   # enough tiles already: unchanged
+    (1, 40, 128, 4, 4),       # one row: columns
+    (2, 2, 128, 8, 1),        # fewer pixels than ranks: as exact_tiles
+    (20, 3, 128, 4, 4),
+])
+def test_exact_tiles_for_ranks_has_a_tile_per_rank_where_it_can(height, width, core, world, expect):
+    tiles = plan.exact_tiles_for_ranks(height, width, core, 13, world)
+    assert len(tiles) == expect
+    assert covers_once(tiles, height, width)
