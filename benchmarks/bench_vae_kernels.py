@@ -289,7 +289,7 @@ def rms_section(copy_gbs: float, sweep: bool, compile_: bool) -> dict:
             for bs, nw in RMS_BLOCK_SWEEP:
                 bs_c = max(1, bs * 128 // block_c)  # same elements per program at every C
                 try:
-                    ms = bench_ms(lambda: rms_k.rms_norm_fwd(x, g, True, (bs_c, block_c, nw)), rep_ms=rep)
+                    ms = bench_ms(lambda: rms_k.rms_norm_fwd(x, g, True, blocks=(bs_c, block_c, nw)), rep_ms=rep)
                     res["sweep"].append({"C": c, "H": hw, "BLOCK_S": bs_c, "BLOCK_C": block_c, "num_warps": nw,
                                          "us": ms * 1e3, "GBps": nbytes / ms / 1e6})
                 except Exception as e:

@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenfast.ops.attention import kernel_takes, single_head_attention, single_head_attention_native
+from qwenfast.ops.attention import (
+    kernel_supports,
+    kernel_takes,
+    single_head_attention,
+    single_head_attention_native,
+    single_head_attention_triton,
+)
 from qwenfast.ops.triton import attention as K
 
 SMALL = K.AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
@@ -101,10 +107,10 @@ def test_non_contiguous_last_dim_is_copied():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_public_function_runs_the_kernel(dtype):
+def test_triton_entry_point_runs_the_kernel(dtype):
     q, k, v = qkv(2, 33, 33, 384, dtype, seed=6)
-    assert kernel_takes(q, k, v)  # the interpreter takes CPU tensors
-    out = single_head_attention(q, k, v)
+    assert kernel_supports(q, k, v)  # the interpreter takes CPU tensors
+    out = single_head_attention_triton(q, k, v)
     torch.testing.assert_close(out, K.attention_fwd(q, k, v), rtol=0, atol=0)
     assert rel_err(out, oracle(q, k, v)) < TOL[dtype]
 
@@ -112,7 +118,9 @@ def test_public_function_runs_the_kernel(dtype):
 @pytest.mark.parametrize("D", [40, 496])
 def test_unsupported_head_dims_take_the_native_path(D):
     q, k, v = qkv(1, 7, 9, D, torch.float32, seed=D)
-    assert not K.supports_head_dim(D) and not kernel_takes(q, k, v)
+    assert not K.supports_head_dim(D) and not kernel_supports(q, k, v)
+    with pytest.raises(ValueError, match="cannot take"):
+        single_head_attention_triton(q, k, v)
     assert rel_err(single_head_attention(q, k, v), oracle(q, k, v)) < 1e-5
 
 
@@ -167,3 +175,10 @@ def test_errors_name_the_argument():
         single_head_attention(q, k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="q: expected a floating-point"):
         single_head_attention(q.long(), k.long(), v.long())
+
+
+def test_public_function_on_cpu_takes_the_native_path():
+    """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
+    q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8)
+    assert kernel_supports(q, k, v) and not kernel_takes(q, k, v)
+    torch.testing.assert_close(single_head_attention(q, k, v), single_head_attention_native(q, k, v), rtol=0, atol=0)

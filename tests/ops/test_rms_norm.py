@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenfast.ops.rms_norm import kernel_takes, rms_norm, rms_norm_native
+from qwenfast.ops.rms_norm import kernel_supports, kernel_takes, rms_norm, rms_norm_native, rms_norm_triton
 from qwenfast.ops.triton import rms_norm as K
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -58,8 +58,8 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
 def test_kernel_matches_native_and_oracle(layout, dtype, silu):
     shape, fmt = LAYOUTS[layout]
     x, gamma = make(shape, fmt, dtype, seed=len(layout) + shape[1])
-    assert kernel_takes(x, gamma)  # the interpreter takes CPU tensors
-    y = rms_norm(x, gamma, silu=silu)
+    assert kernel_supports(x, gamma)  # the interpreter takes CPU tensors
+    y = rms_norm_triton(x, gamma, silu=silu)
     assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()  # x's memory format
     assert torch.isfinite(y).all()
     assert_within_ulp(y, rms_norm_native(x, gamma, silu=silu), dtype)
@@ -77,14 +77,14 @@ def test_many_programs_and_a_partial_last_block():
 @pytest.mark.parametrize("gamma_shape", [(24,), (24, 1, 1), (24, 1, 1, 1)])
 def test_gamma_shapes(gamma_shape):
     x, gamma = make((1, 24, 3, 4), torch.channels_last, torch.float32, seed=2)
-    y = rms_norm(x, gamma.reshape(gamma_shape), silu=True)
+    y = rms_norm_triton(x, gamma.reshape(gamma_shape), silu=True)
     torch.testing.assert_close(y, rms_norm_native(x, gamma, silu=True))
 
 
 def test_large_common_offset():
     # every pixel ~ 3000 + noise: the norm is large, the direction still matters to 1e-6
     x, gamma = make((1, 32, 6, 6), torch.channels_last, torch.float32, seed=3, offset=3000.0)
-    torch.testing.assert_close(rms_norm(x, gamma), oracle(x, gamma, False).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rms_norm_triton(x, gamma), oracle(x, gamma, False).float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -92,7 +92,7 @@ def test_constant_and_zero_pixels(silu):
     x, gamma = make((1, 12, 3, 3), torch.channels_last, torch.float32, seed=4)
     x[:, :, 0, 0] = 0.0  # F.normalize maps a zero vector to 0 (the norm is floored at 1e-12)
     x[:, :, 1, 1] = -2.5  # a constant pixel normalises to -1/sqrt(C), times sqrt(C): -gamma
-    y = rms_norm(x, gamma, silu=silu)
+    y = rms_norm_triton(x, gamma, silu=silu)
     assert (y[:, :, 0, 0] == 0).all()
     expect = -gamma.reshape(1, 12)
     torch.testing.assert_close(y[:, :, 1, 1], F.silu(expect) if silu else expect)
@@ -111,7 +111,7 @@ def test_views(view):
     x0, _ = make((2, 24, 6, 5), torch.contiguous_format, torch.float32, seed=5)
     x = view(x0)
     gamma = torch.rand(x.shape[1], 1, 1) + 0.5
-    y = rms_norm(x, gamma, silu=True)
+    y = rms_norm_triton(x, gamma, silu=True)
     torch.testing.assert_close(y, rms_norm_native(x.contiguous(), gamma, silu=True))
 
 
@@ -124,7 +124,7 @@ def test_native_matches_diffusers():
     with torch.no_grad():
         ref = norm(x)
         torch.testing.assert_close(rms_norm_native(x, norm.gamma), ref)
-        torch.testing.assert_close(rms_norm(x, norm.gamma, silu=True), F.silu(ref))
+        torch.testing.assert_close(rms_norm_triton(x, norm.gamma, silu=True), F.silu(ref))
 
 
 def test_fp64_takes_the_native_path():
@@ -159,3 +159,10 @@ def test_errors_name_the_argument():
         rms_norm(x, gamma.to("meta"))
     with pytest.raises(ValueError, match="x: expected a floating-point"):
         rms_norm(x.long(), gamma)
+
+
+def test_public_function_on_cpu_takes_the_native_path():
+    """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
+    x, gamma = make((2, 8, 3, 5), torch.channels_last, torch.float32, seed=3)
+    assert kernel_supports(x, gamma) and not kernel_takes(x, gamma)
+    torch.testing.assert_close(rms_norm(x, gamma, silu=True), rms_norm_native(x, gamma, silu=True), rtol=0, atol=0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, kernel_can_take, launch
+from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_can_take, launch
 
 if HAS_TRITON:
     from .triton import attention as _kernel
@@ -78,8 +78,8 @@ def single_head_attention_native(
     return o
 
 
-def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Would `single_head_attention` run the Triton kernel on these (already checked) tensors?"""
+def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
     return (
         HAS_TRITON
         and kernel_can_take(q, k, v)
@@ -87,6 +87,19 @@ def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and _kernel.supports_head_dim(q.shape[2])
         and q.shape[0] <= 65535
     )
+
+
+def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Would `single_head_attention` run the Triton kernel on these (already checked) tensors?"""
+    return dispatches_to_kernel(q, k, v) and kernel_supports(q, k, v)
+
+
+def single_head_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
+    _check_qkv(q, k, v)
+    if not kernel_supports(q, k, v):
+        raise ValueError(f"q: the Triton kernel cannot take {q.dtype} {tuple(q.shape)} on {q.device}")
+    return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
 
 
 def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,4 +114,5 @@ def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return single_head_attention_native(q, k, v)
 
 
-__all__ = ["SCORE_BYTES_BUDGET", "kernel_takes", "single_head_attention", "single_head_attention_native"]
+__all__ = ["SCORE_BYTES_BUDGET", "kernel_supports", "kernel_takes", "single_head_attention",
+           "single_head_attention_native", "single_head_attention_triton"]

@@ -1,8 +1,10 @@
 """Per-pixel RMS norm (+ SiLU) of the Qwen-Image VAE.
 
-    rms_norm(x, gamma, silu=False) -> y
+    rms_norm(x, gamma, silu=False, bias=None) -> y
 
-y = x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma, then SiLU when `silu`: diffusers'
+y = x / max(||x||_2 over channels, 1e-12) * sqrt(C) * gamma, then SiLU when `silu`; with `bias`
+(C elements: the preceding conv's bias, left out of that conv) x + bias is normalised instead, in
+fp32, which saves the conv's separate bias pass over its output: diffusers'
 `QwenImageRMS_norm` (channel_first) followed by the decoder's SiLU, with the statistics and the
 arithmetic in fp32 and one rounding to x's dtype at the end (diffusers rounds the normalised value
 to x's dtype before scaling: a difference of one bf16 rounding). x is (N, C, H, W) or (B, C, T, H, W)
@@ -18,13 +20,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, kernel_can_take, launch
+from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_can_take, launch
 
 if HAS_TRITON:
     from .triton import rms_norm as _kernel
 
 
-def _check(x: torch.Tensor, gamma: torch.Tensor) -> None:
+def _check(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x: expected (N, C, H, W) or (B, C, T, H, W), got {shape}")
@@ -37,22 +39,29 @@ def _check(x: torch.Tensor, gamma: torch.Tensor) -> None:
         raise ValueError(f"gamma: expected shape (C,), (C, 1, 1) or (C, 1, 1, 1), got {tuple(gamma.shape)}")
     if gamma.device != x.device:
         raise ValueError(f"gamma: on {gamma.device}, x on {x.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != x.shape[1] or bias.device != x.device):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"bias: expected {x.shape[1]} elements on {x.device} (one per channel of x), got {shape}")
 
 
-def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference and the fallback: diffusers' formula in fp32 (fp64 stays fp64), rounded once to x's dtype."""
-    _check(x, gamma)
+    _check(x, gamma, bias)
     C = x.shape[1]
     compute = torch.promote_types(x.dtype, torch.float32)
-    g = gamma.reshape(C, *([1] * (x.dim() - 2))).to(compute)  # broadcast over the spatial dims
-    y = F.normalize(x.to(compute), dim=1) * C**0.5 * g
+    per_channel = (C, *([1] * (x.dim() - 2)))  # broadcast over the spatial dims
+    x = x.to(compute)
+    if bias is not None:
+        x = x + bias.reshape(per_channel).to(compute)
+    y = F.normalize(x, dim=1) * C**0.5 * gamma.reshape(per_channel).to(compute)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)  # .to() keeps x's memory format
 
 
-def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
-    """Would `rms_norm` run the Triton kernel on these (already checked) tensors?"""
+def kernel_supports(x: torch.Tensor, gamma: torch.Tensor) -> bool:
+    """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
     return (
         HAS_TRITON
         and kernel_can_take(x, gamma)
@@ -61,13 +70,32 @@ def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
     )
 
 
-def rms_norm(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """RMS norm over the channels (dim 1) of x, times gamma, then SiLU if `silu`; see the module doc."""
-    _check(x, gamma)
+def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
+    """Would `rms_norm` run the Triton kernel on these (already checked) tensors?"""
+    return dispatches_to_kernel(x, gamma) and kernel_supports(x, gamma)
+
+
+def rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
+    _check(x, gamma, bias)
+    if not kernel_supports(x, gamma):
+        raise ValueError(f"x: the Triton kernel cannot take {x.dtype} {tuple(x.shape)} on {x.device}")
+    return _launch(x, gamma, silu, bias)
+
+
+def _launch(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    b = None if bias is None else bias.reshape(-1).contiguous()  # (C,)
+    return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, gamma.reshape(-1).contiguous(), bool(silu), b)
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """RMS norm over the channels (dim 1) of x (+ bias), times gamma, then SiLU if `silu`; see the module doc."""
+    _check(x, gamma, bias)
     if kernel_takes(x, gamma):
-        g = gamma.reshape(-1).contiguous()  # (C,)
-        return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, g, bool(silu))
-    return rms_norm_native(x, gamma, silu)
+        return _launch(x, gamma, silu, bias)
+    return rms_norm_native(x, gamma, silu, bias)
 
 
-__all__ = ["kernel_takes", "rms_norm", "rms_norm_native"]
+__all__ = ["kernel_supports", "kernel_takes", "rms_norm", "rms_norm_native", "rms_norm_triton"]

@@ -27,7 +27,7 @@ __all__ = ["split_attention", "tail_reach", "tail_on_region", "frame_layout"]
 def split_attention(vae, z: torch.Tensor, comm) -> torch.Tensor:
     """Latent `z` (B, z, T, h, w), the same on every rank → the attention block's output
     (B, C_mid, T, h, w) on every rank, each rank having computed the queries of its share of tokens."""
-    from ..vae.qwen_image import attention
+    from ..ops.attention import single_head_attention as attention
 
     decoder = vae.decoder
     block = decoder.mid_block.attentions[0]

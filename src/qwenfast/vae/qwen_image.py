@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
+from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from ..parallel.base import ParallelTiledVAE
 
@@ -100,12 +101,14 @@ class CausalConv3d(nn.Conv3d):
     def is_causal_in_time(self) -> bool:
         return self._pad[4] > 0
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None, with_bias: bool = True) -> torch.Tensor:
+        """`with_bias=False` leaves the bias out for the next fused op to add (saving a pass on CUDA)."""
+        bias = self.bias if with_bias else None
         if x.dim() == 4:  # (B, C, H, W), a first frame
             if cache is not None and self.is_causal_in_time:
                 cache.set(self, x.unsqueeze(2).clone())
             pw, _, ph = self._pad[:3]
-            return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], (ph, pw))
+            return F.conv2d(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
         # (B, C, T, H, W)
         pad = list(self._pad)
         if cache is not None and self.is_causal_in_time:
@@ -114,7 +117,7 @@ class CausalConv3d(nn.Conv3d):
             if past is not None:
                 x = torch.cat([past, x], dim=2)
                 pad[4] -= past.shape[2]
-        return super().forward(F.pad(x, pad))
+        return F.conv3d(F.pad(x, pad), self.weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class RMSNorm(nn.Module):
@@ -129,15 +132,16 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return rms_norm(x, self.gamma, silu=silu)  # one fused pass on CUDA
+    def forward(self, x: torch.Tensor, silu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`bias`: the preceding conv's bias, left out of it and added here (one pass fewer on CUDA)."""
+        return rms_norm(x, self.gamma, silu=silu, bias=bias)  # one fused pass on CUDA
 
 
 class Upsample2x(nn.Module):
     """Nearest-exact 2x spatial upsampling. (A pure selection: diffusers' fp32 round trip changes nothing.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+        return upsample_nearest2x(x)  # a Triton kernel on CUDA: PyTorch's is slow channels-last
 
 
 class Resample(nn.Module):
@@ -217,10 +221,13 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        # Both convs run without their bias: conv1's is added inside norm2, conv2's with the shortcut,
+        # so no pass of its own is spent on either (same numbers; see ops/elementwise.py).
         h = self.conv_shortcut(x)
-        x = self.conv1(self.norm1(x, silu=True), cache)
-        x = self.conv2(self.dropout(self.norm2(x, silu=True)), cache)
-        return x + h
+        x = self.conv1(self.norm1(x, silu=True), cache, with_bias=False)
+        x = self.norm2(x, silu=True, bias=self.conv1.bias)
+        x = self.conv2(self.dropout(x), cache, with_bias=False)
+        return bias_residual_add(x, self.conv2.bias, h)
 
 
 class AttentionBlock(nn.Module):

@@ -25,7 +25,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def kernel_can_take(*tensors: torch.Tensor) -> bool:
-    """True when Triton is there and every tensor lives where our kernels run (CUDA; CPU when interpreted)."""
+    """Could a kernel run on these tensors at all: Triton is there and every tensor lives where our
+    kernels run (CUDA; CPU when interpreted). The *choice* of the kernel for a call is `dispatches_to_kernel`."""
     if not HAS_TRITON:
         return False
     device_type = "cpu" if INTERPRET else "cuda"
@@ -43,3 +44,12 @@ def launch(op: Callable[..., torch.Tensor], launcher: Callable[..., torch.Tensor
     if torch.compiler.is_compiling():
         return op(*args)
     return launcher(*args)
+
+
+def dispatches_to_kernel(*tensors: torch.Tensor) -> bool:
+    """The per-call choice of every public op, the same rule as `CustomOp`: CUDA tensors (not ROCm)
+    with Triton importable take the kernel; anything else (CPU, even under the interpreter) the
+    PyTorch path. Tests run the kernels on CPU by calling their `*_triton` entry points."""
+    from ..custom_op import choose_backend
+
+    return all(choose_backend(t.device) == "cuda" for t in tensors)

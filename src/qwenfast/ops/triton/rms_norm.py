@@ -28,10 +28,12 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 def _rms_norm_kernel(
     x_ptr,  # (N, C, S), strides (sxn, sxc, sxs)
     gamma_ptr,  # (C,)
+    bias_ptr,  # (C,) added to x before the statistics (the preceding conv's bias), or unused
     y_ptr,  # (N, C, S), strides (syn, syc, sys): y keeps x's memory format
     C, S, scale, eps,  # scale = sqrt(C)
     sxn, sxc, sxs, syn, syc, sys,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr, INT64: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -44,6 +46,8 @@ def _rms_norm_kernel(
 
     x = tl.load(x_ptr + pid_n * sxn + offs_s[:, None] * sxs + offs_c[None, :] * sxc, mask=mask, other=0.0)
     x = x.to(tl.float32)  # (BLOCK_S, BLOCK_C)
+    if HAS_BIAS:  # in fp32: the conv's output plus its bias is never rounded to x's dtype
+        x += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     # F.normalize: x / max(||x||_2, eps) over the channels; masked lanes add zeros.
     inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)  # (BLOCK_S,)
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
@@ -100,12 +104,14 @@ def default_blocks(c: int, channels_contiguous: bool) -> tuple[int, int, int]:
 
 
 def rms_norm_fwd(
-    x: torch.Tensor, gamma: torch.Tensor, silu: bool, blocks: tuple[int, int, int] | None = None
+    x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None = None,
+    blocks: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """y = x / max(||x||_channels, 1e-12) * sqrt(C) * gamma (then SiLU), in x's dtype and memory format.
+    """y = x' / max(||x'||_channels, 1e-12) * sqrt(C) * gamma (then SiLU), x' = x (+ bias per channel),
+    in x's dtype and memory format.
 
-    x (N, C, *spatial), gamma (C,) contiguous. The caller (qwenfast.ops.rms_norm) has checked ranks,
-    shapes and devices.
+    x (N, C, *spatial), gamma and bias (C,) contiguous. The caller (qwenfast.ops.rms_norm) has
+    checked ranks, shapes and devices.
     """
     x = _nesting(x)
     y = _empty_output(x)
@@ -122,21 +128,21 @@ def rms_norm_fwd(
     reach = (s - 1) * max(xv.stride(2), yv.stride(2)) + (c - 1) * max(xv.stride(1), yv.stride(1))
     grid = (triton.cdiv(s, block_s), n)
     _rms_norm_kernel[grid](
-        xv, gamma, yv, c, s, float(c) ** 0.5, EPS,
+        xv, gamma, gamma if bias is None else bias, yv, c, s, float(c) ** 0.5, EPS,
         xv.stride(0), xv.stride(1), xv.stride(2), yv.stride(0), yv.stride(1), yv.stride(2),
-        BLOCK_S=block_s, BLOCK_C=block_c, SILU=silu, INT64=reach > _INT32_MAX,
+        BLOCK_S=block_s, BLOCK_C=block_c, SILU=silu, INT64=reach > _INT32_MAX, HAS_BIAS=bias is not None,
         num_warps=num_warps,
     )
     return y
 
 
 @torch.library.custom_op("qwenfast::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, gamma: torch.Tensor, silu: bool) -> torch.Tensor:
-    return rms_norm_fwd(x, gamma, silu)
+def rms_norm_op(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return rms_norm_fwd(x, gamma, silu, bias=bias)
 
 
 @rms_norm_op.register_fake
-def _(x: torch.Tensor, gamma: torch.Tensor, silu: bool) -> torch.Tensor:
+def _(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     return _empty_output(_nesting(x))
 
 

@@ -1,0 +1,151 @@
+"""Two memory-bound passes of the VAE decoder, each one read and one write:
+
+- `bias_residual_add`: out = x + bias (per channel) + residual, i.e. a ResidualBlock's second conv
+  (run without its bias) plus its shortcut: one pass where PyTorch takes two (cuDNN's bias add on a
+  channels-last output is a pass of its own, then the add).
+- `upsample_nearest2x`: (N, C, H, W) → (N, C, 2H, 2W), each input pixel's channels read once and
+  written to its four output pixels. PyTorch's channels-last nearest upsample runs several times
+  slower than a copy.
+
+Both take any memory format and keep it; the decoder runs them channels-last (a pixel's C channels
+contiguous). Layering: kernel → launcher (`*_fwd`) → custom op (`qwenfast::*`, with a fake) →
+`qwenfast.ops.elementwise`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rms_norm import merged_spatial_view
+
+_INT32_MAX = 2**31 - 1
+_MAX_GRID_Y = 65535
+
+
+@triton.jit
+def _bias_residual_add_kernel(
+    x_ptr,  # (N, C, S), strides (sxn, sxc, sxs)
+    bias_ptr,  # (C,)
+    r_ptr,  # (N, C, S), strides (srn, src, srs)
+    y_ptr,  # (N, C, S), strides (syn, syc, sys)
+    C, S,
+    sxn, sxc, sxs, srn, src, srs, syn, syc, sys,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,) pixels
+    if INT64:
+        offs_s = offs_s.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+    c_ok = offs_c < C
+    mask = (offs_s < S)[:, None] & c_ok[None, :]
+    x = tl.load(x_ptr + pid_n * sxn + offs_s[:, None] * sxs + offs_c[None, :] * sxc, mask=mask, other=0.0)
+    r = tl.load(r_ptr + pid_n * srn + offs_s[:, None] * srs + offs_c[None, :] * src, mask=mask, other=0.0)
+    b = tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0)
+    # (x + bias) rounded as the conv's biased output would be, then + residual: PyTorch's order
+    xb = (x.to(tl.float32) + b.to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty)
+    y = xb.to(tl.float32) + r.to(tl.float32)
+    tl.store(y_ptr + pid_n * syn + offs_s[:, None] * sys + offs_c[None, :] * syc, y.to(y_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _upsample_nearest2x_kernel(
+    x_ptr,  # (N, C, H, W), strides (sxn, sxc, sxh, sxw)
+    y_ptr,  # (N, C, 2H, 2W), strides (syn, syc, syh, syw)
+    C, H, W,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,) input pixels, row-major
+    if INT64:
+        offs_s = offs_s.to(tl.int64)
+    i = offs_s // W
+    j = offs_s % W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask = (offs_s < H * W)[:, None] & (offs_c < C)[None, :]
+    x = tl.load(x_ptr + pid_n * sxn + (i * sxh + j * sxw)[:, None] + offs_c[None, :] * sxc, mask=mask)
+    base = y_ptr + pid_n * syn + (2 * i * syh + 2 * j * syw)[:, None] + offs_c[None, :] * syc
+    tl.store(base, x, mask=mask)
+    tl.store(base + syw, x, mask=mask)
+    tl.store(base + syh, x, mask=mask)
+    tl.store(base + syh + syw, x, mask=mask)
+
+
+def _blocks(c: int, channels_contiguous: bool) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C): about 4096 elements a program, a pixel's channels in one row (as the RMS norm)."""
+    block_c = triton.next_power_of_2(c)
+    block_s = max(1, 4096 // block_c)
+    return (block_s if channels_contiguous else max(32, block_s)), block_c
+
+
+def bias_residual_add_fwd(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """x + bias[c] + residual, in x's dtype and memory format; x and residual (N, C, *spatial)."""
+    views = [merged_spatial_view(t) for t in (x, residual)]
+    if any(v is None for v in views):
+        x, residual = x.contiguous(), residual.contiguous()
+        views = [merged_spatial_view(t) for t in (x, residual)]
+    y = torch.empty_like(x)
+    yv = merged_spatial_view(y)
+    xv, rv = views
+    n, c, s = xv.shape
+    if y.numel() == 0:
+        return y
+    if n > _MAX_GRID_Y:
+        raise ValueError(f"x: batch {n} is over the {_MAX_GRID_Y} programs a grid's second axis takes")
+    block_s, block_c = _blocks(c, xv.stride(1) == 1)
+    reach = max((s - 1) * v.stride(2) + (c - 1) * v.stride(1) for v in (xv, rv, yv))
+    _bias_residual_add_kernel[(triton.cdiv(s, block_s), n)](
+        xv, bias, rv, yv, c, s, *xv.stride(), *rv.stride(), *yv.stride(),
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
+    )
+    return y
+
+
+def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, 2H, 2W) nearest (= nearest-exact at exactly 2x), in x's memory format."""
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
+    y = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    if n > _MAX_GRID_Y:
+        raise ValueError(f"x: batch {n} is over the {_MAX_GRID_Y} programs a grid's second axis takes")
+    block_s, block_c = _blocks(c, x.stride(1) == 1)
+    reach = max((h - 1) * x.stride(2) + (w - 1) * x.stride(3) + (c - 1) * x.stride(1),
+                (2 * h - 1) * y.stride(2) + (2 * w - 1) * y.stride(3) + (c - 1) * y.stride(1))
+    _upsample_nearest2x_kernel[(triton.cdiv(h * w, block_s), n)](
+        x, y, c, h, w, *x.stride(), *y.stride(),
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
+    )
+    return y
+
+
+@torch.library.custom_op("qwenfast::bias_residual_add", mutates_args=())
+def bias_residual_add_op(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return bias_residual_add_fwd(x, bias, residual)
+
+
+@bias_residual_add_op.register_fake
+def _(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qwenfast::upsample_nearest2x", mutates_args=())
+def upsample_nearest2x_op(x: torch.Tensor) -> torch.Tensor:
+    return upsample_nearest2x_fwd(x)
+
+
+@upsample_nearest2x_op.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and c > 1 else torch.contiguous_format
+    return torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+__all__ = ["bias_residual_add_fwd", "upsample_nearest2x_fwd", "bias_residual_add_op", "upsample_nearest2x_op"]
