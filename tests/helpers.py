@@ -41,3 +41,28 @@ def pair(arch: dict | None = None, seed: int = 0, vae_config=None):
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
     return (a.double() - b.double()).abs().max().item()
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for one test's process group."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(argv: list, nproc: int = 2, timeout: float = 300):
+    """`torchrun --nproc-per-node nproc -m qwenfast ARGV` on CPU ranks (gloo), on a free port; the
+    finished process (returncode, stdout, stderr). One thread per rank: the machine has two cores."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "qwenfast", *map(str, argv)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

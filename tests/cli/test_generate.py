@@ -143,21 +143,14 @@ def test_generate_writes_diffusers_image(tiny_model_dir, tmp_path, capsys):
 
 def test_generate_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
     # Two CPU ranks (gloo): rank 0 denoises and broadcasts, both decode, rank 0 writes.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import numpy as np
     from PIL import Image
 
+    from helpers import torchrun
+
     out = tmp_path / "cat.png"
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "qwenfast", "generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "-o", str(out),
-           "--steps", "2", "--seed", "7", "--height", "32", "--width", "48", "--device", "cpu"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(["generate", "--model", tiny_model_dir, "--prompt", "a cat", "-o", out, "--steps", "2",
+                     "--seed", "7", "--height", "32", "--width", "48", "--device", "cpu"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1  # rank 0 only
     expected = reference_image(tiny_model_dir, seed=7, steps=2, height=32, width=48)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import tempfile
 import traceback
 from datetime import timedelta
@@ -17,11 +16,7 @@ from datetime import timedelta
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port  # noqa: F401 - re-exported for the parallel tests
 
 
 def _worker(rank: int, world: int, port: int, target: str, args: tuple, out_dir: str) -> None:

@@ -8,7 +8,16 @@ import re
 import torch
 
 from ..config import VAEConfig
-from .common import CLIError, add_dtype_device_args, out_of_memory_hint, resolve_device, resolve_dtype, vae_config_from_args
+from .common import (
+    CLIError,
+    add_dtype_device_args,
+    all_ranks_agree,
+    distributed,
+    out_of_memory_hint,
+    resolve_device,
+    resolve_dtype,
+    vae_config_from_args,
+)
 
 DESCRIPTION = """\
 Benchmark the Qwen-Image VAE decode on synthetic latents (random normal, de-normalised with the VAE's
@@ -20,6 +29,10 @@ modes:
   untiled-3d  the decode as diffusers runs it (3-D causal convs, frame cache), for comparison
   exact       exact tiling (global part once, local part on tiles with a margin): equal to untiled
   blend       diffusers' blend tiling (not exact)
+  tiled, patch, auto
+              parallel decode over the ranks of `torchrun --nproc-per-node N -m qwenfast bench ...`
+              (with one process: the single-device decode). Time = the slowest rank; peak memory
+              and bytes sent are listed per rank.
 """
 
 EPILOG = """\
@@ -27,6 +40,7 @@ examples:
   qwenfast bench                                   # CPU: 256² and 512² in about a minute
   qwenfast bench --sizes 1328,2048,1664x928 --modes untiled,exact --dtype bf16
   qwenfast bench --frames 5 --sizes 480x832        # a video latent
+  torchrun --nproc-per-node 4 -m qwenfast bench --sizes 2048,4096 --modes untiled,patch,tiled,auto
 """
 
 # mode name → the VAEConfig fields it sets over the --vae-config.* flags
@@ -35,10 +49,14 @@ MODES: dict[str, dict] = {
     "untiled-3d": dict(use_tiling=False, use_parallel_decode=False, image_fast_path=False),
     "exact": dict(use_tiling=True, tiling="exact", use_parallel_decode=False),
     "blend": dict(use_tiling=True, tiling="blend", use_parallel_decode=False),
+    "tiled": dict(use_parallel_decode=True, parallel_decode_mode="tiled"),
+    "patch": dict(use_parallel_decode=True, parallel_decode_mode="patch"),
+    "auto": dict(use_parallel_decode=True, parallel_decode_mode="auto"),
 }
 
 COLUMNS = [("size", "size", ""), ("frames", "T", "d"), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
-           ("peak_gib", "peak GiB", ".2f"), ("max_abs_diff", "max|Δ| vs untiled", ".2e")]
+           ("peak_gib", "peak GiB", ".2f"), ("max_abs_diff", "max|Δ| vs untiled", ".2e"),
+           ("ranks", "ranks", "d"), ("mib_sent", "MiB sent/rank", ".1f")]
 
 
 def add_parser(sub) -> None:
@@ -79,8 +97,14 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+@distributed
 def run(args) -> int:
-    from ..benchmarking import PeakMemory, format_table, provenance, time_ms, write_json
+    with all_ranks_agree("checking the options"):
+        setup = _setup(args)
+    return _bench(args, *setup)
+
+
+def _setup(args):
     from ..vae import QwenImageVAE
     from ..vae.weights import WeightsError
 
@@ -109,6 +133,15 @@ def run(args) -> int:
         with torch.device(device):
             vae = QwenImageVAE().to(dtype).eval().requires_grad_(False)
         weights = "random (full-size Qwen-Image architecture)"
+    return vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup
+
+
+def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup) -> int:
+    from ..benchmarking import PeakMemory, format_table, provenance, time_ms, write_json
+    from ..parallel import group as pg
+
+    rank0 = pg.is_rank0()
+    say = print if rank0 else (lambda *a, **k: None)
     mean = torch.tensor(vae.config["latents_mean"], device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config["latents_std"], device=device).view(1, -1, 1, 1, 1)
 
@@ -137,15 +170,25 @@ def run(args) -> int:
                 reference = out
             if mode not in modes:
                 continue
-            diff = (out.float() - reference.float()).abs().max().item()
-            rows.append(dict(size=f"{w}x{h}", height=h, width=w, frames=args.frames, batch=args.batch, mode=mode,
-                             peak_gib=peak.gib, peak_kind=peak.kind, max_abs_diff=diff, **timing))
-            print(f"  {w}x{h} T={args.frames} {mode:<10} {timing['median_ms']:9.1f} ms  peak {peak.gib:6.2f} GiB"
-                  f"  max|Δ| {diff:.2e}", flush=True)
+            diff = float("nan") if out is None else (out.float() - reference.float()).abs().max().item()
+            stats = (getattr(vae, "last_parallel_stats", None) or {}) if MODES[mode].get("use_parallel_decode") else {}
+            # one gather: every rank's time, peak and bytes (time of a parallel decode = the slowest rank)
+            ranks = pg.gather_floats([timing["median_ms"], peak.gib, float(stats.get("bytes_sent", 0))])
+            row = dict(size=f"{w}x{h}", height=h, width=w, frames=args.frames, batch=args.batch, mode=mode,
+                       ranks=len(ranks), peak_gib=max(r[1] for r in ranks), peak_gib_per_rank=[r[1] for r in ranks],
+                       peak_kind=peak.kind, max_abs_diff=diff, mib_sent=max(r[2] for r in ranks) / 2**20,
+                       bytes_sent_per_rank=[int(r[2]) for r in ranks], parallel_mode=stats.get("mode"), **timing)
+            row["median_ms"] = max(r[0] for r in ranks)
+            rows.append(row)
+            say(f"  {w}x{h} T={args.frames} {mode:<10} {row['median_ms']:9.1f} ms  peak {row['peak_gib']:6.2f} GiB"
+                f"  max|Δ| {diff:.2e}", flush=True)
         del reference, out, z
 
+    if not rank0:
+        return 0
     info = provenance(device, dtype=str(dtype).replace("torch.", ""), weights=weights, batch=args.batch,
-                      repeats=repeats, warmup=warmup, vae_config=vars(base_cfg))
+                      repeats=repeats, warmup=warmup, world_size=rows[0]["ranks"] if rows else 1,
+                      vae_config=vars(base_cfg))
     path = write_json(args.json, {"provenance": info, "results": rows})
     print()
     print(format_table(rows, COLUMNS))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -53,3 +55,40 @@ def vae_config_from_args(args, progress_default: bool = True):
 def out_of_memory_hint(e: BaseException, what: str) -> CLIError:
     return CLIError(f"out of memory while {what} ({str(e).splitlines()[0]}); "
                     "try --vae-config.use-tiling, a smaller size, or --dtype bf16")
+
+
+@contextlib.contextmanager
+def all_ranks_agree(stage: str):
+    """Under torchrun: when any rank raises inside the block, every rank raises (a `CLIError` on the
+    others), so that a bad input seen by one rank (rank 0's output directory, say) never leaves the
+    others waiting in a collective. Without a process group: just the block."""
+    from ..parallel import group as pg
+
+    if not pg.is_initialized():
+        yield
+        return
+    from ..parallel.comm import RemoteRankError
+
+    try:
+        with pg.ProcessGroupComm().guard(stage):
+            yield
+    except RemoteRankError:
+        raise CLIError(f"another rank failed while {stage} (its error is printed there)") from None
+
+
+def distributed(run):
+    """Wrap a subcommand: join torchrun's process group when WORLD_SIZE > 1 (and set this rank's
+    CUDA device), destroy it afterwards if this call created it."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapper(args):
+        from ..parallel import group as pg
+
+        pg.init_from_env()
+        try:
+            return run(args)
+        finally:
+            pg.destroy_if_owned()
+
+    return wrapper

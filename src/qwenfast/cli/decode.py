@@ -8,7 +8,16 @@ from pathlib import Path
 import torch
 
 from ..config import VAEConfig
-from .common import CLIError, add_dtype_device_args, out_of_memory_hint, resolve_device, resolve_dtype, vae_config_from_args
+from .common import (
+    CLIError,
+    add_dtype_device_args,
+    all_ranks_agree,
+    distributed,
+    out_of_memory_hint,
+    resolve_device,
+    resolve_dtype,
+    vae_config_from_args,
+)
 
 DESCRIPTION = """\
 Decode Qwen-Image latents to images (PNG, one per batch entry) or videos (MP4, or GIF when no video
@@ -50,29 +59,33 @@ def denormalize(z: torch.Tensor, mean: list[float], std: list[float]) -> torch.T
     return z.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
 
 
+@distributed
 def run(args) -> int:
+    from ..parallel import group as pg
     from ..vae import QwenImageVAE
     from ..vae.weights import WeightsError
     from . import media
 
-    cfg = vae_config_from_args(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    out_dir = Path(args.output)
-    media.check_writable(out_dir)
-    try:
-        vae = QwenImageVAE.from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
-    except (FileNotFoundError, WeightsError) as e:
-        raise CLIError(f"--vae {args.vae}: {e}") from None
-    z = media.load_latents(args.latents, vae.z_dim, allow_nonfinite=args.allow_nonfinite)
-    if args.normalized:
-        z = denormalize(z, vae.config["latents_mean"], vae.config["latents_std"])
+    with all_ranks_agree("checking the inputs"):
+        cfg = vae_config_from_args(args, progress_default=pg.is_rank0())
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        out_dir = Path(args.output)
+        if pg.is_rank0():  # only rank 0 writes
+            media.check_writable(out_dir)
+        try:
+            vae = QwenImageVAE.from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
+        except (FileNotFoundError, WeightsError) as e:
+            raise CLIError(f"--vae {args.vae}: {e}") from None
+        z = media.load_latents(args.latents, vae.z_dim, allow_nonfinite=args.allow_nonfinite)
+        if args.normalized:
+            z = denormalize(z, vae.config["latents_mean"], vae.config["latents_std"])
     try:
         with torch.inference_mode():
             x = vae.decode(z.to(device=device, dtype=dtype))
     except torch.cuda.OutOfMemoryError as e:
         raise out_of_memory_hint(e, f"decoding {tuple(z.shape)}") from None
-    if x is None:  # parallel decode with the output on rank 0 only, and this is not rank 0
+    if x is None or not pg.is_rank0():  # every rank decoded (or helped to); rank 0 writes
         return 0
 
     stem = Path(args.latents).stem

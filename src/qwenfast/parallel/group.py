@@ -25,7 +25,7 @@ import torch.distributed as dist
 from .comm import RemoteRankError
 
 __all__ = ["init_from_env", "destroy_if_owned", "is_initialized", "get_rank", "get_world_size",
-           "is_rank0", "print0", "barrier", "ProcessGroupComm"]
+           "is_rank0", "print0", "barrier", "gather_floats", "ProcessGroupComm"]
 
 _OWNED = False  # whether init_from_env created the default group
 
@@ -84,6 +84,16 @@ def print0(*args, **kwargs) -> None:
 def barrier(group: Any | None = None) -> None:
     if is_initialized():
         dist.barrier(group)
+
+
+def gather_floats(values: list[float], group: Any | None = None) -> list[list[float]]:
+    """Every rank's `values` (the same count on every rank), in rank order, on every rank: one
+    all-gather of a float64 tensor. Without a group: `[values]`."""
+    if not is_initialized():
+        return [list(values)]
+    comm = ProcessGroupComm(group)
+    parts = comm.all_gather(torch.tensor(values, dtype=torch.float64, device=comm.device))
+    return [p.cpu().tolist() for p in parts]
 
 
 class ProcessGroupComm:
