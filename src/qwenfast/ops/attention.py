@@ -6,10 +6,12 @@ softmax(q k^T / sqrt(D)) v, non-causal, no mask. B is batch x frames, N the h*w 
 frame (27556 at 1328², 262144 at 4096²). Nq may differ from Nk: a rank of the patch-parallel decode
 attends from its own pixels to the keys of every rank.
 
-Dispatch per call: the Triton flash kernel (qwenfast.ops.triton.attention) when Triton can take the
-tensors (CUDA; CPU under TRITON_INTERPRET=1), the dtype is fp16/bf16/fp32 and the head dim is one it
-supports (a multiple of 16 up to 512 that splits into <= 4 power-of-two chunks: 16..128, 192, 256,
-384, 512 and most others); otherwise `single_head_attention_native`.
+Dispatch per call, the rule of every op here (`CustomOp`'s): the Triton flash kernel
+(qwenfast.ops.triton.attention) for CUDA tensors with Triton importable, when the dtype is
+fp16/bf16/fp32 and the head dim is one it supports (a multiple of 16 up to 512 that splits into <= 4
+power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); otherwise
+`single_head_attention_native`. `single_head_attention_triton` runs the kernel itself (CPU tensors
+under TRITON_INTERPRET=1: the tests).
 """
 
 from __future__ import annotations

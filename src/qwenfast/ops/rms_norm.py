@@ -11,8 +11,9 @@ to x's dtype before scaling: a difference of one bf16 rounding). x is (N, C, H, 
 in any memory format; y has x's dtype and memory format. gamma has C elements: diffusers' (C, 1, 1)
 or (C, 1, 1, 1) parameter, or (C,).
 
-Dispatch per call: the fused Triton kernel (qwenfast.ops.triton.rms_norm) when Triton can take the
-tensors (CUDA; CPU under TRITON_INTERPRET=1) and x is fp16/bf16/fp32; otherwise `rms_norm_native`.
+Dispatch per call, the rule of every op here (`CustomOp`'s): the fused Triton kernel
+(qwenfast.ops.triton.rms_norm) for CUDA tensors with Triton importable and x fp16/bf16/fp32; otherwise
+`rms_norm_native`. `rms_norm_triton` runs the kernel itself (CPU tensors under TRITON_INTERPRET=1: the tests).
 """
 
 from __future__ import annotations
