@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
@@ -33,6 +29,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
+from qwenfast import benchmarking
 from qwenfast.dit import fuse_modulation, unfuse_modulation
 from qwenfast.ops import gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 
@@ -312,27 +309,9 @@ def write(results, path) -> None:
 
 
 def provenance(device, args) -> dict:
-    import diffusers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = os.environ.get("QWENFAST_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton_version, "diffusers": diffusers.__version__,
-        "python": platform.python_version(), "commit": commit,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "timing": "median ms, triton.testing.do_bench (CUDA events, L2 flushed per run)" if device.type == "cuda"
-        else "median of 3 wall-clock runs",
-    }
+    timing = ("median ms, triton.testing.do_bench (CUDA events, L2 flushed per run)" if device.type == "cuda"
+              else "median of 3 wall-clock runs")
+    return benchmarking.provenance(device, timing=timing)
 
 
 def table(results) -> str:

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
-from qwenfast import ops
+from qwenfast import benchmarking, ops
 from qwenfast.ops import modulate as M
 from qwenfast.ops.triton import modulate as T
 
@@ -314,8 +312,8 @@ def run_table(copy_bw: float) -> list[dict]:
 
 def markdown(res: dict) -> str:
     p = res["provenance"]
-    lines = [f"# Fused modulation ops on {p['gpu']}", "",
-             f"torch {p['torch']}, triton {p['triton']}, commit {p['commit']}, {p['date']}.  ",
+    lines = [f"# Fused modulation ops on {p['device']}", "",
+             f"torch {p['torch']}, triton {p['triton']}, commit {p['commit']}, {p['date_utc']}.  ",
              f"Command: `{p['command']}`  ",
              f"bf16, B = 1, C = {C}, cold L2, median of do_bench. Copy bandwidth (read + write): "
              f"**{res['copy_tbps']:.2f} TB/s**. TB/s below on the minimal bytes (x read, y written; plus residual "
@@ -348,11 +346,7 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
-    name = torch.cuda.get_device_name()
-    res = {"provenance": dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
-                              commit=os.environ.get("QWENFAST_COMMIT", "unknown"),
-                              command="python " + " ".join(sys.argv),
-                              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))}
+    res = {"provenance": benchmarking.provenance()}
     t0 = time.time()
     if a.check:
         res["checks"] = run_checks()
@@ -370,6 +364,7 @@ def main():
     print(f"table configs: {res['table_configs']}", flush=True)
     res["table"] = run_table(res["copy_tbps"] * 1e12)
     os.makedirs(a.out, exist_ok=True)
+    name = res["provenance"]["device"]
     tag = "h100" if "H100" in name else "h200" if "H200" in name else name.replace(" ", "_").lower()
     with open(os.path.join(a.out, f"modulate_{tag}.json"), "w") as f:
         json.dump(res, f, indent=1)

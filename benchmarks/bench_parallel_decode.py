@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from qwenfast import benchmarking
 from qwenfast.config import VAEConfig
 from qwenfast.parallel import group as pg
 from qwenfast.parallel.dispatch import decode_parallel
@@ -167,22 +166,8 @@ def fp32_check(side: int, comm, device) -> dict:
 
 
 def provenance(args, comm) -> dict:
-    commit = args.commit
-    if commit is None:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-        except Exception:  # noqa: BLE001
-            commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
-    return dict(gpu=torch.cuda.get_device_name() if CUDA else "cpu", gpus=comm.world_size if comm else 1, torch=torch.__version__,
-                cuda=torch.version.cuda, triton=triton_version, python=platform.python_version(),
-                command=" ".join([os.path.basename(sys.executable)] + sys.argv), commit=commit,
-                time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    extra = {"commit": args.commit} if args.commit else {}
+    return benchmarking.provenance(gpus=comm.world_size if comm else 1, **extra)
 
 
 def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device) -> list[dict]:
@@ -231,9 +216,9 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
 
 
 def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
-    lines = [f"# Parallel decode, {prov['gpus']} x {prov['gpu']}", "",
+    lines = [f"# Parallel decode, {prov['gpus']} x {prov['device']}", "",
              f"torch {prov['torch']} (CUDA {prov['cuda']}), triton {prov['triton']}, commit `{prov['commit']}`, "
-             f"{prov['time_utc']}", f"`{prov['command']}`", "",
+             f"{prov['date_utc']}", f"`{prov['command']}`", "",
              "bf16, random weights. ms: median of the slowest rank; speed-up over our single-GPU untiled decode; "
              "peak: per rank, GiB above the model; max|Δ|: rank 0 vs single-GPU untiled (bf16); "
              "MiB sent: per rank.", ""]

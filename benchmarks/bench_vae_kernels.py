@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from qwenfast import benchmarking
 from qwenfast.ops.attention import single_head_attention, single_head_attention_native
 from qwenfast.ops.rms_norm import rms_norm, rms_norm_native
 from qwenfast.ops.triton import attention as attn_k
@@ -49,24 +48,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def provenance() -> dict:
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        except Exception:
-            commit = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-    }
+    return benchmarking.provenance()
 
 
 # --- ceilings -------------------------------------------------------------------------------------
@@ -336,8 +318,8 @@ def markdown(res: dict) -> str:
     lines = [
         "# VAE kernels on one GPU",
         "",
-        f"{p['gpu']} ({p['sm_count']} SMs), torch {p['torch']}, triton {p['triton']}, CUDA {p['cuda']}, "
-        f"cuDNN {p['cudnn']}; commit `{p['git_commit']}`; {p['date_utc']} UTC.",
+        f"{p['device']} ({p['sm_count']} SMs), torch {p['torch']}, triton {p['triton']}, CUDA {p['cuda']}, "
+        f"cuDNN {p['cudnn']}; commit `{p['commit']}`; {p['date_utc']}.",
         f"Command: `{p['command']}`. Medians of triton.testing.do_bench (L2 flushed between runs).",
         "",
     ]

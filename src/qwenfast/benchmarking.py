@@ -7,10 +7,12 @@ taken the same way.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -64,26 +66,42 @@ class PeakMemory:
             self.gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def provenance(device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What a result needs to be reproduced: machine, versions, commit."""
+def git_commit() -> str:
+    """The commit measured: $QWENFAST_COMMIT (a checkout sent without .git), else git, else 'unknown'."""
+    commit = os.environ.get("QWENFAST_COMMIT")
+    if commit:
+        return commit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except Exception:
+        out = ""
+    return out or "unknown"
+
+
+def provenance(device: torch.device | None = None, **extra: Any) -> dict[str, Any]:
+    """What a result needs to be reproduced: machine, versions, commit, command, date. `extra`
+    entries are added (or override: e.g. `commit=` from a flag)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     info: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "sm_count": torch.cuda.get_device_properties(device).multi_processor_count if cuda else None,
         "torch": torch.__version__,
-        "python": platform.python_version(),
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     for name in ("triton", "diffusers"):
         try:
             info[name] = __import__(name).__version__
         except Exception:
             info[name] = None
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        info["commit"] = None
     info.update(extra)
     return info
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import ARCHS, TINY, diffusers_vae, max_diff, pair
+from helpers import ARCHS, TINY, diffusers_vae, max_diff
 from qwenfast import QwenImageVAE, VAEConfig
 from qwenfast.vae.weights import WeightsError
 

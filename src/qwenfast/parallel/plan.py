@@ -6,7 +6,6 @@ agree without pickling anything. Coordinates are in latent pixels, half-open `[s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 __all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
