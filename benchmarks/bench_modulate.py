@@ -187,6 +187,12 @@ def run_checks() -> dict:
         y = T._launch(c["x"], None, None, None, None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
                       c["index"], None, None, EPS, config=cfg)[0]
         close(y, ref, torch.bfloat16, f"config {cfg}")
+    # Parameter rows only 2-byte aligned (views at an odd element offset of a (2B, 6C + 1) tensor): the
+    # launcher must hint 2 bytes, not 16, or the picked rows would be read misaligned.
+    mod = torch.randn(4, 6 * 3072 + 1, device="cuda").to(torch.bfloat16)[:, 1:]
+    odd = dict(c, scale0=mod[:2, :3072], shift0=mod[:2, 3072:6144], scale1=mod[2:, :3072], shift1=mod[2:, 3072:6144])
+    assert T._row_alignment(odd["scale0"], odd["scale1"]) == 2
+    check_one(odd, torch.bfloat16, True, "parameter rows 2-byte aligned")
     # B*L*C > 2**31: int64 offsets (4.3 GB per tensor in bf16).
     L_big = 2**31 // C + 1000
     c = make_inputs(L_big, C, B=1, index="prefix")
@@ -238,9 +244,11 @@ def run_checks() -> dict:
 
 def sweep_configs():
     # Run 2 (benchmarks/results/run2_modulate_h100.md) swept rows 1-4 x warps 4-16 and chunked tiles:
-    # whole rows, 1 x 4 warps won. Here: how a set is picked, around that point.
-    return [T.LaunchConfig(r, 4096, w, False, pick) for r, w in ((1, 4), (2, 8), (1, 8))
-            for pick in (T.PICK_ADDRESS, T.PICK_BOTH)]
+    # whole rows, 1 x 4 warps won; run 3 (modulate_notes.md) found PICK_BOTH slower than PICK_ADDRESS.
+    # Here: the picked rows with and without their alignment hint (without: 2-byte loads), around that point.
+    return ([T.LaunchConfig(r, 4096, w, False, T.PICK_ADDRESS) for r, w in ((1, 4), (2, 8), (1, 8))]
+            + [T.LaunchConfig(1, 4096, 4, False, T.PICK_ADDRESS, align_hint=False),
+               T.LaunchConfig(1, 4096, 4, False, T.PICK_BOTH)])
 
 
 def run_sweep() -> list[dict]:
