@@ -275,9 +275,10 @@ def test_parameter_sets_of_different_dtypes():
     check_residual(c, torch.bfloat16, gate_exact=False)
 
 
-@pytest.mark.parametrize("pick", [T.PICK_ADDRESS, T.PICK_BOTH])
-def test_both_ways_of_picking_a_set(pick):
-    cfg = T.LaunchConfig(rows=2, block_c=128, num_warps=2, chunked=False, pick=pick)
+@pytest.mark.parametrize("pick,early", [(T.PICK_ADDRESS, False), (T.PICK_BOTH, False), (T.PICK_ADDRESS, True)])
+def test_both_ways_of_picking_a_set(pick, early):
+    # early: the parameter rows loaded before the statistics instead of after (same results).
+    cfg = T.LaunchConfig(rows=2, block_c=128, num_warps=2, chunked=False, pick=pick, early=early)
     for dtype in (torch.float32, torch.bfloat16):
         c = case(B=2, L=9, C=96, dtype=dtype, index="mixed", seed=26)
         check_ln(c, dtype, config=cfg)

@@ -49,7 +49,9 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr, ALI
     and parameter at C = 3072, 4 warps) instead of 16 (8 vector loads).
     """
     if SELECT == 1:
-        row = tl.multiple_of(tl.where(sel, p1_ptr + off1, p0_ptr + off0), ALIGN)  # (ROWS,) pointers
+        row = tl.where(sel, p1_ptr + off1, p0_ptr + off0)  # (ROWS,) pointers
+        if ALIGN > 0:
+            row = tl.multiple_of(row, ALIGN)
         return tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     elif SELECT == 2:
         a = tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask, other=0.0)
@@ -78,21 +80,27 @@ def _gated_input(
 
 
 @triton.jit
+def _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, sc0_off, sc1_off, sh0_off, sh1_off, cols, mask, sel,
+                 SELECT: tl.constexpr, ALIGN: tl.constexpr):
+    """The picked (ROWS, BLOCK_C) fp32 scale and shift of each token (see _pick)."""
+    return (_pick(sc0_ptr, sc1_ptr, sc0_off, sc1_off, cols, mask, sel, SELECT, ALIGN),
+            _pick(sh0_ptr, sh1_ptr, sh0_off, sh1_off, cols, mask, sel, SELECT, ALIGN))
+
+
+@triton.jit
 def _modulate_store(
-    x_hat, y_ptr, gate_ptr, w_ptr, b_ptr,
-    sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-    sc0_off, sc1_off, sh0_off, sh1_off, g0_off, g1_off, out_off, cols, col_ok, mask, sel,
+    x_hat, scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr, g0_ptr, g1_ptr,
+    g0_off, g1_off, out_off, cols, col_ok, mask, sel,
     SELECT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_GATE: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    """y = (x_hat * weight + bias) * (1 + scale_sel) + shift_sel, stored; the selected gate too if asked.
-    x_hat: (ROWS, BLOCK_C) fp32; col_ok: (BLOCK_C,) columns inside C; mask: (ROWS, BLOCK_C)."""
+    """y = (x_hat * weight + bias) * (1 + scale) + shift, stored; the selected gate too if asked.
+    x_hat, scale, shift: (ROWS, BLOCK_C) fp32 (scale and shift as _pick returns them, already picked);
+    col_ok: (BLOCK_C,) columns inside C; mask: (ROWS, BLOCK_C)."""
     if HAS_WEIGHT:
         x_hat = x_hat * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         x_hat = x_hat + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    scale = _pick(sc0_ptr, sc1_ptr, sc0_off, sc1_off, cols, mask, sel, SELECT, ALIGN)
-    shift = _pick(sh0_ptr, sh1_ptr, sh0_off, sh1_off, cols, mask, sel, SELECT, ALIGN)
     y = x_hat * (1.0 + scale) + shift
     tl.store(y_ptr + out_off[:, None] + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_GATE:
@@ -124,7 +132,7 @@ def _modulate_kernel(
     N, L, C, eps,
     HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr, DO_NORM: tl.constexpr, SELECT: tl.constexpr,  # 0/PICK_*
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_GATE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKED: tl.constexpr, EARLY: tl.constexpr,
     ALIGN: tl.constexpr,  # bytes every picked parameter row address is a multiple of (see _pick)
 ):
     pid = tl.program_id(0)
@@ -144,13 +152,17 @@ def _modulate_kernel(
         v = _gated_input(x_ptr, res_ptr, rg0_ptr, rg1_ptr, rout_ptr, x_off, res_off, rg0_off, rg1_off, out_off,
                          cols0, mask, sel, HAS_RESIDUAL, RG_SELECT, ALIGN)
         if DO_NORM:
+            if EARLY:  # parameter loads issued before the statistics: their latency overlaps x's
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols0, mask, sel, SELECT, ALIGN)
             mean = tl.sum(v, axis=1) / C
             d = tl.where(mask, v - mean[:, None], 0.0)
             rstd = tl.rsqrt(tl.sum(d * d, axis=1) / C + eps)
-            _modulate_store(d * rstd[:, None], y_ptr, gate_ptr, w_ptr, b_ptr,
-                            sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-                            b * ssc0, b * ssc1, b * ssh0, b * ssh1, b * sg0, b * sg1, out_off, cols0, col_ok,
-                            mask, sel,
+            if not EARLY:  # after the statistics (the reductions' barriers keep them there)
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols0, mask, sel, SELECT, ALIGN)
+            _modulate_store(d * rstd[:, None], scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr, g0_ptr, g1_ptr,
+                            b * sg0, b * sg1, out_off, cols0, col_ok, mask, sel,
                             SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE, ALIGN)
     else:
         # Pass 1: the mean (and residual_out, stored once).
@@ -185,10 +197,10 @@ def _modulate_kernel(
                 col_ok = cols < C
                 mask = ok[:, None] & col_ok[None, :]
                 v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                _modulate_store((v - mean[:, None]) * rstd[:, None], y_ptr, gate_ptr, w_ptr, b_ptr,
-                                sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-                                b * ssc0, b * ssc1, b * ssh0, b * ssh1, b * sg0, b * sg1, out_off, cols, col_ok,
-                                mask, sel,
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols, mask, sel, SELECT, ALIGN)
+                _modulate_store((v - mean[:, None]) * rstd[:, None], scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr,
+                                g0_ptr, g1_ptr, b * sg0, b * sg1, out_off, cols, col_ok, mask, sel,
                                 SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE, ALIGN)
 
 
@@ -204,18 +216,19 @@ class LaunchConfig:
     measure against, see benchmarks/results/modulate_notes.md)."""
 
     def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool, pick: int = PICK_ADDRESS,
-                 align_hint: bool = True):
+                 align_hint: bool = True, early: bool = False):
         for name, v in (("rows", rows), ("block_c", block_c), ("num_warps", num_warps)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two, got {v}")
         if pick not in (PICK_ADDRESS, PICK_BOTH):
             raise ValueError(f"LaunchConfig.pick must be PICK_ADDRESS (1) or PICK_BOTH (2), got {pick}")
         self.rows, self.block_c, self.num_warps, self.chunked, self.pick = rows, block_c, num_warps, chunked, pick
-        self.align_hint = align_hint
+        self.align_hint, self.early = align_hint, early
 
     def __repr__(self) -> str:
         return (f"LaunchConfig(rows={self.rows}, block_c={self.block_c}, num_warps={self.num_warps}, "
-                f"chunked={self.chunked}, pick={self.pick}{'' if self.align_hint else ', align_hint=False'})")
+                f"chunked={self.chunked}, pick={self.pick}{'' if self.align_hint else ', align_hint=False'}"
+                f"{', early=True' if self.early else ''})")
 
 
 def default_config(N: int, C: int, do_norm: bool = True, has_residual: bool = False) -> LaunchConfig:
@@ -324,7 +337,7 @@ def _launch(
     # Only the rows picked by address need the hint; PICK_BOTH and set-0-only loads keep Triton's own.
     picked = [scale0, scale1, shift0, shift1] + ([gate0, gate1] if store_gate else []) if pick == PICK_ADDRESS else []
     picked += [rgate0, rgate1] if rg_pick == PICK_ADDRESS else []
-    align = _row_alignment(*picked) if cfg.align_hint else 1
+    align = _row_alignment(*picked) if cfg.align_hint else 0  # 0: no hint
     _modulate_kernel[(triton.cdiv(N, cfg.rows),)](
         y if do_norm else any_t, rout if has_res else any_t, gate if store_gate else any_t,
         x, x.stride(0), x.stride(1),
@@ -341,7 +354,7 @@ def _launch(
         N, L, C, eps,
         HAS_RESIDUAL=has_res, RG_SELECT=rg_pick, DO_NORM=do_norm, SELECT=pick,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_GATE=store_gate,
-        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, ALIGN=align, num_warps=cfg.num_warps,
+        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, EARLY=cfg.early, ALIGN=align, num_warps=cfg.num_warps,
     )
     return y, rout, gate
 
