@@ -43,10 +43,11 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr, ALI
     PICK_BOTH = load both sets (cache hits: the rows are shared by all tokens of a batch) and choose
     per element, so the loads do not wait for the index. (Both sets share a dtype: the launcher sees to
     it.)
-    ALIGN: bytes that every row address of both sets is a multiple of (the launcher measures it). Triton
-    knows the alignment of each pointer argument, but a per-token choice between two addresses loses
-    it: without the hint the picked rows are read 2 bytes per instruction (64 scalar loads per thread
-    and parameter at C = 3072, 4 warps) instead of 16 (8 vector loads).
+    ALIGN: bytes that every row address of both sets is a multiple of (the launcher measures it; 0: no
+    hint). Triton knows the alignment of each pointer argument; Triton 3.6 keeps it through the
+    per-token choice between two addresses, 3.9 loses it and, without the hint, reads the picked rows
+    2 bytes per instruction (64 scalar loads per thread and parameter at C = 3072, 4 warps, instead of
+    8 vector loads: 30-40% slower on an H100, benchmarks/results/modulate_notes.md, run 4).
     """
     if SELECT == 1:
         row = tl.where(sel, p1_ptr + off1, p0_ptr + off0)  # (ROWS,) pointers
@@ -211,9 +212,11 @@ def _modulate_kernel(
 
 class LaunchConfig:
     """How one launch tiles the work: ROWS tokens per program, BLOCK_C columns per tile; and how a
-    token's parameter set is picked (PICK_ADDRESS or PICK_BOTH, see _pick). align_hint=False withholds
-    the alignment of the picked rows from the compiler (the kernel as it was before the hint: kept to
-    measure against, see benchmarks/results/modulate_notes.md)."""
+    token's parameter set is picked (PICK_ADDRESS or PICK_BOTH, see _pick). Two options kept to measure
+    against (benchmarks/results/modulate_notes.md, runs 4-5): align_hint=False withholds the alignment
+    of the picked rows from the compiler (the kernel as it was before the hint); early=True loads scale
+    and shift before the statistics instead of after (whole-row tiles only; +17 registers; within
+    1-2 µs either way on an H100, not the default)."""
 
     def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool, pick: int = PICK_ADDRESS,
                  align_hint: bool = True, early: bool = False):
