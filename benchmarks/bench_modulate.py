@@ -42,6 +42,8 @@ def make_inputs(L, C=C, B=1, dtype=torch.bfloat16, seed=0, index="prefix"):
     s0, s1 = mod[:B].chunk(6, dim=1), mod[B:].chunk(6, dim=1)
     if index == "prefix":  # generated-image tokens first, reference-image tokens after
         idx = (torch.arange(L, device="cuda") >= L // 2).to(torch.int64).expand(B, L).contiguous()
+    elif index == "zeros":  # every token picks set 0 (same work as "prefix": a timing control)
+        idx = torch.zeros(B, L, device="cuda", dtype=torch.int64)
     elif index == "mixed":
         idx = torch.randint(0, 2, (B, L), device="cuda", generator=g)
     else:
@@ -185,6 +187,12 @@ def run_checks() -> dict:
         y = T._launch(c["x"], None, None, None, None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
                       c["index"], None, None, EPS, config=cfg)[0]
         close(y, ref, torch.bfloat16, f"config {cfg}")
+    # Parameter rows only 2-byte aligned (views at an odd element offset of a (2B, 6C + 1) tensor): the
+    # launcher must hint 2 bytes, not 16, or the picked rows would be read misaligned.
+    mod = torch.randn(4, 6 * 3072 + 1, device="cuda").to(torch.bfloat16)[:, 1:]
+    odd = dict(c, scale0=mod[:2, :3072], shift0=mod[:2, 3072:6144], scale1=mod[2:, :3072], shift1=mod[2:, 3072:6144])
+    assert T._row_alignment(odd["scale0"], odd["scale1"]) == 2
+    check_one(odd, torch.bfloat16, True, "parameter rows 2-byte aligned")
     # B*L*C > 2**31: int64 offsets (4.3 GB per tensor in bf16).
     L_big = 2**31 // C + 1000
     c = make_inputs(L_big, C, B=1, index="prefix")
@@ -236,27 +244,38 @@ def run_checks() -> dict:
 
 def sweep_configs():
     # Run 2 (benchmarks/results/run2_modulate_h100.md) swept rows 1-4 x warps 4-16 and chunked tiles:
-    # whole rows, 1 x 4 warps won. Here: how a set is picked, around that point.
-    return [T.LaunchConfig(r, 4096, w, False, pick) for r, w in ((1, 4), (2, 8), (1, 8))
-            for pick in (T.PICK_ADDRESS, T.PICK_BOTH)]
+    # whole rows, 1 x 4 warps won; run 3 (modulate_notes.md) found PICK_BOTH slower than PICK_ADDRESS.
+    # Run 4: the alignment hint on the picked rows (needed on Triton 3.9, neutral on 3.6); rows x warps
+    # other than 1 x 4 lost again. Here: the parameter loads issued before the statistics (early), against
+    # the kernel without the hint and PICK_BOTH.
+    return [T.LaunchConfig(1, 4096, 4, False), T.LaunchConfig(1, 4096, 4, False, early=True),
+            T.LaunchConfig(1, 4096, 4, False, align_hint=False), T.LaunchConfig(1, 4096, 4, False, T.PICK_BOTH)]
 
 
 def run_sweep() -> list[dict]:
     rows = []
     for L in (4096, 6889, 16384):
         c = make_inputs(L)
+        zeros = make_inputs(L, index="zeros")["index"]
         for cfg in sweep_configs():
-            for name, res in (("ln_modulate", False), ("residual_ln_modulate", True)):
+            cases = [("ln_modulate", False, "select"), ("residual_ln_modulate", True, "select")]
+            if cfg.pick == T.PICK_ADDRESS and cfg.align_hint:  # the plain op (no index) beside it
+                cases.append(("ln_modulate", False, "plain"))
+                if not cfg.early and L < 16384:  # control: an index of zeros (same work as the prefix index)
+                    cases.append(("ln_modulate", False, "select-zeros"))
+            for name, res, kind in cases:
+                idx = {"select": c["index"], "plain": None, "select-zeros": zeros}[kind]
+                s1 = (c["scale1"], c["shift1"]) if idx is not None else (None, None)
                 args = (c["x"], c["residual"] if res else None, c["gate0"] if res else None,
-                        c["gate1"] if res else None, None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
-                        c["index"], None, None, EPS)
+                        c["gate1"] if res else None, None, None, c["scale0"], c["shift0"], *s1, idx, None, None, EPS)
                 got = T._launch(*args, config=cfg)
                 want = (M.residual_layer_norm_modulate_native if res else M.layer_norm_modulate_native)(
                     *(args if res else args[:1] + args[4:]))
                 close(got[0], want[0], torch.bfloat16, f"sweep {name} {cfg}")
                 us = bench(lambda: T._launch(*args, config=cfg))
                 nbytes = (4 if res else 2) * L * C * 2
-                rows.append(dict(op=f"{name}/select", L=L, config=repr(cfg), us=us, gbps=nbytes / us * 1e-3, cfg=cfg))
+                rows.append(dict(op=f"{name}/{kind}", L=L, config=repr(cfg), us=us, gbps=nbytes / us * 1e-3, cfg=cfg))
+                print(f"  sweep {rows[-1]['op']:<28} L={L:<6} {rows[-1]['config']:<75} {us:7.1f} us", flush=True)
     return rows
 
 
@@ -268,7 +287,7 @@ def tune_from_sweep(rows) -> dict:
     for res in (False, True):
         total = {}
         for r in rows:
-            if r["op"].startswith("residual") == res:
+            if r["op"].startswith("residual") == res and r["op"].endswith("/select"):
                 total[r["config"]] = total.get(r["config"], (0.0, r["cfg"]))[0] + r["us"] / r["L"], r["cfg"]
         best[res] = min(total.values(), key=lambda t: t[0])[1]
     default = T.default_config
@@ -358,7 +377,6 @@ def main():
         res["tuned"] = tune_from_sweep(res["sweep"])
         for r in res["sweep"]:
             r.pop("cfg")
-            print(f"  sweep {r['op']:<28} L={r['L']:<6} {r['config']:<60} {r['us']:7.1f} us {r['gbps']:6.0f} GB/s")
     res["table_configs"] = res.get("tuned") or {
         "ln_modulate": repr(T.default_config(6889, C)), "residual_ln_modulate": repr(T.default_config(6889, C, True, True))}
     print(f"table configs: {res['table_configs']}", flush=True)

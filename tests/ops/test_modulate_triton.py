@@ -275,12 +275,38 @@ def test_parameter_sets_of_different_dtypes():
     check_residual(c, torch.bfloat16, gate_exact=False)
 
 
-@pytest.mark.parametrize("pick", [T.PICK_ADDRESS, T.PICK_BOTH])
-def test_both_ways_of_picking_a_set(pick):
-    cfg = T.LaunchConfig(rows=2, block_c=128, num_warps=2, chunked=False, pick=pick)
+@pytest.mark.parametrize("pick,early", [(T.PICK_ADDRESS, False), (T.PICK_BOTH, False), (T.PICK_ADDRESS, True)])
+def test_both_ways_of_picking_a_set(pick, early):
+    # early: the parameter rows loaded before the statistics instead of after (same results).
+    cfg = T.LaunchConfig(rows=2, block_c=128, num_warps=2, chunked=False, pick=pick, early=early)
     for dtype in (torch.float32, torch.bfloat16):
         c = case(B=2, L=9, C=96, dtype=dtype, index="mixed", seed=26)
         check_ln(c, dtype, config=cfg)
         check_residual(c, dtype, config=cfg)
     with pytest.raises(ValueError, match="pick must be"):
         T.LaunchConfig(1, 128, 2, False, pick=3)
+
+
+def test_row_alignment_of_picked_parameters():
+    # The kernel tells the compiler how aligned the picked rows are: measured, never assumed.
+    mod = torch.zeros(4, 6 * 64 + 8, dtype=torch.bfloat16, device=DEVICE)  # row stride 784 B: 16-aligned
+    assert T._row_alignment(mod[:2, :64], mod[2:, 64:128]) == 16
+    assert T._row_alignment(mod[:2, 4:68]) == 8  # 8-byte offset
+    assert T._row_alignment(mod[:2, 1:65], None) == 2  # odd element offset
+    assert T._row_alignment(mod[:, :64].float()[:1, 1:]) == 4  # one row: only the pointer counts
+    odd = torch.zeros(4, 6 * 64 + 1, dtype=torch.bfloat16, device=DEVICE)  # row stride 770 B
+    assert T._row_alignment(odd[:2, :64]) == 2
+
+
+@pytest.mark.parametrize("hint", [True, False])
+def test_picked_rows_at_odd_offsets(hint):
+    # Parameter rows 2 bytes aligned (views at an odd element offset): same results with and without
+    # the hint (on CUDA a wrong 16-byte hint would read the wrong elements).
+    c = case(B=2, L=9, C=96, dtype=torch.bfloat16, index="mixed", seed=27)
+    mod = torch.randn(4, 6 * 96 + 1, device=DEVICE).to(torch.bfloat16)[:, 1:]
+    for k, (rows, j) in {"scale0": (slice(0, 2), 0), "shift0": (slice(0, 2), 1), "gate0": (slice(0, 2), 2),
+                         "scale1": (slice(2, 4), 3), "shift1": (slice(2, 4), 4), "gate1": (slice(2, 4), 5)}.items():
+        c[k] = mod[rows, j * 96:(j + 1) * 96]
+    cfg = T.LaunchConfig(rows=1, block_c=128, num_warps=2, chunked=False, align_hint=hint)
+    check_ln(c, torch.bfloat16, config=cfg)
+    check_residual(c, torch.bfloat16, config=cfg)

@@ -34,7 +34,7 @@ CHUNK = 2048
 
 
 @triton.jit
-def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr):
+def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr, ALIGN: tl.constexpr):
     """The (ROWS, BLOCK_C) fp32 parameter of each token: p1 where sel, else p0.
 
     p0_ptr/p1_ptr: rows of (B, C) (or (B, L, C)) tensors; off0/off1: (ROWS,) int64 element offsets of
@@ -43,9 +43,16 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr):
     PICK_BOTH = load both sets (cache hits: the rows are shared by all tokens of a batch) and choose
     per element, so the loads do not wait for the index. (Both sets share a dtype: the launcher sees to
     it.)
+    ALIGN: bytes that every row address of both sets is a multiple of (the launcher measures it; 0: no
+    hint). Triton knows the alignment of each pointer argument; Triton 3.6 keeps it through the
+    per-token choice between two addresses, 3.9 loses it and, without the hint, reads the picked rows
+    2 bytes per instruction (64 scalar loads per thread and parameter at C = 3072, 4 warps, instead of
+    8 vector loads: 30-40% slower on an H100, benchmarks/results/modulate_notes.md, run 4).
     """
     if SELECT == 1:
         row = tl.where(sel, p1_ptr + off1, p0_ptr + off0)  # (ROWS,) pointers
+        if ALIGN > 0:
+            row = tl.multiple_of(row, ALIGN)
         return tl.load(row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     elif SELECT == 2:
         a = tl.load(p0_ptr + off0[:, None] + cols[None, :], mask=mask, other=0.0)
@@ -59,14 +66,14 @@ def _pick(p0_ptr, p1_ptr, off0, off1, cols, mask, sel, SELECT: tl.constexpr):
 def _gated_input(
     x_ptr, res_ptr, rg0_ptr, rg1_ptr, rout_ptr,
     x_off, res_off, rg0_off, rg1_off, out_off, cols, mask, sel,
-    HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Load a (ROWS, BLOCK_C) tile of x as fp32; with a residual, form residual + gate * x, store it
     (rounded to residual_out's dtype) and return the stored value, which is what gets normalised."""
     x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + res_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = _pick(rg0_ptr, rg1_ptr, rg0_off, rg1_off, cols, mask, sel, RG_SELECT)
+        g = _pick(rg0_ptr, rg1_ptr, rg0_off, rg1_off, cols, mask, sel, RG_SELECT, ALIGN)
         v = (r + g * x).to(rout_ptr.dtype.element_ty)
         tl.store(rout_ptr + out_off[:, None] + cols[None, :], v, mask=mask)
         x = v.to(tl.float32)
@@ -74,24 +81,31 @@ def _gated_input(
 
 
 @triton.jit
+def _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, sc0_off, sc1_off, sh0_off, sh1_off, cols, mask, sel,
+                 SELECT: tl.constexpr, ALIGN: tl.constexpr):
+    """The picked (ROWS, BLOCK_C) fp32 scale and shift of each token (see _pick)."""
+    return (_pick(sc0_ptr, sc1_ptr, sc0_off, sc1_off, cols, mask, sel, SELECT, ALIGN),
+            _pick(sh0_ptr, sh1_ptr, sh0_off, sh1_off, cols, mask, sel, SELECT, ALIGN))
+
+
+@triton.jit
 def _modulate_store(
-    x_hat, y_ptr, gate_ptr, w_ptr, b_ptr,
-    sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-    sc0_off, sc1_off, sh0_off, sh1_off, g0_off, g1_off, out_off, cols, col_ok, mask, sel,
+    x_hat, scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr, g0_ptr, g1_ptr,
+    g0_off, g1_off, out_off, cols, col_ok, mask, sel,
     SELECT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_GATE: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
-    """y = (x_hat * weight + bias) * (1 + scale_sel) + shift_sel, stored; the selected gate too if asked.
-    x_hat: (ROWS, BLOCK_C) fp32; col_ok: (BLOCK_C,) columns inside C; mask: (ROWS, BLOCK_C)."""
+    """y = (x_hat * weight + bias) * (1 + scale) + shift, stored; the selected gate too if asked.
+    x_hat, scale, shift: (ROWS, BLOCK_C) fp32 (scale and shift as _pick returns them, already picked);
+    col_ok: (BLOCK_C,) columns inside C; mask: (ROWS, BLOCK_C)."""
     if HAS_WEIGHT:
         x_hat = x_hat * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         x_hat = x_hat + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    scale = _pick(sc0_ptr, sc1_ptr, sc0_off, sc1_off, cols, mask, sel, SELECT)
-    shift = _pick(sh0_ptr, sh1_ptr, sh0_off, sh1_off, cols, mask, sel, SELECT)
     y = x_hat * (1.0 + scale) + shift
     tl.store(y_ptr + out_off[:, None] + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     if STORE_GATE:
-        g = _pick(g0_ptr, g1_ptr, g0_off, g1_off, cols, mask, sel, SELECT)
+        g = _pick(g0_ptr, g1_ptr, g0_off, g1_off, cols, mask, sel, SELECT, ALIGN)
         tl.store(gate_ptr + out_off[:, None] + cols[None, :], g.to(gate_ptr.dtype.element_ty), mask=mask)
 
 
@@ -119,7 +133,8 @@ def _modulate_kernel(
     N, L, C, eps,
     HAS_RESIDUAL: tl.constexpr, RG_SELECT: tl.constexpr, DO_NORM: tl.constexpr, SELECT: tl.constexpr,  # 0/PICK_*
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_GATE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, CHUNKED: tl.constexpr, EARLY: tl.constexpr,
+    ALIGN: tl.constexpr,  # bytes every picked parameter row address is a multiple of (see _pick)
 ):
     pid = tl.program_id(0)
     ok, n, b, x_off, res_off, idx_off, l = _token_offsets(pid, N, L, sxb, sxl, srb, srl, sib, sil, ROWS)
@@ -136,16 +151,20 @@ def _modulate_kernel(
         col_ok = cols0 < C
         mask = ok[:, None] & col_ok[None, :]  # (ROWS, BLOCK_C)
         v = _gated_input(x_ptr, res_ptr, rg0_ptr, rg1_ptr, rout_ptr, x_off, res_off, rg0_off, rg1_off, out_off,
-                         cols0, mask, sel, HAS_RESIDUAL, RG_SELECT)
+                         cols0, mask, sel, HAS_RESIDUAL, RG_SELECT, ALIGN)
         if DO_NORM:
+            if EARLY:  # parameter loads issued before the statistics: their latency overlaps x's
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols0, mask, sel, SELECT, ALIGN)
             mean = tl.sum(v, axis=1) / C
             d = tl.where(mask, v - mean[:, None], 0.0)
             rstd = tl.rsqrt(tl.sum(d * d, axis=1) / C + eps)
-            _modulate_store(d * rstd[:, None], y_ptr, gate_ptr, w_ptr, b_ptr,
-                            sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-                            b * ssc0, b * ssc1, b * ssh0, b * ssh1, b * sg0, b * sg1, out_off, cols0, col_ok,
-                            mask, sel,
-                            SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE)
+            if not EARLY:  # after the statistics (the reductions' barriers keep them there)
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols0, mask, sel, SELECT, ALIGN)
+            _modulate_store(d * rstd[:, None], scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr, g0_ptr, g1_ptr,
+                            b * sg0, b * sg1, out_off, cols0, col_ok, mask, sel,
+                            SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE, ALIGN)
     else:
         # Pass 1: the mean (and residual_out, stored once).
         acc = tl.zeros((ROWS,), dtype=tl.float32)
@@ -153,7 +172,7 @@ def _modulate_kernel(
             cols = c0 + cols0
             mask = ok[:, None] & (cols < C)[None, :]
             v = _gated_input(x_ptr, res_ptr, rg0_ptr, rg1_ptr, rout_ptr, x_off, res_off, rg0_off, rg1_off, out_off,
-                             cols, mask, sel, HAS_RESIDUAL, RG_SELECT)
+                             cols, mask, sel, HAS_RESIDUAL, RG_SELECT, ALIGN)
             acc += tl.sum(v, axis=1)
         if DO_NORM:
             mean = acc / C
@@ -179,11 +198,11 @@ def _modulate_kernel(
                 col_ok = cols < C
                 mask = ok[:, None] & col_ok[None, :]
                 v = tl.load(src_ptr + src_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                _modulate_store((v - mean[:, None]) * rstd[:, None], y_ptr, gate_ptr, w_ptr, b_ptr,
-                                sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, g0_ptr, g1_ptr,
-                                b * ssc0, b * ssc1, b * ssh0, b * ssh1, b * sg0, b * sg1, out_off, cols, col_ok,
-                                mask, sel,
-                                SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE)
+                scale, shift = _scale_shift(sc0_ptr, sc1_ptr, sh0_ptr, sh1_ptr, b * ssc0, b * ssc1, b * ssh0, b * ssh1,
+                                            cols, mask, sel, SELECT, ALIGN)
+                _modulate_store((v - mean[:, None]) * rstd[:, None], scale, shift, y_ptr, gate_ptr, w_ptr, b_ptr,
+                                g0_ptr, g1_ptr, b * sg0, b * sg1, out_off, cols, col_ok, mask, sel,
+                                SELECT, HAS_WEIGHT, HAS_BIAS, STORE_GATE, ALIGN)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,19 +212,26 @@ def _modulate_kernel(
 
 class LaunchConfig:
     """How one launch tiles the work: ROWS tokens per program, BLOCK_C columns per tile; and how a
-    token's parameter set is picked (PICK_ADDRESS or PICK_BOTH, see _pick)."""
+    token's parameter set is picked (PICK_ADDRESS or PICK_BOTH, see _pick). Two options kept to measure
+    against (benchmarks/results/modulate_notes.md, runs 4-5): align_hint=False withholds the alignment
+    of the picked rows from the compiler (the kernel as it was before the hint); early=True loads scale
+    and shift before the statistics instead of after (whole-row tiles only; +17 registers; within
+    1-2 µs either way on an H100, not the default)."""
 
-    def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool, pick: int = PICK_ADDRESS):
+    def __init__(self, rows: int, block_c: int, num_warps: int, chunked: bool, pick: int = PICK_ADDRESS,
+                 align_hint: bool = True, early: bool = False):
         for name, v in (("rows", rows), ("block_c", block_c), ("num_warps", num_warps)):
             if v < 1 or v & (v - 1):
                 raise ValueError(f"LaunchConfig.{name} must be a power of two, got {v}")
         if pick not in (PICK_ADDRESS, PICK_BOTH):
             raise ValueError(f"LaunchConfig.pick must be PICK_ADDRESS (1) or PICK_BOTH (2), got {pick}")
         self.rows, self.block_c, self.num_warps, self.chunked, self.pick = rows, block_c, num_warps, chunked, pick
+        self.align_hint, self.early = align_hint, early
 
     def __repr__(self) -> str:
         return (f"LaunchConfig(rows={self.rows}, block_c={self.block_c}, num_warps={self.num_warps}, "
-                f"chunked={self.chunked}, pick={self.pick})")
+                f"chunked={self.chunked}, pick={self.pick}{'' if self.align_hint else ', align_hint=False'}"
+                f"{', early=True' if self.early else ''})")
 
 
 def default_config(N: int, C: int, do_norm: bool = True, has_residual: bool = False) -> LaunchConfig:
@@ -232,6 +258,19 @@ def _one_dtype(p0: Optional[Tensor], p1: Optional[Tensor]) -> tuple[Optional[Ten
         return p0, p1
     dt = torch.promote_types(p0.dtype, p1.dtype)
     return p0.to(dt), p1.to(dt)
+
+
+def _row_alignment(*params: Optional[Tensor]) -> int:
+    """The largest power of two <= 16 that every row address of these (B, C) tensors is a multiple of,
+    in bytes: the data pointer and, when there is more than one row, the row stride."""
+    align = 16
+    for t in params:
+        if t is None:
+            continue
+        for v in (t.data_ptr(), t.stride(0) * t.element_size() if t.shape[0] > 1 else 0):
+            while v % align:
+                align //= 2
+    return align
 
 
 def _launch(
@@ -296,6 +335,12 @@ def _launch(
 
     any_t = x  # stands in for absent tensors; never dereferenced (the constexpr flags are off)
     rg_full = has_res and rgate0.dim() == 3
+    pick = cfg.pick if select and do_norm else 0
+    rg_pick = cfg.pick if has_res and select and rgate1 is not None and not rg_full else 0
+    # Only the rows picked by address need the hint; PICK_BOTH and set-0-only loads keep Triton's own.
+    picked = [scale0, scale1, shift0, shift1] + ([gate0, gate1] if store_gate else []) if pick == PICK_ADDRESS else []
+    picked += [rgate0, rgate1] if rg_pick == PICK_ADDRESS else []
+    align = _row_alignment(*picked) if cfg.align_hint else 0  # 0: no hint
     _modulate_kernel[(triton.cdiv(N, cfg.rows),)](
         y if do_norm else any_t, rout if has_res else any_t, gate if store_gate else any_t,
         x, x.stride(0), x.stride(1),
@@ -310,10 +355,9 @@ def _launch(
         row_stride(scale1), row_stride(shift1), row_stride(gate1),
         index if select else any_t, row_stride(index), index.stride(1) if select else 0,
         N, L, C, eps,
-        HAS_RESIDUAL=has_res, RG_SELECT=cfg.pick if has_res and select and rgate1 is not None and not rg_full else 0,
-        DO_NORM=do_norm, SELECT=cfg.pick if select and do_norm else 0,
+        HAS_RESIDUAL=has_res, RG_SELECT=rg_pick, DO_NORM=do_norm, SELECT=pick,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_GATE=store_gate,
-        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, num_warps=cfg.num_warps,
+        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, EARLY=cfg.early, ALIGN=align, num_warps=cfg.num_warps,
     )
     return y, rout, gate
 
