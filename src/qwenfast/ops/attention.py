@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_can_take, launch
+from .triton import _support
+from .triton._support import HAS_TRITON, dispatches_to_kernel, launch, require_kernel
 
 if HAS_TRITON:
     from .triton import attention as _kernel
@@ -82,13 +83,7 @@ def single_head_attention_native(
 
 def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
-    return (
-        HAS_TRITON
-        and kernel_can_take(q, k, v)
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and _kernel.supports_head_dim(q.shape[2])
-        and q.shape[0] <= 65535
-    )
+    return _support.kernel_supports(q, k, v) and _kernel.supports_head_dim(q.shape[2])
 
 
 def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -99,8 +94,7 @@ def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def single_head_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
     _check_qkv(q, k, v)
-    if not kernel_supports(q, k, v):
-        raise ValueError(f"q: the Triton kernel cannot take {q.dtype} {tuple(q.shape)} on {q.device}")
+    require_kernel(kernel_supports(q, k, v), "q", q)
     return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
 
 

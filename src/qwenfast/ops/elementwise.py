@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_can_take, launch
+from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_supports, launch, require_kernel
 
 if HAS_TRITON:
     from .triton import elementwise as _kernel
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _check_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> None:
     if x.dim() < 3:
@@ -37,46 +34,45 @@ def bias_residual_add_native(x: torch.Tensor, bias: torch.Tensor, residual: torc
     return (x + bias.reshape(-1, *([1] * (x.dim() - 2))).to(x.dtype)) + residual
 
 
-def _bias_residual_kernel_ok(x, bias, residual) -> bool:
-    return HAS_TRITON and kernel_can_take(x, bias, residual) and x.dtype in _KERNEL_DTYPES and x.shape[0] <= 65535
+def _launch_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return launch(torch.ops.qwenfast.bias_residual_add, _kernel.bias_residual_add_fwd, x,
+                  bias.reshape(-1).contiguous(), residual)
 
 
 def bias_residual_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _check_bias_residual(x, bias, residual)
-    if dispatches_to_kernel(x) and _bias_residual_kernel_ok(x, bias, residual):
-        return launch(torch.ops.qwenfast.bias_residual_add, _kernel.bias_residual_add_fwd, x, bias.reshape(-1).contiguous(), residual)
+    if dispatches_to_kernel(x) and kernel_supports(x, bias, residual):
+        return _launch_bias_residual(x, bias, residual)
     return bias_residual_add_native(x, bias, residual)
 
 
 def bias_residual_add_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     _check_bias_residual(x, bias, residual)
-    if not _bias_residual_kernel_ok(x, bias, residual):
-        raise ValueError(f"x: the Triton kernel cannot take {x.dtype} {tuple(x.shape)} on {x.device}")
-    return launch(torch.ops.qwenfast.bias_residual_add, _kernel.bias_residual_add_fwd, x, bias.reshape(-1).contiguous(), residual)
+    require_kernel(kernel_supports(x, bias, residual), "x", x)
+    return _launch_bias_residual(x, bias, residual)
+
+
+def _check_upsample(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(x.shape)}")
 
 
 def upsample_nearest2x_native(x: torch.Tensor) -> torch.Tensor:
     """diffusers' `nearest-exact` 2x upsample (at exactly 2x a pure selection, so no fp32 round trip)."""
-    if x.dim() != 4:
-        raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_upsample(x)
     return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
 
 
-def _upsample_kernel_ok(x) -> bool:
-    return HAS_TRITON and kernel_can_take(x) and x.dtype in _KERNEL_DTYPES and x.shape[0] <= 65535
-
-
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4:
-        raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(x.shape)}")
-    if dispatches_to_kernel(x) and _upsample_kernel_ok(x):
+    _check_upsample(x)
+    if dispatches_to_kernel(x) and kernel_supports(x):
         return launch(torch.ops.qwenfast.upsample_nearest2x, _kernel.upsample_nearest2x_fwd, x)
     return upsample_nearest2x_native(x)
 
 
 def upsample_nearest2x_triton(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4 or not _upsample_kernel_ok(x):
-        raise ValueError(f"x: the Triton kernel cannot take {x.dtype} {tuple(x.shape)} on {x.device}")
+    _check_upsample(x)
+    require_kernel(kernel_supports(x), "x", x)
     return launch(torch.ops.qwenfast.upsample_nearest2x, _kernel.upsample_nearest2x_fwd, x)
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_can_take, launch
+from .triton import _support
+from .triton._support import HAS_TRITON, dispatches_to_kernel, launch, require_kernel
 
 if HAS_TRITON:
     from .triton import rms_norm as _kernel
@@ -63,12 +64,7 @@ def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
 
 def kernel_supports(x: torch.Tensor, gamma: torch.Tensor) -> bool:
     """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
-    return (
-        HAS_TRITON
-        and kernel_can_take(x, gamma)
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and x.shape[0] <= 65535
-    )
+    return _support.kernel_supports(x, gamma)
 
 
 def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
@@ -80,8 +76,7 @@ def rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
     _check(x, gamma, bias)
-    if not kernel_supports(x, gamma):
-        raise ValueError(f"x: the Triton kernel cannot take {x.dtype} {tuple(x.shape)} on {x.device}")
+    require_kernel(kernel_supports(x, gamma), "x", x)
     return _launch(x, gamma, silu, bias)
 
 

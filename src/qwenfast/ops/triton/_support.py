@@ -46,6 +46,23 @@ def launch(op: Callable[..., torch.Tensor], launcher: Callable[..., torch.Tensor
     return launcher(*args)
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis, which carries the batch in our kernels
+
+
+def kernel_supports(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Can a kernel of ours take `x` (and `others`): Triton is there, the tensors live where kernels run,
+    x is fp16/bf16/fp32 and its batch (dim 0) fits a grid axis. Op-specific limits come on top."""
+    return (HAS_TRITON and kernel_can_take(x, *others) and x.dtype in KERNEL_DTYPES
+            and x.shape[0] <= MAX_GRID_Y)
+
+
+def require_kernel(ok: bool, name: str, t: torch.Tensor) -> None:
+    """The error of a `*_triton` entry point asked for what its kernel cannot take."""
+    if not ok:
+        raise ValueError(f"{name}: the Triton kernel cannot take {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def dispatches_to_kernel(*tensors: torch.Tensor) -> bool:
     """The per-call choice of every public op, the same rule as `CustomOp`: CUDA tensors (not ROCm)
     with Triton importable take the kernel; anything else (CPU, even under the interpreter) the

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import INTERPRET
+from ._support import INTERPRET, MAX_GRID_Y
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512
@@ -257,8 +257,8 @@ def attention_fwd(
         return o
     if Nk == 0:
         raise ValueError(f"k: no keys to attend to (shape {tuple(k.shape)})")
-    if B > 65535:  # CUDA's limit on a grid's second axis
-        raise ValueError(f"q: batch {B} is over the 65535 programs a grid's second axis takes")
+    if B > MAX_GRID_Y:
+        raise ValueError(f"q: batch {B} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     d = chunks + (0,) * (_MAX_CHUNKS - len(chunks))
     grid = (triton.cdiv(Nq, config.block_m), B)
     _attention_fwd_kernel[grid](

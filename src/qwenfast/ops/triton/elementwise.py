@@ -18,10 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._support import MAX_GRID_Y
 from .rms_norm import merged_spatial_view
 
 _INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -96,8 +96,8 @@ def bias_residual_add_fwd(x: torch.Tensor, bias: torch.Tensor, residual: torch.T
     n, c, s = xv.shape
     if y.numel() == 0:
         return y
-    if n > _MAX_GRID_Y:
-        raise ValueError(f"x: batch {n} is over the {_MAX_GRID_Y} programs a grid's second axis takes")
+    if n > MAX_GRID_Y:
+        raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     block_s, block_c = _blocks(c, xv.stride(1) == 1)
     reach = max((s - 1) * v.stride(2) + (c - 1) * v.stride(1) for v in (xv, rv, yv))
     _bias_residual_add_kernel[(triton.cdiv(s, block_s), n)](
@@ -114,8 +114,8 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
-    if n > _MAX_GRID_Y:
-        raise ValueError(f"x: batch {n} is over the {_MAX_GRID_Y} programs a grid's second axis takes")
+    if n > MAX_GRID_Y:
+        raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     block_s, block_c = _blocks(c, x.stride(1) == 1)
     reach = max((h - 1) * x.stride(2) + (w - 1) * x.stride(3) + (c - 1) * x.stride(1),
                 (2 * h - 1) * y.stride(2) + (2 * w - 1) * y.stride(3) + (c - 1) * y.stride(1))

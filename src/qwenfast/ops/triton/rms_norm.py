@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._support import MAX_GRID_Y
+
 EPS = 1e-12  # F.normalize's floor on the norm: a zero pixel maps to 0
 _INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 
 
 @triton.jit
@@ -122,8 +123,8 @@ def rms_norm_fwd(
     block_s, block_c, num_warps = blocks or default_blocks(c, xv.stride(1) == 1)
     if block_c < c:
         raise ValueError(f"blocks: BLOCK_C = {block_c} must cover all {c} channels")
-    if n > _MAX_GRID_Y:
-        raise ValueError(f"x: batch {n} is over the {_MAX_GRID_Y} programs a grid's second axis takes")
+    if n > MAX_GRID_Y:
+        raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     # the farthest element of one image, in elements: past int32, the kernel indexes in int64
     reach = (s - 1) * max(xv.stride(2), yv.stride(2)) + (c - 1) * max(xv.stride(1), yv.stride(1))
     grid = (triton.cdiv(s, block_s), n)
