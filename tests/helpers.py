@@ -3,6 +3,8 @@ over the same weights. Gammas are perturbed so that a wrong norm scale cannot hi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -66,3 +68,25 @@ def torchrun(argv: list, nproc: int = 2, timeout: float = 300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "qwenfast", *map(str, argv)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def decoding_with(vae, **fields):
+    """`vae.vae_config = VAEConfig(**fields)` for the block; the previous config is restored after."""
+    from qwenfast import VAEConfig
+
+    previous, vae.vae_config = vae.vae_config, VAEConfig(**fields)
+    try:
+        yield vae
+    finally:
+        vae.vae_config = previous
+
+
+@contextlib.contextmanager
+def diffusers_tiling(ref):
+    """diffusers' `enable_tiling()` for the block, `disable_tiling()` after."""
+    ref.enable_tiling()
+    try:
+        yield ref
+    finally:
+        ref.disable_tiling()

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from helpers import ARCHS, max_diff, pair
-from qwenfast import VAEConfig
+from helpers import ARCHS, decoding_with, diffusers_tiling, max_diff, pair
 
 TOL = 1e-4
 
@@ -34,11 +33,8 @@ def test_image_fast_path_equals_reference_path(tiny, frames):
     _, ours = tiny
     z = torch.randn(1, 4, frames, 11, 9, generator=torch.Generator().manual_seed(2))
     fast = ours.decode(z)
-    ours.vae_config = VAEConfig(image_fast_path=False)
-    try:
+    with decoding_with(ours, image_fast_path=False):
         slow = ours.decode(z)
-    finally:
-        ours.vae_config = VAEConfig()
     assert max_diff(fast, slow) <= TOL
 
 
@@ -58,12 +54,9 @@ def test_exact_tiling_equals_untiled(tiny, frames, h, w):
     _, ours = tiny
     z = torch.randn(2, 4, frames, h, w, generator=torch.Generator().manual_seed(4))
     untiled = ours.decode(z)
-    ours.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=32)
-    try:
+    with decoding_with(ours, use_tiling=True, exact_tile_sample_size=32):
         assert len(ours._exact_tiles(h, w)) > 1
         tiled = ours.decode(z)
-    finally:
-        ours.vae_config = VAEConfig()
     assert max_diff(tiled, untiled) <= TOL
 
 
@@ -75,12 +68,9 @@ def test_exact_tiling_needs_the_whole_margin(tiny):
     z = torch.randn(1, 4, 1, 20, 20, generator=torch.Generator().manual_seed(5))
     untiled = ours.decode(z)
     errors = []
-    try:
-        for margin in (ours.decode_margin, ours.decode_margin - 1):
-            ours.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=40, tile_margin=margin)
+    for margin in (ours.decode_margin, ours.decode_margin - 1):
+        with decoding_with(ours, use_tiling=True, exact_tile_sample_size=40, tile_margin=margin):
             errors.append(max_diff(ours.decode(z), untiled))
-    finally:
-        ours.vae_config = VAEConfig()
     assert errors[1] > 4 * max(errors[0], 1e-6)
 
 
@@ -89,17 +79,11 @@ def test_exact_tiling_needs_the_whole_margin(tiny):
 def test_blend_tiling_matches_diffusers_enable_tiling(tiny, frames, h, w):
     ref, ours = tiny
     z = torch.randn(1, 4, frames, h, w, generator=torch.Generator().manual_seed(6))
-    ref.enable_tiling()
-    try:
+    with diffusers_tiling(ref):
         # diffusers' tiled path returns its output unclamped; qwenfast clamps every decode.
         expected = ref.decode(z).sample.clamp(-1, 1)
-    finally:
-        ref.disable_tiling()
-    ours.vae_config = VAEConfig(use_tiling=True, tiling="blend")
-    try:
+    with decoding_with(ours, use_tiling=True, tiling="blend"):
         out = ours.decode(z)
-    finally:
-        ours.vae_config = VAEConfig()
     assert max_diff(out, expected) <= TOL
     assert max_diff(out, ours.decode(z)) > 1e-2  # blend is not exact: the check above means something
 
@@ -110,11 +94,8 @@ def test_blend_tiling_small_latent_decodes_untiled(tiny):
     _, ours = tiny
     z = torch.randn(1, 4, 1, 20, 32, generator=torch.Generator().manual_seed(7))
     untiled = ours.decode(z)
-    ours.vae_config = VAEConfig(use_tiling=True, tiling="blend")
-    try:
+    with decoding_with(ours, use_tiling=True, tiling="blend"):
         assert torch.equal(ours.decode(z), untiled)
-    finally:
-        ours.vae_config = VAEConfig()
 
 
 @torch.no_grad()
@@ -136,16 +117,10 @@ def test_encode_matches_diffusers(arch, frames):
 def test_tiled_encode_matches_diffusers(tiny):
     ref, ours = tiny
     x = torch.rand(1, 3, 1, 300, 420, generator=torch.Generator().manual_seed(9)) * 2 - 1
-    ref.enable_tiling()
-    try:
+    with diffusers_tiling(ref):
         expected = ref.encode(x).latent_dist.mode()
-    finally:
-        ref.disable_tiling()
-    ours.vae_config = VAEConfig(use_tiling=True)
-    try:
+    with decoding_with(ours, use_tiling=True):
         assert max_diff(ours.encode(x), expected) <= TOL
-    finally:
-        ours.vae_config = VAEConfig()
 
 
 @torch.no_grad()
