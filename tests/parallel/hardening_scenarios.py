@@ -50,6 +50,14 @@ def run_hardening(rank: int, world: int, timeout_s: float) -> dict:
         ulp[0, 2, 0, 5, 6] = torch.nextafter(ulp[0, 2, 0, 5, 6], torch.tensor(float("inf")))
     results["one ulp on the last rank"] = _attempt(vae, ulp, parallel_decode_mode="tiled")
 
+    # bf16 (carried as bytes): one ulp on the last rank is refused too
+    half = z.to(torch.bfloat16)
+    if rank == last:
+        half[0, 0, 0, 0, 0] = torch.nextafter(half[0, 0, 0, 0, 0], torch.tensor(float("inf"), dtype=torch.bfloat16))
+    vae.to(torch.bfloat16)
+    results["bf16 one ulp"] = _attempt(vae, half, parallel_decode_mode="patch")
+    vae.to(torch.float32)
+
     # Decode configs that differ between ranks (each hangs or aborts gloo without the check).
     results["parallel_output differs"] = _attempt(
         vae, z, parallel_decode_mode="patch", parallel_output="rank0" if rank == 1 else "all")

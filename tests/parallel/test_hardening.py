@@ -47,6 +47,12 @@ def test_one_ulp_on_the_last_rank_is_refused_on_every_rank(exact_check):
         assert f"1 of 396 elements on rank {world - 1}" in message and message.count("elements on rank") == 1
 
 
+def test_bf16_latents_are_compared_bitwise_too(exact_check):
+    world, per_rank = exact_check
+    assert _kinds(per_rank, "bf16 one ulp") == ["LatentMismatchError"] * world
+    assert all(f"1 of 396 elements on rank {world - 1}" in r["bf16 one ulp"][1] for r in per_rank)
+
+
 @pytest.mark.parametrize("name,fields", [
     ("parallel_output differs", ["parallel_output"]),
     ("patch_halo and exact_tile_sample_size differ", ["exact_tile_sample_size", "patch_halo"]),

@@ -158,8 +158,9 @@ def _check_same_latent(z: torch.Tensor, comm) -> None:
         return
     error, counts = None, torch.zeros(comm.world_size, dtype=torch.float64)
     try:
-        flat = z.reshape(-1)
-        counts[comm.rank] = count_differing(flat, comm.broadcast(flat, src=0))
+        flat = z.reshape(-1)  # sent as bytes: every backend carries uint8, whatever the latent's dtype
+        reference = comm.broadcast(flat.view(torch.uint8), src=0).view(z.dtype)
+        counts[comm.rank] = count_differing(flat, reference)
     except Exception as e:  # noqa: BLE001 - raised on this rank by agree(), the others learn of it
         error = e
     per_rank = comm.agree(counts, error, "compare latent")[0].tolist()  # max over ranks: each rank's count
