@@ -110,10 +110,11 @@ class VAEConfig:
     used again after that. A collective waits for the slowest rank's previous stage: 300 s is far
     above any stage of a GPU decode (whole single-GPU decodes on one H100: 0.45 s for a 4096² image,
     0.9 s for an 81-frame 720p video) and bounds a hang at 5 minutes instead of torch's 10 to 30.
-    Raise it for very large decodes on the CPU. Applied to every collective on gloo and to each stage's flag all-reduce
-    on NCCL (a data collective's hang is caught by the next flag all-reduce behind it, or by the
-    group's own timeout); the CLI also creates its torchrun group with this timeout. A group you
-    create yourself keeps its own `init_process_group(timeout=...)`, which bounds every wait too."""
+    Raise it for very large decodes on the CPU. Applied to every collective on gloo, and to each
+    stage's flag all-reduce on NCCL (a hang in a data collective holds up the next flag all-reduce on
+    the stream; the last gather is bounded by the group's own timeout). The CLI creates its torchrun
+    group with this timeout; a group you create keeps its own `init_process_group(timeout=...)`,
+    which bounds every wait too."""
 
     def __post_init__(self) -> None:
         _choices("tiling", self.tiling, TILING_FLAVOURS)

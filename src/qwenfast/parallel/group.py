@@ -166,7 +166,8 @@ class ProcessGroupComm:
         else:  # never written into the caller's tensor
             out = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
         src_global = dist.get_global_rank(self.group, src) if self.group is not dist.group.WORLD else src
-        self._count(out if self.rank == src else out[:0], out if self.rank != src else out[:0])
+        sent, received = (out, out[:0]) if self.rank == src else (out[:0], out)
+        self._count(sent, received)
         self._wait(dist.broadcast(out, src=src_global, group=self.group, async_op=True), "broadcast")
         return out.to(buf.device)
 
