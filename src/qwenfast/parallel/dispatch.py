@@ -87,7 +87,8 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     """The parallel decode of `vae` (a ParallelTiledVAE) on latent `z`, the same on every rank of
     `vae.process_group` (the world by default). Output (B, 3, T', 8h, 8w) unclamped, on every rank or
     on rank 0 only (`parallel_output="rank0"`: None elsewhere). One rank: the single-device decode.
-    `comm` overrides the group (e.g. a `SingleRankComm` to run a strategy's code path on one device)."""
+    `comm` overrides the group (e.g. a `SingleRankComm` to run a strategy's code path on one device)
+    and, with it, the timeout: `vae_config.collective_timeout_s` bounds the waits of the comm made here."""
     cfg = vae.vae_config
     if comm is None:
         if not is_initialized() or get_world_size(vae.process_group) == 1:
