@@ -79,3 +79,15 @@ def test_every_field_has_a_flag_with_help():
     for f in dataclasses.fields(VAEConfig):
         assert "--vae-config." + f.name.replace("_", "-") in help_text
     assert "receptive field" in " ".join(help_text.split())  # the field docstrings are the help
+
+
+def test_collective_timeout_default_flag_and_validation():
+    assert VAEConfig().collective_timeout_s == 300.0
+    assert parse("--vae-config.collective-timeout-s", "2.5").collective_timeout_s == 2.5
+    assert parse("--vae-config.collective-timeout-s=45").collective_timeout_s == 45.0
+    with pytest.raises(SystemExit):
+        parse("--vae-config.collective-timeout-s", "soon")
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "300"):
+        with pytest.raises(ValueError, match=r"collective_timeout_s must be a positive, finite number of seconds"):
+            VAEConfig(collective_timeout_s=bad)
+    assert VAEConfig(collective_timeout_s=5).collective_timeout_s == 5  # an int is a number of seconds too

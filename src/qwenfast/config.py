@@ -104,6 +104,18 @@ class VAEConfig:
     progress: bool = False
     """Show a progress bar over frames and tiles."""
 
+    collective_timeout_s: float = 300.0
+    """Parallel decode: seconds a rank waits in one collective for the other ranks before it raises
+    `CollectiveTimeoutError` (a rank hung, died, or never called decode); the process group cannot be
+    used again after that. A collective waits for the slowest rank's previous stage: 300 s is far
+    above any stage of a GPU decode (whole single-GPU decodes on one H100: 0.45 s for a 4096² image,
+    0.9 s for an 81-frame 720p video) and bounds a hang at 5 minutes instead of torch's 10 to 30.
+    Raise it for very large decodes on the CPU. Applied to every collective on gloo, and to each
+    stage's flag all-reduce on NCCL (a hang in a data collective holds up the next flag all-reduce on
+    the stream; the last gather is bounded by the group's own timeout). The CLI creates its torchrun
+    group with this timeout; a group you create keeps its own `init_process_group(timeout=...)`,
+    which bounds every wait too."""
+
     def __post_init__(self) -> None:
         _choices("tiling", self.tiling, TILING_FLAVOURS)
         _choices("parallel_decode_mode", self.parallel_decode_mode, PARALLEL_DECODE_MODES)
@@ -120,6 +132,9 @@ class VAEConfig:
                     raise ValueError(f"VAEConfig.{f.name} must be {what}; got {value}")
             if _base_type(f) is bool and not isinstance(value, bool):
                 raise ValueError(f"VAEConfig.{f.name} must be a bool; got {value!r}")
+            if _base_type(f) is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                           or not 0 < value < float("inf")):
+                raise ValueError(f"VAEConfig.{f.name} must be a positive, finite number of seconds; got {value!r}")
         for tile, stride in (
             ("tile_sample_min_height", "tile_sample_stride_height"),
             ("tile_sample_min_width", "tile_sample_stride_width"),
@@ -156,6 +171,8 @@ class VAEConfig:
             elif kind is int:
                 group.add_argument(flag, dest=dest, type=_int_or_none if _optional(f) else int,
                                    default=argparse.SUPPRESS, metavar="N", help=help_)
+            elif kind is float:
+                group.add_argument(flag, dest=dest, type=float, default=argparse.SUPPRESS, metavar="X", help=help_)
             else:
                 group.add_argument(flag, dest=dest, choices=_CHOICES.get(f.name),
                                    default=argparse.SUPPRESS, help=help_)
@@ -189,7 +206,10 @@ def _optional(f: dataclasses.Field) -> bool:
 
 def _base_type(f: dataclasses.Field) -> type:
     t = str(f.type)
-    return bool if t.startswith("bool") else int if t.startswith("int") else str
+    for kind in (bool, int, float):
+        if t.startswith(kind.__name__):
+            return kind
+    return str
 
 
 def _field_doc(cls: type, name: str) -> str | None:

@@ -10,7 +10,10 @@ import torch
 
 from qwenfast.config import VAEConfig
 from qwenfast.parallel.comm import SingleRankComm
-from qwenfast.parallel.dispatch import decode_parallel, latent_signature
+import dataclasses
+
+from qwenfast.config import _CHOICES
+from qwenfast.parallel.dispatch import count_differing, decode_config_codes, decode_parallel, latent_header
 from parallel_scenarios import SMALL_TILES, latent, tiny_vae
 
 
@@ -53,10 +56,39 @@ def test_auto_logs_its_choice_once(vae, caplog):
     assert len(records) == 1 and "replicated" in records[0].getMessage()
 
 
-def test_latent_signature_sees_one_changed_value_and_the_shape():
+def test_latent_header_sees_the_shape_and_dtype():
     z = latent((1, 4, 1, 9, 11))
-    changed = z.clone()
-    changed[0, 2, 0, 4, 4] += 1e-3
-    assert not torch.equal(latent_signature(z), latent_signature(changed))
-    assert not torch.equal(latent_signature(z), latent_signature(z.reshape(1, 4, 1, 11, 9)))
-    assert torch.equal(latent_signature(z), latent_signature(z.clone()))
+    assert not torch.equal(latent_header(z), latent_header(z.reshape(1, 4, 1, 11, 9)))
+    assert not torch.equal(latent_header(z), latent_header(z.reshape(4, 1, 9, 11)))
+    assert not torch.equal(latent_header(z), latent_header(z.double()))
+    assert torch.equal(latent_header(z), latent_header(z.clone()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_count_differing_is_bitwise(dtype):
+    z = latent((1, 4, 1, 9, 11)).to(dtype)
+    swapped = z.clone().view(-1)
+    swapped[[3, 4, 100, 101]] = swapped[[4, 3, 101, 100]]
+    assert count_differing(z, swapped.view_as(z)) == 4  # same sum, same sum of squares
+    nan = z.clone()
+    nan[0, 0, 0, 0, :3] = float("nan")
+    assert count_differing(nan, nan.clone()) == 0  # identical NaNs are equal
+    zeros, negative = torch.zeros(5, dtype=dtype), -torch.zeros(5, dtype=dtype)
+    assert count_differing(zeros, negative) == 5  # -0.0 and 0.0 differ
+    ulp = z.clone()
+    ulp[0, 1, 0, 2, 2] = torch.nextafter(ulp[0, 1, 0, 2, 2], torch.tensor(float("inf"), dtype=dtype))
+    assert count_differing(z, ulp) == 1
+
+
+def test_decode_config_codes_cover_every_shared_field():
+    names, codes = decode_config_codes(VAEConfig())
+    shared = [f.name for f in dataclasses.fields(VAEConfig) if f.name not in ("progress", "collective_timeout_s")]
+    assert list(names) == shared and codes.shape == (len(shared),)
+    for f in dataclasses.fields(VAEConfig):  # every str field is a choice, so that it has a number
+        if isinstance(f.default, str):
+            assert f.name in _CHOICES, f.name
+    for change in (dict(parallel_output="rank0"), dict(patch_halo="level"), dict(exact_tile_sample_size=512),
+                   dict(tiling="blend"), dict(tile_margin=13), dict(tile_margin=0), dict(use_tiling=True)):
+        changed = decode_config_codes(VAEConfig(**change))[1]
+        assert [n for n, a, b in zip(names, codes.tolist(), changed.tolist()) if a != b] == list(change), change
+    assert torch.equal(decode_config_codes(VAEConfig(progress=True, collective_timeout_s=1.0))[1], codes)

@@ -78,14 +78,21 @@ def all_ranks_agree(stage: str):
 
 def distributed(run):
     """Wrap a subcommand: join torchrun's process group when WORLD_SIZE > 1 (and set this rank's
-    CUDA device), destroy it afterwards if this call created it."""
+    CUDA device) with `--vae-config.collective-timeout-s` as its timeout, destroy it afterwards if
+    this call created it."""
     import functools
 
     @functools.wraps(run)
     def wrapper(args):
+        from ..config import VAEConfig
         from ..parallel import group as pg
 
-        pg.init_from_env()
+        given = vars(args).get("vae_config__collective_timeout_s", VAEConfig.collective_timeout_s)
+        try:
+            timeout_s = VAEConfig(collective_timeout_s=given).collective_timeout_s
+        except ValueError:  # the subcommand's own config check refuses it (one line), after the group exists
+            timeout_s = VAEConfig.collective_timeout_s
+        pg.init_from_env(timeout_s=timeout_s)
         try:
             return run(args)
         finally:

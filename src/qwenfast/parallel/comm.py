@@ -10,6 +10,9 @@ Rules every implementation keeps:
 - `guard(stage)` brackets work that may raise on one rank only: at its end every rank learns
   whether any rank failed, so that all of them raise instead of some waiting forever in the next
   collective.
+- `broadcast(buf, src)` returns rank `src`'s 1-D `buf` (same size and dtype everywhere) on every rank.
+- A collective that waits longer than the comm's timeout raises `CollectiveTimeoutError` on the
+  ranks that waited (a rank hung, died, or never called it); the group is unusable afterwards.
 - Counters: `bytes_sent` is the payload this rank contributes to collectives (padding included),
   `bytes_received` what it gets from the other ranks, `collectives` how many it called.
 """
@@ -21,11 +24,15 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["SingleRankComm", "RemoteRankError"]
+__all__ = ["SingleRankComm", "RemoteRankError", "CollectiveTimeoutError"]
 
 
 class RemoteRankError(RuntimeError):
     """Raised on the ranks that did not fail when another rank of the group failed."""
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """Raised on a rank that waited longer than `VAEConfig.collective_timeout_s` in one collective."""
 
 
 class SingleRankComm:
@@ -52,6 +59,10 @@ class SingleRankComm:
     def all_gather(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `buf` (equal sizes on all ranks), in rank order."""
         return [buf]
+
+    def broadcast(self, buf: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s `buf` on every rank: this rank's own."""
+        return buf
 
     def gather(self, buf: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         """Every rank's `buf` on rank `dst` (None elsewhere)."""

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from .comm import RemoteRankError
+from .comm import CollectiveTimeoutError, RemoteRankError
 
 __all__ = ["init_from_env", "destroy_if_owned", "is_initialized", "get_rank", "get_world_size",
            "is_rank0", "print0", "barrier", "gather_floats", "ProcessGroupComm"]
@@ -39,7 +40,8 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> Any |
     when WORLD_SIZE > 1 and no group exists yet; return the world group, or None for one process.
 
     NCCL when CUDA is available (and each rank's device set to LOCAL_RANK), gloo otherwise.
-    `timeout_s` bounds how long a collective may wait for a rank that died.
+    `timeout_s` bounds how long a collective may wait for a rank that died (the CLI passes
+    `VAEConfig.collective_timeout_s`). A group that exists already keeps its own timeout.
     """
     global _OWNED
     if is_initialized():
@@ -100,10 +102,12 @@ class ProcessGroupComm:
     """The `comm` interface of `qwenfast.parallel.comm` over a torch.distributed process group.
 
     Collective tensors live on `device`: the current CUDA device for NCCL, the CPU for gloo.
+    `timeout_s` (None: the group's own timeout only) bounds each wait: see `_wait`.
     """
 
-    def __init__(self, group: Any | None = None) -> None:
+    def __init__(self, group: Any | None = None, timeout_s: float | None = None) -> None:
         self.group = group if group is not None else dist.group.WORLD
+        self.timeout_s = timeout_s
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         backend = dist.get_backend(self.group)
@@ -135,7 +139,8 @@ class ProcessGroupComm:
             msg[1:1 + k] = v
             msg[1 + k:] = -v
         self._count(msg, msg)
-        dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.group)
+        self._wait(dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                   f"flag all-reduce of stage {stage!r}", flag=True)
         if error is not None:
             raise error
         if msg[0].item() > 0:
@@ -151,8 +156,20 @@ class ProcessGroupComm:
         src = buf.to(self.device).contiguous()
         out = torch.empty(self.world_size * src.numel(), dtype=src.dtype, device=self.device)
         self._count(src, out[src.numel():])
-        dist.all_gather_into_tensor(out, src, group=self.group)
+        self._wait(dist.all_gather_into_tensor(out, src, group=self.group, async_op=True), "all-gather")
         return [p.to(buf.device) for p in out.chunk(self.world_size)]
+
+    def broadcast(self, buf: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s 1-D `buf` (the same size and dtype on every rank) on every rank."""
+        if self.rank == src:
+            out = buf.to(self.device).contiguous()
+        else:  # never written into the caller's tensor
+            out = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+        src_global = dist.get_global_rank(self.group, src) if self.group is not dist.group.WORLD else src
+        sent, received = (out, out[:0]) if self.rank == src else (out[:0], out)
+        self._count(sent, received)
+        self._wait(dist.broadcast(out, src=src_global, group=self.group, async_op=True), "broadcast")
+        return out.to(buf.device)
 
     def gather(self, buf: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         """Every rank's 1-D `buf` (the same size on every rank) on rank `dst`, None on the others."""
@@ -163,10 +180,10 @@ class ProcessGroupComm:
         if self.rank == dst:
             parts = [torch.empty_like(src) for _ in range(self.world_size)]
             self._count(src[:0], src.new_empty((self.world_size - 1) * src.numel()))
-            dist.gather(src, parts, dst=dst_global, group=self.group)
+            self._wait(dist.gather(src, parts, dst=dst_global, group=self.group, async_op=True), "gather")
             return [p.to(buf.device) for p in parts]
         self._count(src, src[:0])
-        dist.gather(src, None, dst=dst_global, group=self.group)
+        self._wait(dist.gather(src, None, dst=dst_global, group=self.group, async_op=True), "gather")
         return None
 
     def exchange_with_neighbours(self, send_up: torch.Tensor | None, send_down: torch.Tensor | None,
@@ -189,8 +206,30 @@ class ProcessGroupComm:
                 below = recv
         if ops:
             for req in dist.batch_isend_irecv(ops):
-                req.wait()
+                self._wait(req, "halo exchange with the neighbours")
         return above, below
+
+    def _wait(self, work, what: str, flag: bool = False) -> None:
+        """Wait for an async collective; past `timeout_s` raise `CollectiveTimeoutError` (one line).
+
+        gloo: every collective waits with the timeout (each blocks the CPU anyway). NCCL: only the
+        flag all-reduces (`flag=True`), whose verdict the CPU reads at once; a data collective is
+        ordered on the stream, so a hang in it holds up the next flag all-reduce, whose timed wait then
+        fires (and a timed wait would make the CPU block on every data collective).
+        A timed-out collective stays pending: the group cannot be used again."""
+        if self.timeout_s is None or not (flag or self.device.type == "cpu"):
+            work.wait()
+            return
+        t0 = time.monotonic()
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            if time.monotonic() - t0 < 0.99 * self.timeout_s:  # failed early: a peer closed, not a timeout
+                raise
+            raise CollectiveTimeoutError(
+                f"parallel decode: no answer from the other ranks within {self.timeout_s:g} s "
+                f"(VAEConfig.collective_timeout_s) in the {what}: a rank is hung, died or did not call decode; "
+                "this process group cannot be used again") from None
 
     def _count(self, sent: torch.Tensor, received: torch.Tensor) -> None:
         self.collectives += 1
