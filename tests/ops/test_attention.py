@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenfast.ops.attention import (
-    kernel_supports,
-    kernel_takes,
+    SingleHeadAttention,
     single_head_attention,
     single_head_attention_native,
     single_head_attention_triton,
@@ -109,7 +108,6 @@ def test_non_contiguous_last_dim_is_copied():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_entry_point_runs_the_kernel(dtype):
     q, k, v = qkv(2, 33, 33, 384, dtype, seed=6)
-    assert kernel_supports(q, k, v)  # the interpreter takes CPU tensors
     out = single_head_attention_triton(q, k, v)
     torch.testing.assert_close(out, K.attention_fwd(q, k, v), rtol=0, atol=0)
     assert rel_err(out, oracle(q, k, v)) < TOL[dtype]
@@ -118,7 +116,7 @@ def test_triton_entry_point_runs_the_kernel(dtype):
 @pytest.mark.parametrize("D", [40, 496])
 def test_unsupported_head_dims_take_the_native_path(D):
     q, k, v = qkv(1, 7, 9, D, torch.float32, seed=D)
-    assert not K.supports_head_dim(D) and not kernel_supports(q, k, v)
+    assert not K.supports_head_dim(D) and not SingleHeadAttention().kernel_takes(q, k, v)
     with pytest.raises(ValueError, match="cannot take"):
         single_head_attention_triton(q, k, v)
     assert rel_err(single_head_attention(q, k, v), oracle(q, k, v)) < 1e-5
@@ -126,7 +124,7 @@ def test_unsupported_head_dims_take_the_native_path(D):
 
 def test_fp64_takes_the_native_path():
     q, k, v = qkv(1, 7, 9, 32, torch.float64, seed=7)
-    assert not kernel_takes(q, k, v)
+    assert not SingleHeadAttention().kernel_takes(q, k, v)
     assert rel_err(single_head_attention(q, k, v), oracle(q, k, v)) < 1e-12
 
 
@@ -180,5 +178,6 @@ def test_errors_name_the_argument():
 def test_public_function_on_cpu_takes_the_native_path():
     """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
     q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8)
-    assert kernel_supports(q, k, v) and not kernel_takes(q, k, v)
+    op = SingleHeadAttention()
+    assert op.kernel_takes(q, k, v) and op.dispatch(q, k, v) == op.forward_native
     torch.testing.assert_close(single_head_attention(q, k, v), single_head_attention_native(q, k, v), rtol=0, atol=0)
