@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/ops/_device.py
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 

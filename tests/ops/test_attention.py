@@ -18,6 +18,8 @@ from qwenfast.ops.attention import (
 )
 from qwenfast.ops.triton import attention as K
 
+from _device import DEVICE
+
 SMALL = K.AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # relative L2 error vs the fp64 oracle: fp32 arithmetic; 16-bit P and output roundings
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -36,11 +38,11 @@ def oracle(q, k, v) -> torch.Tensor:
     return torch.softmax(s, dim=-1) @ v
 
 
-def qkv(B, Nq, Nk, D, dtype, seed, scale=1.0):
+def qkv(B, Nq, Nk, D, dtype, seed, scale=1.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, Nq, D, generator=g) * scale).to(dtype)
-    k = torch.randn(B, Nk, D, generator=g).to(dtype)
-    v = torch.randn(B, Nk, D, generator=g).to(dtype)
+    q = (torch.randn(B, Nq, D, generator=g) * scale).to(dtype).to(device)
+    k = torch.randn(B, Nk, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Nk, D, generator=g).to(dtype).to(device)
     return q, k, v
 
 
@@ -75,7 +77,7 @@ def test_one_key_returns_its_value():
 
 def test_equal_keys_average_the_values():
     q, _, v = qkv(1, 19, 23, 32, torch.float32, seed=2)
-    k = torch.zeros(1, 23, 32)
+    k = torch.zeros(1, 23, 32, device=DEVICE)
     torch.testing.assert_close(K.attention_fwd(q, k, v, SMALL), v.mean(1, keepdim=True).expand(1, 19, 32))
 
 
@@ -90,7 +92,7 @@ def test_large_scores_do_not_overflow():
 def test_strided_views_of_a_packed_qkv():
     # q, k, v as slices of one (B, N, 3D) tensor, the way a fused qkv projection leaves them
     g = torch.Generator().manual_seed(4)
-    packed = torch.randn(2, 29, 3 * 64, generator=g)
+    packed = torch.randn(2, 29, 3 * 64, generator=g).to(DEVICE)
     q, k, v = packed.split(64, dim=-1)
     assert not q.is_contiguous()
     out = K.attention_fwd(q, k, v, SMALL)
@@ -177,7 +179,7 @@ def test_errors_name_the_argument():
 
 def test_public_function_on_cpu_takes_the_native_path():
     """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
-    q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8)
+    q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8, device="cpu")
     op = SingleHeadAttention()
     assert op.kernel_takes(q, k, v) and op.dispatch(q, k, v) == op.forward_native
     torch.testing.assert_close(single_head_attention(q, k, v), single_head_attention_native(q, k, v), rtol=0, atol=0)

@@ -18,9 +18,9 @@ from qwenfast.ops import custom_op  # noqa: E402
 from qwenfast.ops import modulate as M  # noqa: E402
 from qwenfast.ops.triton import modulate as T  # noqa: E402
 
+from _device import DEVICE  # noqa: E402
 from _modulate_cases import make_case, oracle_modulate, params_of, rel_err, sel64  # noqa: E402
 
-DEVICE = os.environ.get("QWENFAST_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
