@@ -279,6 +279,8 @@ def test_compatible_modules_on_the_triton_path_match_native(monkeypatch, name):
     assert len(native) == len(fused)
     for u, v in zip(fused, native):
         assert_close(u, v, torch.bfloat16)
+    for u, v in zip(mod.forward_triton(*args), fused):  # the tests' entry point: the same kernel path
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
 def test_opcheck():

@@ -450,6 +450,10 @@ class _CompatibleOp(_ModulateOp):
         a, kw = self._convert(*args)
         return super().forward(*a, **kw)
 
+    def forward_triton(self, *args):
+        a, kw = self._convert(*args)
+        return super().forward_triton(*a, **kw)
+
 
 class FusedLayerNormScaleShiftGateSelect01(_CompatibleOp):
     """`(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps) -> (y, gate)`;
