@@ -325,12 +325,10 @@ def tune_from_sweep(rows) -> dict:
         best[res] = min(total.values(), key=lambda t: t[0])[1]
     fwd = T._norm_modulate_fwd
 
-    def tuned(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps,
-              config=None):  # the sweep's winner at C = 3072, per kind of op
+    def tuned(x, *args, residual=None, config=None, **kwargs):  # the sweep's winner at C = 3072, per kind of op
         if config is None and x.shape[-1] == C:
             config = best[residual is not None]
-        return fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps,
-                   config)
+        return fwd(x, *args, residual=residual, config=config, **kwargs)
 
     T._norm_modulate_fwd = tuned
     return {"ln_modulate": repr(best[False]), "residual_ln_modulate": repr(best[True])}

@@ -321,8 +321,8 @@ def _index_of(index: Optional[Tensor]) -> Optional[Tensor]:
     return index if index.is_contiguous() else index.contiguous()
 
 
-def _norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1,
-                       index, eps, config=None):
+def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps, *, residual=None,
+                       rgate0=None, rgate1=None, config=None):
     """Run the norm kernel; returns (y, residual_out, gate), None where not computed.
 
     residual given: residual_out = residual + rgate_sel * x first (rgate0 (B, C) or (B, L, C); picked
@@ -379,16 +379,16 @@ def _norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0
 
 def layer_norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps, config=None):
     """(y, gate or None): the norm kernel without a residual."""
-    y, _, gate = _norm_modulate_fwd(x, None, None, None, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1,
-                                    index, eps, config)
+    y, _, gate = _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps,
+                                    config=config)
     return y, gate
 
 
 def residual_layer_norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1,
                                      gate1, index, eps, config=None):
     """(y, residual_out, gate or None): the norm kernel after the gated residual add."""
-    return _norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1,
-                              index, eps, config)
+    return _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps,
+                              residual=residual, rgate0=rgate0, rgate1=rgate1, config=config)
 
 
 def gated_residual_fwd(x, residual, gate0, gate1, index):
@@ -420,7 +420,8 @@ def gated_residual_fwd(x, residual, gate0, gate1, index):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_flat(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index):
+def _check_flat(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, residual=None, rgate0=None,
+                rgate1=None):
     rows = {"scale0": scale0, "shift0": shift0}
     set1 = {"scale1": scale1, "shift1": shift1}
     if gate0 is not None:
@@ -447,7 +448,7 @@ def layer_norm_modulate_op(
     gate0: Optional[Tensor], scale1: Optional[Tensor], shift1: Optional[Tensor], gate1: Optional[Tensor],
     index: Optional[Tensor], eps: float,
 ) -> tuple[Tensor, Tensor]:
-    _check_flat(x, None, None, None, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index)
+    _check_flat(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index)
     y, gate = layer_norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps)
     return y, gate if gate is not None else _empty_gate(x)
 
@@ -463,7 +464,7 @@ def residual_layer_norm_modulate_op(
     bias: Optional[Tensor], scale0: Tensor, shift0: Tensor, gate0: Optional[Tensor], scale1: Optional[Tensor],
     shift1: Optional[Tensor], gate1: Optional[Tensor], index: Optional[Tensor], eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_flat(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index)
+    _check_flat(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, residual, rgate0, rgate1)
     y, rout, gate = residual_layer_norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, scale0, shift0, gate0,
                                                      scale1, shift1, gate1, index, eps)
     return y, rout, gate if gate is not None else _empty_gate(x)
