@@ -116,8 +116,7 @@ def bench_modulate(block, case, device, warm, rep):
     def diffusers_norm1():
         return QwenImageTransformerBlock._modulate(block, block.img_norm1(x), mod1, index)
 
-    m1, m2 = split_modulation(mod1, index), split_modulation(mod2, index)
-    idx = index if m1.shift1 is not None else None
+    m1, m2 = split_modulation(mod1, index), split_modulation(mod2, index)  # Modulation or Select
     gate = QwenImageTransformerBlock._modulate(block, x, mod1, index)[1]  # (B, L, D) as diffusers keeps it
 
     def diffusers_residual_norm2():
@@ -130,14 +129,13 @@ def bench_modulate(block, case, device, warm, rep):
         return x + gate2 * attn
 
     def fused_mlp_add():
-        return gated_residual(attn, x, m2.gate0, m2.gate1, idx)
+        return gated_residual(attn, x, m2)
 
     def fused_norm1():
-        return layer_norm_modulate(x, None, None, m1.scale0, m1.shift0, m1.scale1, m1.shift1, idx, 1e-6)
+        return layer_norm_modulate(x, m1)
 
     def fused_residual_norm2():
-        return residual_layer_norm_modulate(attn, x, m1.gate0, None, None, m2.scale0, m2.shift0,
-                                            m1.gate1, m2.scale1, m2.shift1, idx, 1e-6)
+        return residual_layer_norm_modulate(attn, x, m1, m2)
 
     with torch.no_grad():
         y_ref = diffusers_norm1()[0]

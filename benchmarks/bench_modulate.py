@@ -57,29 +57,37 @@ def make_inputs(L, C=C, B=1, dtype=torch.bfloat16, seed=0, index="prefix"):
 # --- the variants: (ours, reference, minimal bytes per element of x) --------------------------------
 
 
+def params(c, select: bool):
+    """The inputs' parameters as the ops take them: set 0, or both sets picked by the index."""
+    set0 = ops.Modulation(c["scale0"], c["shift0"], c["gate0"])
+    if not select:
+        return set0
+    return ops.Select(set0, ops.Modulation(c["scale1"], c["shift1"], c["gate1"]), c["index"])
+
+
 def variants(c, select: bool):
-    x, r, idx = c["x"], c["residual"], c["index"] if select else None
-    s1 = (c["scale1"], c["shift1"]) if select else (None, None)
-    g1 = c["gate1"] if select else None
+    x, r = c["x"], c["residual"]
+    p = params(c, select)
     sel_gate = ops.FusedLayerNormScaleShiftGateSelect01()
+    idx = c["index"] if select else None
+    s1 = (c["scale1"], c["shift1"], c["gate1"]) if select else (None, None, None)
     return {
         "ln_modulate": (
-            lambda: ops.layer_norm_modulate(x, None, None, c["scale0"], c["shift0"], *s1, idx),
-            lambda fn: fn(x, None, None, c["scale0"], c["shift0"], *s1, idx, None, None, EPS)[0],
+            lambda: ops.layer_norm_modulate(x, p),
+            lambda fn: fn(x, p)[0],
             M.layer_norm_modulate_native, 2),
         "residual_ln_modulate": (
-            lambda: ops.residual_layer_norm_modulate(x, r, c["gate0"], None, None, c["scale0"], c["shift0"], g1, *s1,
-                                                     idx),
-            lambda fn: fn(x, r, c["gate0"], g1, None, None, c["scale0"], c["shift0"], *s1, idx, None, None, EPS)[:2],
+            lambda: ops.residual_layer_norm_modulate(x, r, p, p),
+            lambda fn: fn(x, r, p, p)[:2],
             M.residual_layer_norm_modulate_native, 4),
         "gated_residual": (
-            lambda: ops.gated_residual(x, r, c["gate0"], g1, idx),
-            lambda fn: fn(x, r, c["gate0"], g1, idx),
+            lambda: ops.gated_residual(x, r, p),
+            lambda fn: fn(x, r, p),
             M.gated_residual_native, 3),
         # The compatible API also writes the (B, L, C) gate: counted on the minimal bytes all the same.
         "ln_modulate+gate": (
-            lambda: sel_gate(x, None, None, c["scale0"], c["shift0"], c["gate0"], s1[0], s1[1], g1, idx, EPS),
-            lambda fn: fn(x, None, None, c["scale0"], c["shift0"], *s1, idx, c["gate0"], g1, EPS),
+            lambda: sel_gate(x, None, None, c["scale0"], c["shift0"], c["gate0"], *s1, idx, EPS),
+            lambda fn: fn(x, p, with_gate=True),
             M.layer_norm_modulate_native, 2),
     }
 
@@ -149,25 +157,27 @@ def close(a, b, dtype, what):
 
 
 def check_one(c, dtype, select, what):
-    idx = c["index"] if select else None
-    s1 = (c["scale1"], c["shift1"]) if select else (None, None)
-    g1 = c["gate1"] if select else None
+    p = params(c, select)
+    kw = dict(weight=c["weight"], bias=c["bias"], eps=EPS)
     poison()
-    y, gate = T.layer_norm_modulate_triton(c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"], *s1, idx,
-                                           c["gate0"], g1, EPS)
-    y_ref, gate_ref = M.layer_norm_modulate_native(c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"], *s1,
-                                                   idx, c["gate0"], g1, EPS)
+    y, gate = T.layer_norm_modulate_triton(c["x"], p, with_gate=True, **kw)
+    y_ref, gate_ref = M.layer_norm_modulate_native(c["x"], p, with_gate=True, **kw)
     close(y, y_ref, dtype, what + " y")
     assert torch.equal(gate, gate_ref), what + " gate"
     poison()
-    args = (c["x"], c["residual"], c["gate0"], g1, c["weight"], c["bias"], c["scale0"], c["shift0"], *s1, idx,
-            None, None, EPS)
-    y, rout, _ = T.residual_layer_norm_modulate_triton(*args)
-    _, rout_ref, _ = M.residual_layer_norm_modulate_native(*args)
+    y, rout, _ = T.residual_layer_norm_modulate_triton(c["x"], c["residual"], p, p, **kw)
+    _, rout_ref, _ = M.residual_layer_norm_modulate_native(c["x"], c["residual"], p, p, **kw)
     close(rout, rout_ref, dtype, what + " residual_out")
-    y_ref, _ = M.layer_norm_modulate_native(rout, c["weight"], c["bias"], c["scale0"], c["shift0"], *s1, idx,
-                                            None, None, EPS)
+    y_ref, _ = M.layer_norm_modulate_native(rout, p, **kw)
     close(y, y_ref, dtype, what + " residual y")
+    poison()
+    out = T.gated_residual_triton(c["x"], c["residual"], p)
+    close(out, M.gated_residual_native(c["x"], c["residual"], p), dtype, what + " gated_residual")
+
+
+def flat_select(c):
+    """(scale0, shift0, gate0, scale1, shift1, gate1, index) of the selecting norm call, no gate out."""
+    return c["scale0"], c["shift0"], None, c["scale1"], c["shift1"], None, c["index"]
 
 
 def run_checks() -> dict:
@@ -179,28 +189,30 @@ def run_checks() -> dict:
                     c = make_inputs(L, Cc, B=2, dtype=dtype, seed=n, index=index)
                     check_one(c, dtype, index != "none", f"{dtype} C={Cc} L={L} index={index}")
                     n += 1
-    # Launch configurations other than the default (the sweep's) compute the same.
+    # Launch configurations other than the default (the sweep's) and the measurement-only kernel
+    # variants (benchmarks/modulate_variants.py) compute the same.
     c = make_inputs(777, 3072, B=2, index="mixed")
-    ref = M.layer_norm_modulate_native(c["x"], None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
-                                       c["index"], None, None, EPS)[0]
+    ref = M.layer_norm_modulate_native(c["x"], params(c, True))[0]
     for cfg in sweep_configs():
-        y = T._launch(c["x"], None, None, None, None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
-                      c["index"], None, None, EPS, config=cfg)[0]
+        y = T.layer_norm_modulate_fwd(c["x"], None, None, *flat_select(c), EPS, config=cfg)[0]
         close(y, ref, torch.bfloat16, f"config {cfg}")
+    for v in VARIANTS:
+        y = run_variant(c, False, v)[0]
+        close(y, ref, torch.bfloat16, f"variant {v}")
     # Parameter rows only 2-byte aligned (views at an odd element offset of a (2B, 6C + 1) tensor): the
     # launcher must hint 2 bytes, not 16, or the picked rows would be read misaligned.
     mod = torch.randn(4, 6 * 3072 + 1, device="cuda").to(torch.bfloat16)[:, 1:]
-    odd = dict(c, scale0=mod[:2, :3072], shift0=mod[:2, 3072:6144], scale1=mod[2:, :3072], shift1=mod[2:, 3072:6144])
+    odd = dict(c, scale0=mod[:2, :3072], shift0=mod[:2, 3072:6144], gate0=mod[:2, 6144:9216], scale1=mod[2:, :3072],
+               shift1=mod[2:, 3072:6144], gate1=mod[2:, 6144:9216])
     assert T._row_alignment(odd["scale0"], odd["scale1"]) == 2
     check_one(odd, torch.bfloat16, True, "parameter rows 2-byte aligned")
     # B*L*C > 2**31: int64 offsets (4.3 GB per tensor in bf16).
     L_big = 2**31 // C + 1000
     c = make_inputs(L_big, C, B=1, index="prefix")
-    y = ops.layer_norm_modulate(c["x"], None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"], c["index"])
+    y = ops.layer_norm_modulate(c["x"], params(c, True))
     for sl in (slice(0, 512), slice(L_big - 512, L_big)):
-        part = {k: (v[:, sl] if k in ("x", "index") else v) for k, v in c.items()}
-        ref = M.layer_norm_modulate_native(part["x"], None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"],
-                                           part["index"], None, None, EPS)[0]
+        part = dict(c, x=c["x"][:, sl], index=c["index"][:, sl].contiguous())
+        ref = M.layer_norm_modulate_native(part["x"], params(part, True))[0]
         close(y[:, sl], ref, torch.bfloat16, f"B*L*C={L_big * C} rows {sl}")
     del c, y
     torch.cuda.empty_cache()
@@ -208,13 +220,13 @@ def run_checks() -> dict:
     # torch.compile (inductor): the public API, fullgraph (any graph break fails), equal to eager.
     c = make_inputs(4096, C, B=2, index="mixed")
     sel_gate = ops.FusedLayerNormScaleShiftGateSelect01()
+    p = params(c, True)
 
     def block(x, residual):
-        y, r = ops.residual_layer_norm_modulate(x, residual, c["gate0"], None, None, c["scale0"], c["shift0"],
-                                                c["gate1"], c["scale1"], c["shift1"], c["index"])
+        y, r = ops.residual_layer_norm_modulate(x, residual, p, p)
         y2, g = sel_gate(y, None, None, c["scale0"], c["shift0"], c["gate0"], c["scale1"], c["shift1"], c["gate1"],
                          c["index"], EPS)
-        return ops.gated_residual(y2, r, c["gate0"], c["gate1"], c["index"]), g
+        return ops.gated_residual(y2, r, p), g
 
     eager = block(c["x"], c["residual"])
     comp = torch.compile(block, fullgraph=True)(c["x"], c["residual"])
@@ -235,8 +247,8 @@ def run_checks() -> dict:
     want = block(x2, r2)
     for a, b in zip(out, want):
         assert torch.equal(a, b), "CUDA-graph replay differs from eager"
-    return {"cases": n, "configs": len(sweep_configs()), "big_rows": L_big, "compile_fullgraph": True,
-            "cuda_graph": True}
+    return {"cases": n, "configs": len(sweep_configs()), "variants": len(VARIANTS), "big_rows": L_big,
+            "compile_fullgraph": True, "cuda_graph": True}
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -244,12 +256,20 @@ def run_checks() -> dict:
 
 def sweep_configs():
     # Run 2 (benchmarks/results/run2_modulate_h100.md) swept rows 1-4 x warps 4-16 and chunked tiles:
-    # whole rows, 1 x 4 warps won; run 3 (modulate_notes.md) found PICK_BOTH slower than PICK_ADDRESS.
-    # Run 4: the alignment hint on the picked rows (needed on Triton 3.9, neutral on 3.6); rows x warps
-    # other than 1 x 4 lost again. Here: the parameter loads issued before the statistics (early), against
-    # the kernel without the hint and PICK_BOTH.
-    return [T.LaunchConfig(1, 4096, 4, False), T.LaunchConfig(1, 4096, 4, False, early=True),
-            T.LaunchConfig(1, 4096, 4, False, align_hint=False), T.LaunchConfig(1, 4096, 4, False, T.PICK_BOTH)]
+    # whole rows, 1 x 4 warps won (run 4 again). The package's kernel takes these; the other choices
+    # measured since (runs 3-5) live in benchmarks/modulate_variants.py (VARIANTS below).
+    return [T.LaunchConfig(1, 4096, 4, False), T.LaunchConfig(2, 4096, 8, False), T.LaunchConfig(1, 1024, 4, True)]
+
+
+# Measurement-only kernel variants (run 3: PICK_BOTH; run 4: no alignment hint; run 5: early loads).
+VARIANTS = [dict(early=True), dict(hint=False), dict(pick="both")]
+
+
+def run_variant(c, res: bool, v: dict):
+    from modulate_variants import variant_fwd
+
+    return variant_fwd(c["x"], c["residual"] if res else None, c["gate0"], c["gate1"], c["scale0"], c["shift0"],
+                       c["scale1"], c["shift1"], c["index"], EPS, **v)
 
 
 def run_sweep() -> list[dict]:
@@ -257,45 +277,60 @@ def run_sweep() -> list[dict]:
     for L in (4096, 6889, 16384):
         c = make_inputs(L)
         zeros = make_inputs(L, index="zeros")["index"]
-        for cfg in sweep_configs():
+        for cfg in [*sweep_configs(), *VARIANTS]:
+            is_cfg = isinstance(cfg, T.LaunchConfig)
             cases = [("ln_modulate", False, "select"), ("residual_ln_modulate", True, "select")]
-            if cfg.pick == T.PICK_ADDRESS and cfg.align_hint:  # the plain op (no index) beside it
+            if cfg == sweep_configs()[0]:  # the default: the plain op (no index) and a control beside it
                 cases.append(("ln_modulate", False, "plain"))
-                if not cfg.early and L < 16384:  # control: an index of zeros (same work as the prefix index)
+                if L < 16384:  # an index of zeros (same work as the prefix index)
                     cases.append(("ln_modulate", False, "select-zeros"))
             for name, res, kind in cases:
-                idx = {"select": c["index"], "plain": None, "select-zeros": zeros}[kind]
-                s1 = (c["scale1"], c["shift1"]) if idx is not None else (None, None)
-                args = (c["x"], c["residual"] if res else None, c["gate0"] if res else None,
-                        c["gate1"] if res else None, None, None, c["scale0"], c["shift0"], *s1, idx, None, None, EPS)
-                got = T._launch(*args, config=cfg)
-                want = (M.residual_layer_norm_modulate_native if res else M.layer_norm_modulate_native)(
-                    *(args if res else args[:1] + args[4:]))
+                cc = dict(c, index={"select": c["index"], "plain": None, "select-zeros": zeros}[kind])
+                sel = cc["index"] is not None
+                p = params(cc, sel)
+                rg = (c["gate0"], c["gate1"] if sel else None)
+                if is_cfg:
+                    flat = (*flat_select(cc),) if sel else (c["scale0"], c["shift0"], None, None, None, None, None)
+                    if res:
+                        fn = lambda: T.residual_layer_norm_modulate_fwd(cc["x"], cc["residual"], *rg, None, None,  # noqa: E731
+                                                                        *flat, EPS, config=cfg)
+                    else:
+                        fn = lambda: T.layer_norm_modulate_fwd(cc["x"], None, None, *flat, EPS, config=cfg)  # noqa: E731
+                else:
+                    fn = lambda: run_variant(cc, res, cfg)  # noqa: E731
+                got = fn()
+                want = (M.residual_layer_norm_modulate_native(cc["x"], cc["residual"], p, p) if res
+                        else M.layer_norm_modulate_native(cc["x"], p))
                 close(got[0], want[0], torch.bfloat16, f"sweep {name} {cfg}")
-                us = bench(lambda: T._launch(*args, config=cfg))
+                us = bench(fn)
                 nbytes = (4 if res else 2) * L * C * 2
-                rows.append(dict(op=f"{name}/{kind}", L=L, config=repr(cfg), us=us, gbps=nbytes / us * 1e-3, cfg=cfg))
+                label = repr(cfg) if is_cfg else f"variant {cfg}"
+                rows.append(dict(op=f"{name}/{kind}", L=L, config=label, us=us, gbps=nbytes / us * 1e-3,
+                                 cfg=cfg if is_cfg else None))
                 print(f"  sweep {rows[-1]['op']:<28} L={L:<6} {rows[-1]['config']:<75} {us:7.1f} us", flush=True)
     return rows
 
 
 def tune_from_sweep(rows) -> dict:
-    """The fastest configuration per kind of op (time per token summed over the swept L), installed
-    as the default at C = 3072 for the table that follows; the kernel's default_config is then set to
-    the same by hand (the table says which configs it ran)."""
+    """The fastest launch configuration per kind of op (time per token summed over the swept L),
+    installed as the default at C = 3072 for the table that follows; the kernel's default_config is
+    then set to the same by hand (the table says which configs it ran). Variants are not candidates:
+    they are not in the package."""
     best = {}
     for res in (False, True):
         total = {}
         for r in rows:
-            if r["op"].startswith("residual") == res and r["op"].endswith("/select"):
+            if r["cfg"] is not None and r["op"].startswith("residual") == res and r["op"].endswith("/select"):
                 total[r["config"]] = total.get(r["config"], (0.0, r["cfg"]))[0] + r["us"] / r["L"], r["cfg"]
         best[res] = min(total.values(), key=lambda t: t[0])[1]
-    default = T.default_config
+    fwd = T._norm_modulate_fwd
 
-    def tuned(N, C_, do_norm=True, has_residual=False):
-        return best[has_residual] if (C_ == C and do_norm) else default(N, C_, do_norm, has_residual)
+    def tuned(x, *args, residual=None, config=None, **kwargs):  # the sweep's winner at C = 3072, per kind of op
+        if config is None and x.shape[-1] == C:
+            config = best[residual is not None]
+        return fwd(x, *args, residual=residual, config=config, **kwargs)
 
-    T.default_config = tuned
+    T._norm_modulate_fwd = tuned
     return {"ln_modulate": repr(best[False]), "residual_ln_modulate": repr(best[True])}
 
 
@@ -377,8 +412,8 @@ def main():
         res["tuned"] = tune_from_sweep(res["sweep"])
         for r in res["sweep"]:
             r.pop("cfg")
-    res["table_configs"] = res.get("tuned") or {
-        "ln_modulate": repr(T.default_config(6889, C)), "residual_ln_modulate": repr(T.default_config(6889, C, True, True))}
+    res["table_configs"] = res.get("tuned") or {"ln_modulate": repr(T.default_config(C)),
+                                                "residual_ln_modulate": repr(T.default_config(C))}
     print(f"table configs: {res['table_configs']}", flush=True)
     res["table"] = run_table(res["copy_tbps"] * 1e12)
     os.makedirs(a.out, exist_ok=True)

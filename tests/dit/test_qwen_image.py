@@ -71,10 +71,22 @@ def zero_cond_t(request):
     return request.param
 
 
+launches: list[int] = []
+
+
+def counted(launcher):
+    def run(*args, **kwargs):  # so a test cannot pass on the PyTorch path by accident
+        launches.append(1)
+        return launcher(*args, **kwargs)
+
+    return run
+
+
 @pytest.fixture(params=["native", "triton"])
 def backend(request, monkeypatch):
     """Which implementation the fused ops run: the PyTorch path, or the Triton kernels (on CPU
     tensors through TRITON_INTERPRET=1, set by tests/conftest.py; on CUDA as they are)."""
+    launches.clear()
     if request.param == "triton":
         pytest.importorskip("triton")
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -83,14 +95,8 @@ def backend(request, monkeypatch):
         from qwenfast.ops.triton import modulate as kernels
 
         monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: "cuda")
-        launch = kernels._launch
-
-        def counted(*args, **kwargs):  # so a test cannot pass on the PyTorch path by accident
-            launches.append(1)
-            return launch(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, "_launch", counted)
-    launches: list[int] = []
+        for name in ("_norm_modulate_fwd", "gated_residual_fwd"):  # the launchers of the two kernels
+            monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
     yield request.param
     # 2 blocks x (2 streams x 3 ops) launches per transformer call; one block called thrice in the block test.
     assert (len(launches) >= 6) == (request.param == "triton")

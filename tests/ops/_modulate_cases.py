@@ -72,3 +72,15 @@ def rel_err(out, ref):
 
 # Relative error of a result stored in `dtype` against fp64 (rounding of the output dominates).
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def params_of(c, index="case", gate=True):
+    """The case's parameters as the ops take them: a Select of its two sets by its index, or set 0
+    alone (a Modulation) where the case has no index (or index=None is asked for)."""
+    from qwenfast.ops import Modulation, Select
+
+    index = c["index"] if isinstance(index, str) else index
+    set0 = Modulation(c["scale0"], c["shift0"], c["gate0"] if gate else None)
+    if index is None:
+        return set0
+    return Select(set0, Modulation(c["scale1"], c["shift1"], c["gate1"] if gate else None), index)

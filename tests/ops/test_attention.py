@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from qwenfast.ops.attention import (
-    kernel_supports,
-    kernel_takes,
+    SingleHeadAttention,
     single_head_attention,
     single_head_attention_native,
     single_head_attention_triton,
 )
 from qwenfast.ops.triton import attention as K
+
+from _device import DEVICE
 
 SMALL = K.AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 # relative L2 error vs the fp64 oracle: fp32 arithmetic; 16-bit P and output roundings
@@ -37,11 +38,11 @@ def oracle(q, k, v) -> torch.Tensor:
     return torch.softmax(s, dim=-1) @ v
 
 
-def qkv(B, Nq, Nk, D, dtype, seed, scale=1.0):
+def qkv(B, Nq, Nk, D, dtype, seed, scale=1.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, Nq, D, generator=g) * scale).to(dtype)
-    k = torch.randn(B, Nk, D, generator=g).to(dtype)
-    v = torch.randn(B, Nk, D, generator=g).to(dtype)
+    q = (torch.randn(B, Nq, D, generator=g) * scale).to(dtype).to(device)
+    k = torch.randn(B, Nk, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Nk, D, generator=g).to(dtype).to(device)
     return q, k, v
 
 
@@ -76,7 +77,7 @@ def test_one_key_returns_its_value():
 
 def test_equal_keys_average_the_values():
     q, _, v = qkv(1, 19, 23, 32, torch.float32, seed=2)
-    k = torch.zeros(1, 23, 32)
+    k = torch.zeros(1, 23, 32, device=DEVICE)
     torch.testing.assert_close(K.attention_fwd(q, k, v, SMALL), v.mean(1, keepdim=True).expand(1, 19, 32))
 
 
@@ -91,7 +92,7 @@ def test_large_scores_do_not_overflow():
 def test_strided_views_of_a_packed_qkv():
     # q, k, v as slices of one (B, N, 3D) tensor, the way a fused qkv projection leaves them
     g = torch.Generator().manual_seed(4)
-    packed = torch.randn(2, 29, 3 * 64, generator=g)
+    packed = torch.randn(2, 29, 3 * 64, generator=g).to(DEVICE)
     q, k, v = packed.split(64, dim=-1)
     assert not q.is_contiguous()
     out = K.attention_fwd(q, k, v, SMALL)
@@ -109,7 +110,6 @@ def test_non_contiguous_last_dim_is_copied():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_entry_point_runs_the_kernel(dtype):
     q, k, v = qkv(2, 33, 33, 384, dtype, seed=6)
-    assert kernel_supports(q, k, v)  # the interpreter takes CPU tensors
     out = single_head_attention_triton(q, k, v)
     torch.testing.assert_close(out, K.attention_fwd(q, k, v), rtol=0, atol=0)
     assert rel_err(out, oracle(q, k, v)) < TOL[dtype]
@@ -118,7 +118,7 @@ def test_triton_entry_point_runs_the_kernel(dtype):
 @pytest.mark.parametrize("D", [40, 496])
 def test_unsupported_head_dims_take_the_native_path(D):
     q, k, v = qkv(1, 7, 9, D, torch.float32, seed=D)
-    assert not K.supports_head_dim(D) and not kernel_supports(q, k, v)
+    assert not K.supports_head_dim(D) and not SingleHeadAttention().kernel_takes(q, k, v)
     with pytest.raises(ValueError, match="cannot take"):
         single_head_attention_triton(q, k, v)
     assert rel_err(single_head_attention(q, k, v), oracle(q, k, v)) < 1e-5
@@ -126,7 +126,7 @@ def test_unsupported_head_dims_take_the_native_path(D):
 
 def test_fp64_takes_the_native_path():
     q, k, v = qkv(1, 7, 9, 32, torch.float64, seed=7)
-    assert not kernel_takes(q, k, v)
+    assert not SingleHeadAttention().kernel_takes(q, k, v)
     assert rel_err(single_head_attention(q, k, v), oracle(q, k, v)) < 1e-12
 
 
@@ -179,6 +179,7 @@ def test_errors_name_the_argument():
 
 def test_public_function_on_cpu_takes_the_native_path():
     """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
-    q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8)
-    assert kernel_supports(q, k, v) and not kernel_takes(q, k, v)
+    q, k, v = qkv(1, 9, 9, 64, torch.float32, seed=8, device="cpu")
+    op = SingleHeadAttention()
+    assert op.kernel_takes(q, k, v) and op.dispatch(q, k, v) == op.forward_native
     torch.testing.assert_close(single_head_attention(q, k, v), single_head_attention_native(q, k, v), rtol=0, atol=0)

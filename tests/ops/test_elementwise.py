@@ -12,6 +12,8 @@ from qwenfast.ops.elementwise import (
     upsample_nearest2x_triton,
 )
 
+from _device import DEVICE
+
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -20,11 +22,11 @@ FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 96, 3, 4), (1, 3, 2, 5, 3)])
 def test_bias_residual_add_kernel_matches_reference(fmt, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
-    x = torch.randn(shape, generator=g).to(dtype)
-    r = torch.randn(shape, generator=g).to(dtype)
+    x = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    r = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     if len(shape) == 4:
         x, r = x.contiguous(memory_format=FORMATS[fmt]), r.contiguous(memory_format=FORMATS[fmt])
-    b = torch.randn(shape[1], generator=g).to(dtype)
+    b = torch.randn(shape[1], generator=g).to(dtype).to(DEVICE)
     y = bias_residual_add_triton(x, b, r)
     ref = bias_residual_add_native(x, b, r)
     assert y.stride() == x.stride()
@@ -37,7 +39,7 @@ def test_bias_residual_add_kernel_matches_reference(fmt, dtype, shape):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 96, 1, 3), (1, 1, 4, 4)])
 def test_upsample_kernel_is_the_reference_bit_for_bit(fmt, shape):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=FORMATS[fmt])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE).contiguous(memory_format=FORMATS[fmt])
     y = upsample_nearest2x_triton(x)
     assert torch.equal(y, upsample_nearest2x_native(x))
     assert y.is_contiguous(memory_format=FORMATS[fmt]) or shape[1] == 1
@@ -61,6 +63,7 @@ def test_errors_name_the_argument():
 
 
 def test_opcheck():
-    x = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 4, 3, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.qwenfast.upsample_nearest2x.default, (x,))
-    torch.library.opcheck(torch.ops.qwenfast.bias_residual_add.default, (x, torch.randn(4), torch.randn(1, 4, 3, 3)))
+    torch.library.opcheck(torch.ops.qwenfast.bias_residual_add.default,
+                          (x, torch.randn(4, device=DEVICE), torch.randn(1, 4, 3, 3, device=DEVICE)))

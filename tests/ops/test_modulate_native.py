@@ -11,7 +11,7 @@ from qwenfast import ops
 from qwenfast.ops import custom_op
 from qwenfast.ops.custom_op import choose_backend
 
-from _modulate_cases import REL_TOL, make_case, oracle_modulate, oracle_residual, rel_err, sel64
+from _modulate_cases import REL_TOL, make_case, oracle_modulate, oracle_residual, params_of, rel_err, sel64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INDEX_MODES = ["zeros", "ones", "mixed", "prefix"]
@@ -28,8 +28,7 @@ def _sets(c, index):
 def test_layer_norm_modulate_matches_fp64(dtype, index, affine):
     c = make_case(B=2, L=13, C=96, dtype=dtype, index=index, affine=affine, seed=1)
     s = _sets(c, c["index"])
-    y = ops.layer_norm_modulate(c["x"], c["weight"], c["bias"], c["scale0"], c["shift0"], c["scale1"],
-                                c["shift1"], c["index"])
+    y = ops.layer_norm_modulate(c["x"], params_of(c), weight=c["weight"], bias=c["bias"])
     ref = oracle_modulate(c["x"], c["weight"], c["bias"], s["scale"], s["shift"])
     assert y.dtype == dtype and y.shape == c["x"].shape
     assert rel_err(y, ref) < REL_TOL[dtype]
@@ -40,15 +39,15 @@ def test_layer_norm_modulate_matches_fp64(dtype, index, affine):
 def test_residual_layer_norm_modulate_matches_fp64(dtype, index):
     c = make_case(B=2, L=11, C=64, dtype=dtype, index=index, seed=2)
     s = _sets(c, c["index"])
-    y, r = ops.residual_layer_norm_modulate(c["x"], c["residual"], c["gate0"], c["weight"], c["bias"], c["scale0"],
-                                            c["shift0"], c["gate1"], c["scale1"], c["shift1"], c["index"])
+    y, r = ops.residual_layer_norm_modulate(c["x"], c["residual"], params_of(c), params_of(c), weight=c["weight"],
+                                            bias=c["bias"])
     r_ref = oracle_residual(c["x"], c["residual"], s["gate"])
     assert r.dtype == dtype
     assert rel_err(r, r_ref) < REL_TOL[dtype]
     # The LayerNorm sees residual_out as stored: compare against the oracle on the rounded value.
     y_ref = oracle_modulate(r, c["weight"], c["bias"], s["scale"], s["shift"])
     assert rel_err(y, y_ref) < REL_TOL[dtype]
-    out = ops.gated_residual(c["x"], c["residual"], c["gate0"], c["gate1"], c["index"])
+    out = ops.gated_residual(c["x"], c["residual"], params_of(c))
     torch.testing.assert_close(out, r, rtol=0, atol=0)
 
 
@@ -56,7 +55,7 @@ def test_large_offset_and_constant_rows():
     # x = 1e4 + N(0, 4): a one-pass E[x^2] - E[x]^2 in fp32 loses the variance entirely.
     c = make_case(B=1, L=9, C=256, dtype=torch.float32, offset=1e4, constant_rows=True, seed=3)
     s = _sets(c, c["index"])
-    y = ops.layer_norm_modulate(c["x"], None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"], c["index"])
+    y = ops.layer_norm_modulate(c["x"], params_of(c))
     ref = oracle_modulate(c["x"], None, None, s["scale"], s["shift"])
     # fp32 rounding of the mean near 1e4 costs ~3e-4; a one-pass variance would be off by O(1).
     assert rel_err(y, ref) < 2e-3
@@ -82,8 +81,8 @@ def test_compatible_api_returns_gates():
     torch.testing.assert_close(r2, oracle_residual(c["x"], c["residual"], s["gate"]))
     torch.testing.assert_close(gate2, gate, rtol=0, atol=0)
     # The same with the gate-free path: equal results, no gate tensor.
-    y3, r3 = ops.residual_layer_norm_modulate(c["x"], c["residual"], c["gate0"], c["weight"], c["bias"], c["scale0"],
-                                              c["shift0"], c["gate1"], c["scale1"], c["shift1"], c["index"])
+    y3, r3 = ops.residual_layer_norm_modulate(c["x"], c["residual"], params_of(c), params_of(c), weight=c["weight"],
+                                              bias=c["bias"])
     torch.testing.assert_close(r3, r2, rtol=0, atol=0)
     torch.testing.assert_close(y3, y2, rtol=0, atol=0)
 
@@ -92,7 +91,7 @@ def test_plain_ops_return_gate_view():
     c = make_case(B=2, L=5, C=48, index="none", seed=5)
     y, gate = ops.FusedLayerNormScaleShiftGate()(c["x"], None, None, c["scale0"], c["shift0"], c["gate0"], 1e-6)
     assert gate.shape == (2, 1, 48) and gate.data_ptr() == c["gate0"].data_ptr()  # a view, not a copy
-    torch.testing.assert_close(y, ops.layer_norm_modulate(c["x"], None, None, c["scale0"], c["shift0"]))
+    torch.testing.assert_close(y, ops.layer_norm_modulate(c["x"], params_of(c)), rtol=0, atol=0)
     # residual_gate as a (B, C) row and as the equivalent full (B, L, C) tensor give the same result.
     full = c["gate0"][:, None, :].expand(c["x"].shape).contiguous()
     mod = ops.FusedResidualLayerNormScaleShiftGate()
@@ -105,27 +104,30 @@ def test_plain_ops_return_gate_view():
 
 def test_index_none_uses_set0_and_index_dtypes_agree():
     c = make_case(B=2, L=6, C=40, index="mixed", seed=6)
-    args = (c["x"], None, None, c["scale0"], c["shift0"], c["scale1"], c["shift1"])
-    base = ops.layer_norm_modulate(*args, index=c["index"])
+    base = ops.layer_norm_modulate(c["x"], params_of(c))
     for dt in (torch.int32, torch.bool):
-        torch.testing.assert_close(ops.layer_norm_modulate(*args, index=c["index"].to(dt)), base, rtol=0, atol=0)
-    torch.testing.assert_close(ops.layer_norm_modulate(*args, index=None),
-                               ops.layer_norm_modulate(*args, index=torch.zeros_like(c["index"])), rtol=0, atol=0)
+        torch.testing.assert_close(ops.layer_norm_modulate(c["x"], params_of(c, c["index"].to(dt))), base, rtol=0,
+                                   atol=0)
+    torch.testing.assert_close(ops.layer_norm_modulate(c["x"], params_of(c, None)),
+                               ops.layer_norm_modulate(c["x"], params_of(c, torch.zeros_like(c["index"]))), rtol=0,
+                               atol=0)
 
 
 def test_empty_inputs():
     for L, C in ((0, 32), (3, 0)):
         c = make_case(B=2, L=L, C=C, index="mixed", seed=7)
-        y, r = ops.residual_layer_norm_modulate(c["x"], c["residual"], c["gate0"], None, None, c["scale0"],
-                                                c["shift0"], c["gate1"], c["scale1"], c["shift1"], c["index"])
+        y, r = ops.residual_layer_norm_modulate(c["x"], c["residual"], params_of(c), params_of(c))
         assert y.shape == r.shape == (2, L, C)
 
 
 # --- errors -------------------------------------------------------------------------------------------
 
-def _ln_args(c):
-    return dict(x=c["x"], weight=c["weight"], bias=c["bias"], scale0=c["scale0"], shift0=c["shift0"],
-                scale1=c["scale1"], shift1=c["shift1"], index=c["index"])
+def _ln_call(c, **change):
+    """layer_norm_modulate on the case, with some of its tensors replaced (by their flat names)."""
+    t = {k: c[k] for k in ("x", "weight", "bias", "scale0", "shift0", "scale1", "shift1", "index")}
+    t.update(change)
+    params = ops.Select(ops.Modulation(t["scale0"], t["shift0"]), ops.Modulation(t["scale1"], t["shift1"]), t["index"])
+    return ops.layer_norm_modulate(t["x"], params, weight=t["weight"], bias=t["bias"])
 
 
 def _bad_cases(c):
@@ -136,6 +138,7 @@ def _bad_cases(c):
     yield "x", dict(x=c["x"].long()), TypeError, "floating-point"
     yield "index", dict(index=c["index"][:, :-1]), ValueError, "index must be (B, L)"
     yield "index", dict(index=c["index"].float()), TypeError, "index must be int32, int64 or bool"
+    yield "index", dict(index=None), TypeError, "params.index must be a (B, L) tensor, got None"
     yield "scale0", dict(scale0=c["scale0"][:, :-1]), ValueError, "scale0 must be (B, C)"
     yield "shift1", dict(shift1=c["shift1"][:1]), ValueError, "shift1 must be (B, C)"
     yield "scale1", dict(scale1=None), ValueError, "scale1 (parameter set 1) must be given"
@@ -149,27 +152,42 @@ def _bad_cases(c):
 def test_errors_name_the_argument():
     c = make_case(B=2, L=5, C=12, index="mixed", seed=8)
     for name, change, exc, msg in _bad_cases(c):
-        kw = {**_ln_args(c), **change}
         if exc is None:  # a valid (non-contiguous in L) x: accepted
-            ops.layer_norm_modulate(**kw)
+            _ln_call(c, **change)
             continue
         with pytest.raises(exc, match=re.escape(msg)):
-            ops.layer_norm_modulate(**kw)
+            _ln_call(c, **change)
+    with pytest.raises(TypeError, match="params must be a Modulation or a Select, got tuple"):
+        ops.layer_norm_modulate(c["x"], (c["scale0"], c["shift0"]))
+    with pytest.raises(TypeError, match="a Select's set0 and set1 must be Modulation"):
+        ops.layer_norm_modulate(c["x"], ops.Select(ops.Modulation(c["scale0"], c["shift0"]), None, c["index"]))
 
 
 def test_residual_errors():
     c = make_case(B=2, L=5, C=12, index="mixed", seed=9)
-    kw = dict(x=c["x"], residual=c["residual"], gate0=c["gate0"], weight=None, bias=None, scale0=c["scale0"],
-              shift0=c["shift0"], gate1=c["gate1"], scale1=c["scale1"], shift1=c["shift1"], index=c["index"])
+    p = params_of(c)
     with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 5, 12\), got \(2, 4, 12\)"):
-        ops.residual_layer_norm_modulate(**{**kw, "residual": c["residual"][:, :4]})
-    with pytest.raises(ValueError, match="gate1 .parameter set 1. must be given"):
-        ops.residual_layer_norm_modulate(**{**kw, "gate1": None})
+        ops.residual_layer_norm_modulate(c["x"], c["residual"][:, :4], p, p)
+    with pytest.raises(ValueError, match="residual_gate1 .parameter set 1. must be given"):
+        ops.residual_layer_norm_modulate(c["x"], c["residual"], p._replace(set1=p.set1._replace(gate=None)), p)
+    with pytest.raises(ValueError, match="different index tensors"):
+        ops.residual_layer_norm_modulate(c["x"], c["residual"], p._replace(index=c["index"].clone()), p)
     with pytest.raises(ValueError, match="residual is on meta"):
-        ops.gated_residual(c["x"], c["residual"].to("meta"), c["gate0"])
+        ops.gated_residual(c["x"], c["residual"].to("meta"), p)
     mod = ops.FusedResidualLayerNormScaleShiftGate()
     with pytest.raises(ValueError, match="residual_gate must be .B, C. = .2, 12. or .B, L, C. = .2, 5, 12."):
         mod(c["x"], c["residual"], c["x"][:, :2], None, None, c["scale0"], c["shift0"], c["gate0"], 1e-6)
+
+
+def test_one_selected_side_of_the_residual_op():
+    # The residual gate picked per token while the norm's parameters are one set, and the reverse:
+    # each side as the reference composes it from the two plain ops.
+    c = make_case(B=2, L=6, C=16, index="mixed", seed=10)
+    sel, plain = params_of(c), params_of(c, None)
+    for rp, p in ((sel, plain), (plain, sel)):
+        y, r = ops.residual_layer_norm_modulate(c["x"], c["residual"], rp, p)
+        torch.testing.assert_close(r, ops.gated_residual(c["x"], c["residual"], rp), rtol=0, atol=0)
+        torch.testing.assert_close(y, ops.layer_norm_modulate(r, p), rtol=0, atol=0)
 
 
 # --- dispatch -----------------------------------------------------------------------------------------
@@ -187,7 +205,7 @@ def test_choose_backend_per_device(monkeypatch):
 def test_dispatch_picks_per_call(monkeypatch):
     op = ops.LayerNormModulate()
     c = make_case(B=1, L=3, C=8, index="none")
-    args = (c["x"], None, None, c["scale0"], c["shift0"])
+    args = (c["x"], params_of(c))
     assert op.dispatch(*args) == op.forward_native
     # A CUDA tensor (faked: the choice only reads the device) goes to the Triton path.
     monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: "cuda")

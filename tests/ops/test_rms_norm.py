@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenfast.ops.rms_norm import kernel_supports, kernel_takes, rms_norm, rms_norm_native, rms_norm_triton
+from qwenfast.ops.rms_norm import RMSNorm, rms_norm, rms_norm_native, rms_norm_triton
 from qwenfast.ops.triton import rms_norm as K
+
+from _device import DEVICE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Kernel vs native in the same dtype: both round one fp32 value once, so they differ by at most one
@@ -39,10 +41,10 @@ def oracle(x: torch.Tensor, gamma: torch.Tensor, silu: bool) -> torch.Tensor:
     return y * torch.sigmoid(y) if silu else y
 
 
-def make(shape, fmt, dtype, seed, offset=0.0):
+def make(shape, fmt, dtype, seed, offset=0.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * 2 + offset).to(dtype).to(memory_format=fmt)
-    gamma = (torch.rand(shape[1], *([1] * (len(shape) - 2)), generator=g) + 0.5).to(dtype)
+    x = (torch.randn(shape, generator=g) * 2 + offset).to(dtype).to(device).to(memory_format=fmt)
+    gamma = (torch.rand(shape[1], *([1] * (len(shape) - 2)), generator=g) + 0.5).to(dtype).to(device)
     return x, gamma
 
 
@@ -58,7 +60,6 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
 def test_kernel_matches_native_and_oracle(layout, dtype, silu):
     shape, fmt = LAYOUTS[layout]
     x, gamma = make(shape, fmt, dtype, seed=len(layout) + shape[1])
-    assert kernel_supports(x, gamma)  # the interpreter takes CPU tensors
     y = rms_norm_triton(x, gamma, silu=silu)
     assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()  # x's memory format
     assert torch.isfinite(y).all()
@@ -110,16 +111,16 @@ def test_constant_and_zero_pixels(silu):
 def test_views(view):
     x0, _ = make((2, 24, 6, 5), torch.contiguous_format, torch.float32, seed=5)
     x = view(x0)
-    gamma = torch.rand(x.shape[1], 1, 1) + 0.5
+    gamma = (torch.rand(x.shape[1], 1, 1) + 0.5).to(DEVICE)
     y = rms_norm_triton(x, gamma, silu=True)
     torch.testing.assert_close(y, rms_norm_native(x.contiguous(), gamma, silu=True))
 
 
 def test_native_matches_diffusers():
     diffusers_vae = pytest.importorskip("diffusers.models.autoencoders.autoencoder_kl_qwenimage")
-    norm = diffusers_vae.QwenImageRMS_norm(24, images=True)
+    norm = diffusers_vae.QwenImageRMS_norm(24, images=True).to(DEVICE)
     with torch.no_grad():
-        norm.gamma.copy_(torch.rand(24, 1, 1) + 0.5)
+        norm.gamma.copy_((torch.rand(24, 1, 1) + 0.5).to(DEVICE))
     x, _ = make((2, 24, 5, 7), torch.channels_last, torch.float32, seed=6)
     with torch.no_grad():
         ref = norm(x)
@@ -129,7 +130,10 @@ def test_native_matches_diffusers():
 
 def test_fp64_takes_the_native_path():
     x, gamma = make((1, 8, 3, 3), torch.contiguous_format, torch.float64, seed=7)
-    assert not kernel_takes(x, gamma)
+    op = RMSNorm()
+    assert not op.kernel_takes(x, gamma)
+    with pytest.raises(ValueError, match="RMSNorm: the Triton kernel cannot take torch.float64"):
+        rms_norm_triton(x, gamma)
     torch.testing.assert_close(rms_norm(x, gamma, silu=True), oracle(x, gamma, True))
 
 
@@ -163,6 +167,7 @@ def test_errors_name_the_argument():
 
 def test_public_function_on_cpu_takes_the_native_path():
     """One dispatch rule for every op (CustomOp's): CPU tensors run PyTorch, even when interpreted."""
-    x, gamma = make((2, 8, 3, 5), torch.channels_last, torch.float32, seed=3)
-    assert kernel_supports(x, gamma) and not kernel_takes(x, gamma)
+    x, gamma = make((2, 8, 3, 5), torch.channels_last, torch.float32, seed=3, device="cpu")
+    op = RMSNorm()
+    assert op.kernel_takes(x, gamma) and op.dispatch(x, gamma) == op.forward_native
     torch.testing.assert_close(rms_norm(x, gamma, silu=True), rms_norm_native(x, gamma, silu=True), rtol=0, atol=0)

@@ -27,7 +27,7 @@ controlnet residuals, caches and context-parallel hooks. Not worth owning that l
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,42 +38,23 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
-from ..ops import gated_residual, layer_norm_modulate, residual_layer_norm_modulate
+from ..ops import Modulation, Select, gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 
 __all__ = ["FusedQwenImageTransformerBlock", "fuse_modulation", "unfuse_modulation", "is_fused"]
 
 
-class Modulation(NamedTuple):
-    """One (shift, scale, gate) triple as `[B, D]` rows; the `*1` rows are the second parameter set
-    (edit models with `zero_cond_t`: the t = 0 rows, picked by tokens whose index is non-zero) or
-    None when every token takes set 0."""
-
-    shift0: torch.Tensor
-    scale0: torch.Tensor
-    gate0: torch.Tensor
-    shift1: torch.Tensor | None = None
-    scale1: torch.Tensor | None = None
-    gate1: torch.Tensor | None = None
-
-
-class Gate(NamedTuple):
-    """A gate kept as its `[B, D]` rows (and the second set's rows, or None) for a later gated add."""
-
-    gate0: torch.Tensor
-    gate1: torch.Tensor | None = None
-
-
-def split_modulation(mod_params: torch.Tensor, index: torch.Tensor | None) -> Modulation:
-    """`[B', 3D]` parameters (a chunk of the block's `[B', 6D]` `*_mod` output) into row views.
+def split_modulation(mod_params: torch.Tensor, index: torch.Tensor | None) -> Modulation | Select:
+    """`[B', 3D]` parameters (a chunk of the block's `[B', 6D]` `*_mod` output) as the fused ops take them.
 
     Order shift, scale, gate, as diffusers chunks them. Without `index` every row is set 0
-    (B' = B). With `index` (`[B, L]`) the edit models' layout: B' = 2B, rows `[:B]` set 0 (the real
-    timestep), rows `[B:]` set 1 (t = 0). No copy: every tensor is a view with last-dim stride 1."""
+    (B' = B): a `Modulation`. With `index` (`[B, L]`) the edit models' layout: B' = 2B, rows `[:B]`
+    set 0 (the real timestep), rows `[B:]` set 1 (t = 0): a `Select`. No copy: every tensor is a
+    `[B, D]` row view with last-dim stride 1."""
     if mod_params.dim() != 2 or mod_params.shape[-1] % 3:
         raise ValueError(f"mod_params must be [B, 3*D]; got shape {tuple(mod_params.shape)}")
     shift, scale, gate = mod_params.chunk(3, dim=-1)  # each (B', D)
     if index is None:
-        return Modulation(shift, scale, gate)
+        return Modulation(scale, shift, gate)
     if index.dim() != 2:
         raise ValueError(f"modulate_index must be [B, L]; got shape {tuple(index.shape)}")
     b = index.shape[0]
@@ -82,7 +63,7 @@ def split_modulation(mod_params: torch.Tensor, index: torch.Tensor | None) -> Mo
             f"with modulate_index of batch {b} (shape {tuple(index.shape)}) the modulation parameters "
             f"must have 2*{b} rows (zero_cond_t: real timestep, then t=0); got {mod_params.shape[0]}"
         )
-    return Modulation(shift[:b], scale[:b], gate[:b], shift[b:], scale[b:], gate[b:])
+    return Select(Modulation(scale[:b], shift[:b], gate[:b]), Modulation(scale[b:], shift[b:], gate[b:]), index)
 
 
 class FusedModulationMixin:
@@ -98,30 +79,26 @@ class FusedModulationMixin:
         norm: nn.LayerNorm,
         is_scale_residual: bool = False,
         residual: torch.Tensor | None = None,
-        residual_gate: Gate | None = None,
+        residual_gate: Modulation | Select | None = None,
     ):
         """`norm` + modulation of one stream in one pass.
 
         x: `[B, L, D]`, the stream itself; or with `is_scale_residual`, the attention output that is
-        first added to `residual` (`[B, L, D]`) through `residual_gate` (the previous modulation's
-        gate rows). mod_params: `[B', 3D]`; index: `[B, L]` or None (see `split_modulation`).
+        first added to `residual` (`[B, L, D]`) through `residual_gate` (the previous modulation,
+        whose gate rows are used). mod_params: `[B', 3D]`; index: `[B, L]` or None (see
+        `split_modulation`).
 
-        Returns `(y, gate)`, or `(y, residual_out, gate)` with `is_scale_residual`: y `[B, L, D]`
-        in x's dtype, residual_out the stored sum (the block's new hidden state), gate a `Gate` of
-        rows for the next gated add: no `[B, L, D]` gate is written."""
+        Returns `(y, mod)`, or `(y, residual_out, mod)` with `is_scale_residual`: y `[B, L, D]` in x's
+        dtype, residual_out the stored sum (the block's new hidden state), mod this modulation's
+        parameters, whose gate rows serve the next gated add: no `[B, L, D]` gate is written."""
         mod = split_modulation(mod_params, index)
-        if mod.shift1 is None:
-            index = None  # one parameter set: the plain op
+        affine = dict(weight=norm.weight, bias=norm.bias, eps=norm.eps)
         if is_scale_residual:
             if residual is None or residual_gate is None:
                 raise ValueError("is_scale_residual=True needs `residual` and `residual_gate`")
-            y, residual_out = residual_layer_norm_modulate(
-                x, residual, residual_gate.gate0, norm.weight, norm.bias,
-                mod.scale0, mod.shift0, residual_gate.gate1, mod.scale1, mod.shift1, index, norm.eps,
-            )
-            return y, residual_out, Gate(mod.gate0, mod.gate1)
-        y = layer_norm_modulate(x, norm.weight, norm.bias, mod.scale0, mod.shift0, mod.scale1, mod.shift1, index, norm.eps)
-        return y, Gate(mod.gate0, mod.gate1)
+            y, residual_out = residual_layer_norm_modulate(x, residual, residual_gate, mod, **affine)
+            return y, residual_out, mod
+        return layer_norm_modulate(x, mod, **affine), mod
 
     def forward(
         self,
@@ -161,9 +138,8 @@ class FusedModulationMixin:
         )
 
         # Gated add after the MLP, gates still as rows.
-        img_index = modulate_index if img_gate2.gate1 is not None else None
-        hidden_states = gated_residual(self.img_mlp(img_modulated2), hidden_states, img_gate2.gate0, img_gate2.gate1, img_index)
-        encoder_hidden_states = gated_residual(self.txt_mlp(txt_modulated2), encoder_hidden_states, txt_gate2.gate0)
+        hidden_states = gated_residual(self.img_mlp(img_modulated2), hidden_states, img_gate2)
+        encoder_hidden_states = gated_residual(self.txt_mlp(txt_modulated2), encoder_hidden_states, txt_gate2)
 
         if encoder_hidden_states.dtype == torch.float16:  # as diffusers: keep fp16 finite
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)

@@ -1,9 +1,17 @@
 """Fused DiT modulation ops: LayerNorm + scale/shift (+ gate), optionally after a gated residual add,
 with a per-token choice between two parameter sets ("select01").
 
-Triton kernels on CUDA, PyTorch everywhere else, chosen per call by `CustomOp`. Public API:
+Triton kernels on CUDA, PyTorch everywhere else, chosen per call by `CustomOp` (the one dispatch rule
+of every op in this package, VAE ops included). Parameters travel as `Modulation(scale, shift, gate)`
+of (B, C) rows, or `Select(set0, set1, index)`: set1 where index[b, l] != 0. Public API:
 
-Modules (compatible API, return the gate):
+Gate-free functions of the DiT path (no (B, L, C) gate is ever written):
+    layer_norm_modulate(x, params, *, weight=None, bias=None, eps=1e-6) -> y
+    residual_layer_norm_modulate(x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6)
+        -> (y, residual_out)            residual_out = residual + residual_params.gate_sel * x
+    gated_residual(x, residual, params) -> residual + params.gate_sel * x
+
+Modules (compatible API of DESIGN.md §3, positional; return the gate):
     FusedLayerNormScaleShiftGateSelect01()(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps)
         -> (y, gate)
     FusedResidualLayerNormScaleShiftGateSelect01()(x, residual, residual_gate, weight, bias,
@@ -11,12 +19,6 @@ Modules (compatible API, return the gate):
     FusedLayerNormScaleShiftGate()(x, weight, bias, scale, shift, gate, eps) -> (y, gate (B, 1, C) view)
     FusedResidualLayerNormScaleShiftGate()(x, residual, residual_gate, weight, bias, scale, shift, gate, eps)
         -> (y, residual_out, gate (B, 1, C) view)
-
-Gate-free functions of the DiT path (no (B, L, C) gate is ever written):
-    layer_norm_modulate(x, weight, bias, scale0, shift0, scale1=None, shift1=None, index=None, eps=1e-6) -> y
-    residual_layer_norm_modulate(x, residual, gate0, weight, bias, scale0, shift0, gate1=None, scale1=None,
-        shift1=None, index=None, eps=1e-6) -> (y, residual_out)
-    gated_residual(x, residual, gate0, gate1=None, index=None) -> residual_out
 """
 
 from . import modulate as _modulate

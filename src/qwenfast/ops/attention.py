@@ -6,7 +6,7 @@ softmax(q k^T / sqrt(D)) v, non-causal, no mask. B is batch x frames, N the h*w 
 frame (27556 at 1328², 262144 at 4096²). Nq may differ from Nk: a rank of the patch-parallel decode
 attends from its own pixels to the keys of every rank.
 
-Dispatch per call, the rule of every op here (`CustomOp`'s): the Triton flash kernel
+Dispatch per call by `SingleHeadAttention`, a `CustomOp` (the rule of every op here): the Triton flash kernel
 (qwenfast.ops.triton.attention) for CUDA tensors with Triton importable, when the dtype is
 fp16/bf16/fp32 and the head dim is one it supports (a multiple of 16 up to 512 that splits into <= 4
 power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); otherwise
@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton import _support
-from .triton._support import HAS_TRITON, dispatches_to_kernel, launch, require_kernel
+from .custom_op import HAS_TRITON, GridKernelOp, launch
 
 if HAS_TRITON:
     from .triton import attention as _kernel
@@ -81,37 +80,6 @@ def single_head_attention_native(
     return o
 
 
-def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
-    return _support.kernel_supports(q, k, v) and _kernel.supports_head_dim(q.shape[2])
-
-
-def kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Would `single_head_attention` run the Triton kernel on these (already checked) tensors?"""
-    return dispatches_to_kernel(q, k, v) and kernel_supports(q, k, v)
-
-
-def single_head_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
-    _check_qkv(q, k, v)
-    require_kernel(kernel_supports(q, k, v), "q", q)
-    return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
-
-
-def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v; q (B, Nq, D), k and v (B, Nk, D) -> (B, Nq, D) in q's dtype.
-
-    Strided views are fine (q/k/v slices of one packed qkv tensor, say); a last dim that is not
-    contiguous costs a copy on the kernel path.
-    """
-    _check_qkv(q, k, v)
-    if kernel_takes(q, k, v):
-        return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
-    if q.is_cuda and q.shape[1] > 0:
-        return _memory_efficient_sdpa(q, k, v)
-    return single_head_attention_native(q, k, v)
-
-
 def _memory_efficient_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """CUDA head dims our kernel does not take (1152, the Qwen-Image-2.1 VAE's): SDPA's memory-efficient
     kernel, which never materialises the scores. Left to itself SDPA picks the math backend for
@@ -128,5 +96,40 @@ def _memory_efficient_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return single_head_attention_native(q, k, v)
 
 
-__all__ = ["SCORE_BYTES_BUDGET", "kernel_supports", "kernel_takes", "single_head_attention",
-           "single_head_attention_native", "single_head_attention_triton"]
+class SingleHeadAttention(GridKernelOp):
+    """`(q, k, v) -> o`; see `single_head_attention`."""
+
+    def kernel_takes(self, q, k, v):
+        return super().kernel_takes(q) and _kernel.supports_head_dim(q.shape[2])
+
+    def check(self, q, k, v):
+        _check_qkv(q, k, v)
+
+    def forward_native(self, q, k, v):
+        if q.is_cuda and q.shape[1] > 0:  # CUDA calls the kernel does not take (head dim 1152, say)
+            return _memory_efficient_sdpa(q, k, v)
+        return single_head_attention_native(q, k, v)
+
+    def forward_cuda(self, q, k, v):
+        return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
+
+
+_attention = SingleHeadAttention()
+
+
+def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v; q (B, Nq, D), k and v (B, Nk, D) -> (B, Nq, D) in q's dtype.
+
+    Strided views are fine (q/k/v slices of one packed qkv tensor, say); a last dim that is not
+    contiguous costs a copy on the kernel path.
+    """
+    return _attention.forward(q, k, v)
+
+
+def single_head_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
+    return _attention.forward_triton(q, k, v)
+
+
+__all__ = ["SCORE_BYTES_BUDGET", "SingleHeadAttention", "single_head_attention", "single_head_attention_native",
+           "single_head_attention_triton"]

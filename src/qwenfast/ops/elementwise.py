@@ -3,8 +3,9 @@
     bias_residual_add(x, bias, residual) -> x + bias[c] + residual     (N, C, *spatial)
     upsample_nearest2x(x) -> (N, C, 2H, 2W)                            (N, C, H, W)
 
-Dispatch per call as every op here: CUDA tensors with Triton → the kernel; anything else → the
-PyTorch reference (also the tests' oracle). `*_triton` runs the kernel itself (CPU tensors under
+Dispatch per call as every op here (`BiasResidualAdd`, `UpsampleNearest2x`: `CustomOp`s): CUDA
+tensors with Triton and fp16/bf16/fp32 → the kernel; anything else → the PyTorch reference (also the
+tests' oracle). `*_triton` runs the kernel itself (CPU tensors under
 TRITON_INTERPRET=1) for the tests.
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton._support import HAS_TRITON, dispatches_to_kernel, kernel_supports, launch, require_kernel
+from .custom_op import HAS_TRITON, GridKernelOp, launch
 
 if HAS_TRITON:
     from .triton import elementwise as _kernel
+
 
 def _check_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> None:
     if x.dim() < 3:
@@ -34,22 +36,29 @@ def bias_residual_add_native(x: torch.Tensor, bias: torch.Tensor, residual: torc
     return (x + bias.reshape(-1, *([1] * (x.dim() - 2))).to(x.dtype)) + residual
 
 
-def _launch_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return launch(torch.ops.qwenfast.bias_residual_add, _kernel.bias_residual_add_fwd, x,
-                  bias.reshape(-1).contiguous(), residual)
+class BiasResidualAdd(GridKernelOp):
+    """`(x, bias, residual) -> (x + bias[c]) + residual`."""
+
+    def check(self, x, bias, residual):
+        _check_bias_residual(x, bias, residual)
+
+    def forward_native(self, x, bias, residual):
+        return bias_residual_add_native(x, bias, residual)
+
+    def forward_cuda(self, x, bias, residual):
+        return launch(torch.ops.qwenfast.bias_residual_add, _kernel.bias_residual_add_fwd, x,
+                      bias.reshape(-1).contiguous(), residual)
+
+
+_bias_residual_add = BiasResidualAdd()
 
 
 def bias_residual_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    _check_bias_residual(x, bias, residual)
-    if dispatches_to_kernel(x) and kernel_supports(x, bias, residual):
-        return _launch_bias_residual(x, bias, residual)
-    return bias_residual_add_native(x, bias, residual)
+    return _bias_residual_add.forward(x, bias, residual)
 
 
 def bias_residual_add_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    _check_bias_residual(x, bias, residual)
-    require_kernel(kernel_supports(x, bias, residual), "x", x)
-    return _launch_bias_residual(x, bias, residual)
+    return _bias_residual_add.forward_triton(x, bias, residual)
 
 
 def _check_upsample(x: torch.Tensor) -> None:
@@ -63,18 +72,29 @@ def upsample_nearest2x_native(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
 
 
-def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    _check_upsample(x)
-    if dispatches_to_kernel(x) and kernel_supports(x):
+class UpsampleNearest2x(GridKernelOp):
+    """`(x) -> nearest 2x upsample`, (N, C, H, W) -> (N, C, 2H, 2W)."""
+
+    def check(self, x):
+        _check_upsample(x)
+
+    def forward_native(self, x):
+        return upsample_nearest2x_native(x)
+
+    def forward_cuda(self, x):
         return launch(torch.ops.qwenfast.upsample_nearest2x, _kernel.upsample_nearest2x_fwd, x)
-    return upsample_nearest2x_native(x)
+
+
+_upsample_nearest2x = UpsampleNearest2x()
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    return _upsample_nearest2x.forward(x)
 
 
 def upsample_nearest2x_triton(x: torch.Tensor) -> torch.Tensor:
-    _check_upsample(x)
-    require_kernel(kernel_supports(x), "x", x)
-    return launch(torch.ops.qwenfast.upsample_nearest2x, _kernel.upsample_nearest2x_fwd, x)
+    return _upsample_nearest2x.forward_triton(x)
 
 
-__all__ = ["bias_residual_add", "bias_residual_add_native", "bias_residual_add_triton",
-           "upsample_nearest2x", "upsample_nearest2x_native", "upsample_nearest2x_triton"]
+__all__ = ["BiasResidualAdd", "UpsampleNearest2x", "bias_residual_add", "bias_residual_add_native",
+           "bias_residual_add_triton", "upsample_nearest2x", "upsample_nearest2x_native", "upsample_nearest2x_triton"]

@@ -11,7 +11,7 @@ to x's dtype before scaling: a difference of one bf16 rounding). x is (N, C, H, 
 in any memory format; y has x's dtype and memory format. gamma has C elements: diffusers' (C, 1, 1)
 or (C, 1, 1, 1) parameter, or (C,).
 
-Dispatch per call, the rule of every op here (`CustomOp`'s): the fused Triton kernel
+Dispatch per call by `RMSNorm`, a `CustomOp` (the rule of every op here): the fused Triton kernel
 (qwenfast.ops.triton.rms_norm) for CUDA tensors with Triton importable and x fp16/bf16/fp32; otherwise
 `rms_norm_native`. `rms_norm_triton` runs the kernel itself (CPU tensors under TRITON_INTERPRET=1: the tests).
 """
@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .triton import _support
-from .triton._support import HAS_TRITON, dispatches_to_kernel, launch, require_kernel
+from .custom_op import HAS_TRITON, GridKernelOp, launch
 
 if HAS_TRITON:
     from .triton import rms_norm as _kernel
@@ -62,36 +61,34 @@ def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
     return y.to(x.dtype)  # .to() keeps x's memory format
 
 
-def kernel_supports(x: torch.Tensor, gamma: torch.Tensor) -> bool:
-    """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
-    return _support.kernel_supports(x, gamma)
+class RMSNorm(GridKernelOp):
+    """`(x, gamma, silu=False, bias=None) -> y`; see the module doc."""
+
+    def check(self, x, gamma, silu=False, bias=None):
+        _check(x, gamma, bias)
+
+    def forward_native(self, x, gamma, silu=False, bias=None):
+        return rms_norm_native(x, gamma, silu, bias)
+
+    def forward_cuda(self, x, gamma, silu=False, bias=None):
+        b = None if bias is None else bias.reshape(-1).contiguous()  # (C,)
+        return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, gamma.reshape(-1).contiguous(),
+                      bool(silu), b)
 
 
-def kernel_takes(x: torch.Tensor, gamma: torch.Tensor) -> bool:
-    """Would `rms_norm` run the Triton kernel on these (already checked) tensors?"""
-    return dispatches_to_kernel(x, gamma) and kernel_supports(x, gamma)
-
-
-def rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
-    _check(x, gamma, bias)
-    require_kernel(kernel_supports(x, gamma), "x", x)
-    return _launch(x, gamma, silu, bias)
-
-
-def _launch(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    b = None if bias is None else bias.reshape(-1).contiguous()  # (C,)
-    return launch(torch.ops.qwenfast.rms_norm, _kernel.rms_norm_fwd, x, gamma.reshape(-1).contiguous(), bool(silu), b)
+_rms_norm = RMSNorm()
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """RMS norm over the channels (dim 1) of x (+ bias), times gamma, then SiLU if `silu`; see the module doc."""
-    _check(x, gamma, bias)
-    if kernel_takes(x, gamma):
-        return _launch(x, gamma, silu, bias)
-    return rms_norm_native(x, gamma, silu, bias)
+    return _rms_norm.forward(x, gamma, silu, bias)
 
 
-__all__ = ["kernel_supports", "kernel_takes", "rms_norm", "rms_norm_native", "rms_norm_triton"]
+def rms_norm_triton(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel itself, whatever the device (CPU tensors under TRITON_INTERPRET=1): for tests."""
+    return _rms_norm.forward_triton(x, gamma, silu, bias)
+
+
+__all__ = ["RMSNorm", "rms_norm", "rms_norm_native", "rms_norm_triton"]

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import INTERPRET, MAX_GRID_Y
+from ._support import INTERPRET, MAX_GRID_Y, cdiv
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 512
@@ -260,7 +260,7 @@ def attention_fwd(
     if B > MAX_GRID_Y:
         raise ValueError(f"q: batch {B} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     d = chunks + (0,) * (_MAX_CHUNKS - len(chunks))
-    grid = (triton.cdiv(Nq, config.block_m), B)
+    grid = (cdiv(Nq, config.block_m), B)
     _attention_fwd_kernel[grid](
         q, k, v, o, Nq, Nk, D**-0.5 * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),

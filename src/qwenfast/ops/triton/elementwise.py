@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import MAX_GRID_Y
+from ._support import MAX_GRID_Y, cdiv, next_power_of_2
 from .rms_norm import merged_spatial_view
 
 _INT32_MAX = 2**31 - 1
@@ -79,7 +79,7 @@ def _upsample_nearest2x_kernel(
 
 def _blocks(c: int, channels_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_C): about 4096 elements a program, a pixel's channels in one row (as the RMS norm)."""
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     block_s = max(1, 4096 // block_c)
     return (block_s if channels_contiguous else max(32, block_s)), block_c
 
@@ -100,7 +100,7 @@ def bias_residual_add_fwd(x: torch.Tensor, bias: torch.Tensor, residual: torch.T
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     block_s, block_c = _blocks(c, xv.stride(1) == 1)
     reach = max((s - 1) * v.stride(2) + (c - 1) * v.stride(1) for v in (xv, rv, yv))
-    _bias_residual_add_kernel[(triton.cdiv(s, block_s), n)](
+    _bias_residual_add_kernel[(cdiv(s, block_s), n)](
         xv, bias, rv, yv, c, s, *xv.stride(), *rv.stride(), *yv.stride(),
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
     )
@@ -119,7 +119,7 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
     block_s, block_c = _blocks(c, x.stride(1) == 1)
     reach = max((h - 1) * x.stride(2) + (w - 1) * x.stride(3) + (c - 1) * x.stride(1),
                 (2 * h - 1) * y.stride(2) + (2 * w - 1) * y.stride(3) + (c - 1) * y.stride(1))
-    _upsample_nearest2x_kernel[(triton.cdiv(h * w, block_s), n)](
+    _upsample_nearest2x_kernel[(cdiv(h * w, block_s), n)](
         x, y, c, h, w, *x.stride(), *y.stride(),
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
     )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._support import MAX_GRID_Y
+from ._support import MAX_GRID_Y, cdiv, next_power_of_2
 
 EPS = 1e-12  # F.normalize's floor on the norm: a zero pixel maps to 0
 _INT32_MAX = 2**31 - 1
@@ -97,7 +97,7 @@ def default_blocks(c: int, channels_contiguous: bool) -> tuple[int, int, int]:
     to 128 pixels; at 384 x 166² (42 MB) 8 pixels x 512 lanes with 4 warps beat 16 x 512 with 8
     warps (21 vs 23 µs) and 32 x 512 (32 µs): fewer, fatter programs starve a small tensor.
     """
-    block_c = triton.next_power_of_2(c)
+    block_c = next_power_of_2(c)
     block_s = max(1, 4096 // block_c)
     if not channels_contiguous:  # NCHW: a run of >= 32 pixels per channel keeps the reads coalesced
         block_s = max(32, block_s)
@@ -127,7 +127,7 @@ def rms_norm_fwd(
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     # the farthest element of one image, in elements: past int32, the kernel indexes in int64
     reach = (s - 1) * max(xv.stride(2), yv.stride(2)) + (c - 1) * max(xv.stride(1), yv.stride(1))
-    grid = (triton.cdiv(s, block_s), n)
+    grid = (cdiv(s, block_s), n)
     _rms_norm_kernel[grid](
         xv, gamma, gamma if bias is None else bias, yv, c, s, float(c) ** 0.5, EPS,
         xv.stride(0), xv.stride(1), xv.stride(2), yv.stride(0), yv.stride(1), yv.stride(2),

@@ -1,0 +1,44 @@
+"""benchmarks/modulate_variants.py: the measurement-only kernel variants compute what the package's
+norm-modulate kernel computes (so that the sweep of bench_modulate.py times equal work)."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/ops/_device.py
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+from qwenfast.ops.triton import modulate as T  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "modulate_variants.py"
+spec = importlib.util.spec_from_file_location("modulate_variants", SCRIPT)
+variants = importlib.util.module_from_spec(spec)
+sys.modules["modulate_variants"] = variants
+spec.loader.exec_module(variants)
+
+
+@pytest.mark.parametrize("variant", [dict(early=True), dict(hint=False), dict(pick="both"), {}])
+@pytest.mark.parametrize("residual", [False, True])
+def test_variant_equals_the_package_kernel(variant, residual):
+    g = torch.Generator().manual_seed(0)
+    B, L, C = 2, 5, 96
+    x = torch.randn(B, L, C, generator=g).to(DEVICE)
+    r = torch.randn(B, L, C, generator=g).to(DEVICE)
+    mod = (0.5 * torch.randn(2 * B, 6 * C, generator=g)).to(DEVICE)
+    s0, s1 = mod[:B].chunk(6, dim=1), mod[B:].chunk(6, dim=1)
+    index = torch.randint(0, 2, (B, L), generator=g).to(DEVICE)
+    y, rout = variants.variant_fwd(x, r if residual else None, s0[2], s1[2], s0[1], s0[0], s1[1], s1[0], index,
+                                   **variant)
+    if residual:
+        want, want_r, _ = T.residual_layer_norm_modulate_fwd(x, r, s0[2], s1[2], None, None, s0[1], s0[0], None, s1[1],
+                                                             s1[0], None, index, 1e-6)
+        torch.testing.assert_close(rout, want_r, rtol=0, atol=0)
+    else:
+        want, _ = T.layer_norm_modulate_fwd(x, None, None, s0[1], s0[0], None, s1[1], s1[0], None, index, 1e-6)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
