@@ -79,6 +79,22 @@ def _copy(saved, tmp_path):
     return tmp_path / "v"
 
 
+def _edit_config(d, **changes):
+    """config.json of directory `d` with `changes` over its keys."""
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, **changes)))
+
+
+def _edit_weights(d, edit):
+    """The single safetensors file of `d`, rewritten after `edit(state)` (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    file = d / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    edit(state)
+    save_file(state, file)
+
+
 def test_missing_directory_and_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such VAE directory"):
         QwenImageVAE.from_pretrained(tmp_path / "nope")
@@ -99,30 +115,25 @@ def test_safetensors_only(saved, tmp_path):
 
 def test_weights_that_do_not_fit_the_config_are_named(saved, tmp_path):
     d = _copy(saved, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["base_dim"] = 16
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, base_dim=16)
     with pytest.raises(WeightsError, match=r"wrong shapes .*decoder\.conv_in\.weight"):
         QwenImageVAE.from_pretrained(d)
 
 
 def test_missing_and_unexpected_keys_are_named(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
+    def edit(state):
+        del state["decoder.conv_out.bias"]
+        state["decoder.extra.weight"] = torch.zeros(1)
 
     d = _copy(saved, tmp_path)
-    file = d / "diffusion_pytorch_model.safetensors"
-    state = load_file(file)
-    del state["decoder.conv_out.bias"]
-    state["decoder.extra.weight"] = torch.zeros(1)
-    save_file(state, file)
+    _edit_weights(d, edit)
     with pytest.raises(WeightsError, match=r"missing keys \(1\): decoder\.conv_out\.bias.*unexpected keys \(1\): decoder\.extra\.weight"):
         QwenImageVAE.from_pretrained(d)
 
 
 def test_wrong_model_class_and_bad_json(saved, tmp_path):
     d = _copy(saved, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, _class_name="AutoencoderKL")))
+    _edit_config(d, _class_name="AutoencoderKL")
     with pytest.raises(WeightsError, match="describes a AutoencoderKL"):
         QwenImageVAE.from_pretrained(d)
     (d / "config.json").write_text("{not json")
@@ -291,8 +302,7 @@ def test_bad_architecture_is_refused_by_name_before_building(saved, tmp_path, mo
     import time
 
     d = _copy(saved, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    _edit_config(d, **edit)
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before its config was validated")
@@ -353,25 +363,15 @@ def test_chmod_000_config_is_reported_as_unreadable(saved, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn])
 def test_non_floating_weights_are_refused(saved, tmp_path, dtype):
-    from safetensors.torch import load_file, save_file
-
     d = _copy(saved, tmp_path)
-    file = d / "diffusion_pytorch_model.safetensors"
-    state = load_file(file)
-    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"].to(dtype)
-    save_file(state, file)
+    _edit_weights(d, lambda state: state.update({"decoder.conv_in.weight": state["decoder.conv_in.weight"].to(dtype)}))
     with pytest.raises(WeightsError, match=r"non-floating-point weights: decoder\.conv_in\.weight .*must be floating point"):
         QwenImageVAE.from_pretrained(d)
 
 
 def test_mixed_dtype_weights_need_a_dtype(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     d = _copy(saved, tmp_path)
-    file = d / "diffusion_pytorch_model.safetensors"
-    state = load_file(file)
-    state["decoder.conv_in.weight"] = state["decoder.conv_in.weight"].half()
-    save_file(state, file)
+    _edit_weights(d, lambda state: state.update({"decoder.conv_in.weight": state["decoder.conv_in.weight"].half()}))
     with pytest.raises(WeightsError, match=r"mix dtypes \(float16, float32\): pass dtype="):
         QwenImageVAE.from_pretrained(d)
     assert QwenImageVAE.from_pretrained(d, dtype=torch.float32).dtype == torch.float32
@@ -446,8 +446,7 @@ def test_missing_variant_names_the_files_found(saved, tmp_path):
 
 def test_a_qwen_image_21_directory_is_redirected(saved, tmp_path):
     d = _copy(saved, tmp_path)
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(cfg, _class_name="AutoencoderKLQwenImage21")))
+    _edit_config(d, _class_name="AutoencoderKLQwenImage21")
     with pytest.raises(WeightsError, match=r"is a Qwen-Image-2.1 VAE \(AutoencoderKLQwenImage21\): "
                                            r"load it with qwenfast.QwenImage21VAE"):
         QwenImageVAE.from_pretrained(d)
@@ -556,7 +555,6 @@ def test_wan22_vae_is_refused_by_name_through_both_loaders(tmp_path):
 ])
 def test_wan_keys_other_than_wan21s_are_refused_by_name(tmp_path, edit, match):
     _wan().save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    _edit_config(tmp_path, **edit)
     with pytest.raises(WeightsError, match=match):
         QwenImageVAE.from_pretrained(tmp_path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -250,7 +249,7 @@ def _shard_path(vae_dir: Path, shard: str, index: Path) -> Path:
         raise WeightsError(f"{index} names the shard {shard!r}, an absolute path: shards must be files "
                            f"inside {vae_dir}")
     file = vae_dir / shard
-    if not os.path.normpath(file).startswith(os.path.normpath(vae_dir) + os.sep) or ".." in Path(shard).parts:
+    if ".." in Path(shard).parts:
         raise WeightsError(f"{index} names the shard {shard!r}, outside {vae_dir}: shards must be files inside it")
     target = file.resolve()
     if not any(target.is_relative_to(r) for r in _allowed_roots(vae_dir)):
@@ -289,18 +288,23 @@ def _weight_files(vae_dir: Path, variant: str | None = None) -> tuple[dict[Path,
     raise FileNotFoundError(f"no {single.name} or {index.name} in {vae_dir}{_found_hint(vae_dir, variant)}")
 
 
+def _variant_of(name: str) -> str | None:
+    """The variant in a diffusers weight file name (`...fp16.safetensors`, `...fp16-00001-of-00002.safetensors`,
+    `...safetensors.index.fp16.json`), None for the plain names."""
+    m = re.fullmatch(r"diffusion_pytorch_model\.(?:safetensors\.index\.)?(.+?)(?:-\d+-of-\d+)?\.(?:safetensors|json)", name)
+    return None if m is None or m.group(1) in ("safetensors", "safetensors.index") else m.group(1)
+
+
 def _found_hint(vae_dir: Path, variant: str | None) -> str:
     """What weight files there are instead, and the variant that would load them."""
     try:
         names = sorted(p.name for p in vae_dir.iterdir() if p.is_file())
     except OSError:
         return ""
-    weights = [n for n in names if n.endswith(".safetensors") or ".index" in n and n.endswith(".json")]
+    weights = [n for n in names if n.endswith(".safetensors") or (".index" in n and n.endswith(".json"))]
     pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     if weights:
-        variants = sorted({m.group(1) for n in weights for m in [re.match(
-            r"diffusion_pytorch_model(?:\.safetensors\.index)?\.([^.]+?)(?:-\d+-of-\d+)?\.(?:safetensors|json)$", n)]
-            if m and m.group(1) != "safetensors"})
+        variants = sorted({v for v in map(_variant_of, weights) if v is not None and v != variant})
         offer = "; " + ", ".join(f"variant={v!r}" for v in variants) + " would load it" if variants else ""
         asked = f" for variant={variant!r}" if variant is not None else ""
         return f" (found {', '.join(weights[:6])}{'...' if len(weights) > 6 else ''}{asked}{offer})"
@@ -325,7 +329,8 @@ def _load_safetensors(files: dict[Path, list[str] | None], index: Path | None, d
                 if wanted is not None:
                     _check_shard_keys(file, held, wanted, where, index)
                 keys = held if wanted is None else wanted
-                bad = [(k, f.get_slice(k).get_dtype()) for k in keys if f.get_slice(k).get_dtype() not in WEIGHT_DTYPES]
+                stored = {k: f.get_slice(k).get_dtype() for k in keys}  # from the header: nothing loaded yet
+                bad = [(k, d) for k, d in stored.items() if d not in WEIGHT_DTYPES]
                 if bad:
                     listed = ", ".join(f"{k} ({d})" for k, d in bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
                     raise WeightsError(f"{file} holds non-floating-point weights: {listed}; weights must be "
