@@ -91,3 +91,38 @@ def test_collective_timeout_default_flag_and_validation():
         with pytest.raises(ValueError, match=r"collective_timeout_s must be a positive, finite number of seconds"):
             VAEConfig(collective_timeout_s=bad)
     assert VAEConfig(collective_timeout_s=5).collective_timeout_s == 5  # an int is a number of seconds too
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("tiling", "fuzzy", r"tiling must be one of 'exact', 'blend'; got 'fuzzy'"),
+    ("use_tiling", "yes", r"use_tiling must be a bool"),
+    ("tile_sample_stride_height", 512, r"tile_sample_stride_height \(512\) must not exceed"),
+    ("exact_tile_sample_size", 100, r"exact_tile_sample_size must be a multiple of 8"),
+    ("tile_margin", -1, r"tile_margin must be non-negative; got -1"),
+])
+def test_assignment_after_construction_is_validated_and_leaves_the_config_unchanged(field, value, match):
+    cfg = VAEConfig()
+    with pytest.raises(ValueError, match=match):
+        setattr(cfg, field, value)
+    assert cfg == VAEConfig()  # the bad value was never stored
+
+
+def test_valid_assignment_and_copies_still_work():
+    import copy
+    import pickle
+
+    cfg = VAEConfig()
+    cfg.tiling = "blend"
+    cfg.tile_margin = None
+    cfg.use_tiling = True
+    assert (cfg.tiling, cfg.use_tiling) == ("blend", True)
+    for other in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), cfg.replace(progress=True)):
+        assert other.tiling == "blend"
+        with pytest.raises(ValueError, match="tiling must be one of"):
+            other.tiling = "fuzzy"
+
+
+def test_assigning_an_unknown_field_is_refused():
+    cfg = VAEConfig()
+    with pytest.raises(AttributeError, match=r"VAEConfig has no field 'use_tilling'"):
+        cfg.use_tilling = True

@@ -2,7 +2,8 @@
 
 `VAEConfig` holds *how* to decode (tiling, parallel decode, output placement), never the
 architecture (that lives in the model's own config.json). It is a plain dataclass: validation in
-`__post_init__`, no other logic. Every field is a CLI flag `--vae-config.<field-with-dashes>`.
+`__post_init__` (run again for every assignment after construction), no other logic. Every field
+is a CLI flag `--vae-config.<field-with-dashes>`.
 """
 
 from __future__ import annotations
@@ -151,6 +152,16 @@ class VAEConfig:
                 raise ValueError(
                     f"VAEConfig.{name} must be a multiple of 8 (the VAE's spatial compression); got {getattr(self, name)}"
                 )
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: typing.Any) -> None:
+        # Once built, a config takes a new value only if the config it makes passes __post_init__
+        # (the one validation): `cfg.tiling = "fuzzy"` raises, and the bad value is never stored.
+        if self.__dict__.get("_validated") and not name.startswith("_"):
+            if name not in {f.name for f in fields(self)}:
+                raise AttributeError(f"VAEConfig has no field {name!r}")
+            dataclasses.replace(self, **{name: value})
+        object.__setattr__(self, name, value)
 
     # -- command line ---------------------------------------------------------------------------
     PREFIX: typing.ClassVar[str] = "vae-config."

@@ -29,8 +29,9 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from .surface import DecodeSurface, DecoderTopology, Level, progress
+from .weights import WEIGHT_DTYPES, WeightsError, arch_int, arch_list, arch_number
 
-__all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH"]
+__all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH", "validate_arch"]
 
 # Default architecture of the released Qwen-Image VAE (diffusers' defaults).
 DEFAULT_ARCH: dict[str, Any] = dict(
@@ -47,6 +48,54 @@ DEFAULT_ARCH: dict[str, Any] = dict(
     latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                  3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
 )
+
+# diffusers' AutoencoderKLWan takes these keys too. With these values (its Wan 2.1 defaults, or what
+# the architecture above implies) it is this model, key for key; anything else is another design.
+WAN21_KEYS: dict[str, str] = dict(
+    decoder_base_dim="None or base_dim", is_residual="False", in_channels="input_channels",
+    out_channels="input_channels", patch_size="None or 1", scale_factor_temporal="None or 2**sum(temperal_downsample)",
+    scale_factor_spatial="None or 2**len(temperal_downsample)",
+)
+# Inputs decode/encode take: fp8 (and integers) cannot be computed with; they are refused, not cast.
+COMPUTE_DTYPES = tuple(WEIGHT_DTYPES.values())
+MAX_CHANNELS = 8192  # the widest layer, base_dim * max(dim_mult): the released model has 384
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def validate_arch(arch: dict[str, Any]) -> None:
+    """Refuse, before anything is built, an architecture this model cannot be (types, ranges, sizes;
+    keys of other designs such as the Wan 2.2 VAE); keys left out take DEFAULT_ARCH's values."""
+    a = {**DEFAULT_ARCH, **arch}
+    base_dim = arch_int(a, "base_dim", 1, 1024)
+    z_dim = arch_int(a, "z_dim", 1, 1024)
+    dim_mult = arch_list(a, "dim_mult", "int", 1, 8, lo=1, hi=64)
+    arch_int(a, "num_res_blocks", 1, 32)
+    arch_list(a, "attn_scales", "number", 0, 8, lo=0, hi=1)
+    n = len(dim_mult) - 1
+    temperal = arch_list(a, "temperal_downsample", "bool", n, n)
+    arch_number(a, "dropout", 0, 1, hi_open=True)
+    channels = arch_int(a, "input_channels", 1, 64)
+    for key in ("latents_mean", "latents_std"):
+        arch_list(a, key, "number", z_dim, z_dim)
+    if base_dim * max(dim_mult) > MAX_CHANNELS:
+        raise WeightsError(f"base_dim * max(dim_mult) = {base_dim} * {max(dim_mult)} = {base_dim * max(dim_mult)} "
+                           f"channels; at most {MAX_CHANNELS} are allowed")
+    implied = dict(decoder_base_dim=(None, base_dim), is_residual=(False,), in_channels=(channels,),
+                   out_channels=(channels,), patch_size=(None, 1),
+                   scale_factor_temporal=(None, 2 ** sum(temperal)), scale_factor_spatial=(None, 2 ** len(temperal)))
+    differ = [k for k, ok in implied.items() if k in a and (isinstance(a[k], bool) != isinstance(ok[-1], bool)
+                                                            or a[k] not in ok)]
+    if differ:
+        got = ", ".join(f"{k}={a[k]!r}" for k in differ)
+        want = ", ".join(f"{k}={WAN21_KEYS[k]}" for k in differ)
+        if a.get("is_residual") is True or a.get("patch_size") not in (None, 1):
+            raise WeightsError(f"a Wan 2.2 VAE ({got}, z_dim={z_dim}) is not supported by QwenImageVAE, "
+                               f"which is the Wan 2.1 design ({want})")
+        raise WeightsError(f"QwenImageVAE cannot build {got}: it needs {want}")
+
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
 
@@ -427,17 +476,13 @@ class QwenImageVAE(DecodeSurface):
                  input_channels: int = 3, latents_mean=None, latents_std=None,
                  vae_config: VAEConfig | None = None) -> None:
         super().__init__()
-        dim_mult, attn_scales = list(dim_mult), list(attn_scales)
-        temperal_downsample = list(temperal_downsample)
-        if len(temperal_downsample) != len(dim_mult) - 1:
-            raise ValueError(
-                f"temperal_downsample needs len(dim_mult) - 1 = {len(dim_mult) - 1} entries; got {temperal_downsample}"
-            )
         latents_mean = list(DEFAULT_ARCH["latents_mean"] if latents_mean is None else latents_mean)
         latents_std = list(DEFAULT_ARCH["latents_std"] if latents_std is None else latents_std)
-        for name, values in (("latents_mean", latents_mean), ("latents_std", latents_std)):
-            if len(values) != z_dim:
-                raise ValueError(f"{name} needs z_dim = {z_dim} values; got {len(values)}")
+        self.validate_arch(dict(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks,
+                                attn_scales=attn_scales, temperal_downsample=temperal_downsample, dropout=dropout,
+                                input_channels=input_channels, latents_mean=latents_mean, latents_std=latents_std))
+        dim_mult, attn_scales = list(dim_mult), list(attn_scales)
+        temperal_downsample = list(temperal_downsample)
         self.config = dict(base_dim=base_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=num_res_blocks,
                            attn_scales=attn_scales, temperal_downsample=temperal_downsample, dropout=dropout,
                            input_channels=input_channels, latents_mean=latents_mean, latents_std=latents_std)
@@ -456,19 +501,36 @@ class QwenImageVAE(DecodeSurface):
                                  self.temperal_upsample, dropout, input_channels)
         self.topology = self.decoder.topology()  # read once from the module tree
 
-    # -- loading (weights.py) ----------------------------------------------------------------------
+    # -- loading (weights.py): what it reads of a diffusers config, and how it checks it -------------
+    diffusers_class_names = ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+    arch_keys = tuple(DEFAULT_ARCH)
+    checked_keys = tuple(WAN21_KEYS)
+
+    @classmethod
+    def validate_arch(cls, arch: dict[str, Any]) -> None:
+        """Raise WeightsError naming the first key of `arch` (a diffusers config) this model cannot build."""
+        validate_arch(arch)
+
     @classmethod
     def from_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> "QwenImageVAE":
-        """Load a diffusers-format directory (config.json + safetensors, sharded or not), or a Qwen-Image
-        model directory with a `vae/` subfolder. Safetensors only."""
+                        device: torch.device | str | None = None, variant: str | None = None) -> "QwenImageVAE":
+        """Load a diffusers-format directory of an `AutoencoderKLQwenImage` or of an `AutoencoderKLWan`
+        with the Wan 2.1 config (config.json + safetensors, sharded or not), or a pipeline directory with
+        a `vae/` subfolder. Safetensors only.
+
+        `dtype`: None keeps the stored dtype (diffusers' `from_pretrained` loads fp32 unless told
+        otherwise). `device`: where the weights are loaded (default the CPU), checked before any file
+        is read. `variant`: e.g. "fp16" loads `diffusion_pytorch_model.fp16.safetensors` (or its
+        sharded index `diffusion_pytorch_model.safetensors.index.fp16.json`), as diffusers names them.
+        """
         from .weights import load_pretrained
 
-        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device)
+        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device, variant=variant)
 
     @classmethod
     def from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None) -> "QwenImageVAE":
-        """The same weights, dtype and device as a diffusers `AutoencoderKLQwenImage`."""
+        """The same weights, dtype and device as a diffusers `AutoencoderKLQwenImage`, or an
+        `AutoencoderKLWan` with the Wan 2.1 config."""
         from .weights import load_from_diffusers
 
         return load_from_diffusers(cls, module, vae_config=vae_config)
@@ -489,6 +551,11 @@ class QwenImageVAE(DecodeSurface):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, T, H, W]` (T = 1 + 4k) or `[B, 3, H, W]` in [-1, 1] → posterior mean
         `[B, z_dim, 1 + k, H/8, W/8]` (or 4-D), as diffusers' `encode(x).latent_dist.mode()`."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"encode expects a torch.Tensor; got {type(x).__name__}")
+        if x.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"encode expects pixels as floats in [-1, 1] ({_names(COMPUTE_DTYPES)}); got {x.dtype}"
+                            + (" (uint8 images: x.float() / 127.5 - 1)" if x.dtype == torch.uint8 else ""))
         if x.dim() not in (4, 5):
             raise ValueError(f"encode expects [B, C, H, W] or [B, C, T, H, W]; got shape {tuple(x.shape)}")
         image = x.dim() == 4
@@ -523,8 +590,8 @@ class QwenImageVAE(DecodeSurface):
             raise ValueError(f"decode expects {self.z_dim} latent channels (dim 1); got shape {tuple(z.shape)}")
         if z.numel() == 0:
             raise ValueError(f"decode got an empty latent, shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise TypeError(f"decode expects floating-point latents; got {z.dtype}")
+        if z.dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"decode expects latents of dtype {_names(COMPUTE_DTYPES)}; got {z.dtype}")
         image = z.dim() == 4
         z = z.unsqueeze(2) if image else z
         return z.to(device=self.device, dtype=self.dtype), image
@@ -615,4 +682,4 @@ class QwenImageVAE(DecodeSurface):
     def extra_repr(self) -> str:
         c = self.config
         return (f"base_dim={c['base_dim']}, z_dim={c['z_dim']}, dim_mult={c['dim_mult']}, "
-                f"num_res_blocks={c['num_res_blocks']}, decode_margin={self.decode_margin}")
+                f"num_res_blocks={c['num_res_blocks']}, receptive_field={self.topology.receptive_field()}")
