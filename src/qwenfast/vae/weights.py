@@ -19,11 +19,13 @@ from ..config import VAEConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_pretrained", "load_from_diffusers", "resolve_vae_dir", "read_arch_config", "WeightsError"]
+__all__ = ["load_pretrained", "load_from_diffusers", "resolve_vae_dir", "read_arch_config", "vae_class_for", "WeightsError"]
 
 ARCH_KEYS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample",
              "dropout", "input_channels", "latents_mean", "latents_std")
 ACCEPTED_CLASSES = ("AutoencoderKLQwenImage",)
+# diffusers class name -> the qwenfast class that loads it (named in errors; `vae_class_for` picks it)
+KNOWN_CLASSES = {"AutoencoderKLQwenImage": "QwenImageVAE", "AutoencoderKLQwenImage21": "QwenImage21VAE"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -43,7 +45,8 @@ def resolve_vae_dir(path: str | Path) -> Path:
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file() and _looks_like_vae_config(candidate / "config.json"):
             return candidate
-    raise WeightsError(f"{path} holds no VAE: expected config.json of an AutoencoderKLQwenImage there or in {path / 'vae'}")
+    raise WeightsError(f"{path} holds no VAE: expected config.json of an "
+                       f"{' or '.join(KNOWN_CLASSES)} there or in {path / 'vae'}")
 
 
 def _looks_like_vae_config(file: Path) -> bool:
@@ -51,11 +54,25 @@ def _looks_like_vae_config(file: Path) -> bool:
         cfg = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError):
         return True  # let read_arch_config report the real problem
-    return isinstance(cfg, dict) and ("z_dim" in cfg or cfg.get("_class_name") in ACCEPTED_CLASSES)
+    return isinstance(cfg, dict) and ("z_dim" in cfg or cfg.get("_class_name") in KNOWN_CLASSES)
 
 
-def read_arch_config(vae_dir: Path) -> dict[str, Any]:
-    """The architecture arguments of `QwenImageVAE` from a diffusers config.json."""
+def _accepted(model_cls) -> tuple[str, ...]:
+    return tuple(getattr(model_cls, "diffusers_class_names", ACCEPTED_CLASSES))
+
+
+def _arch_keys(model_cls) -> tuple[str, ...]:
+    return tuple(getattr(model_cls, "arch_keys", ARCH_KEYS))
+
+
+def _wrong_class(what: str, name: str, model_cls) -> str:
+    """`what` holds a `name`; the one line that says which qwenfast class loads it."""
+    ours = getattr(model_cls, "__name__", "this class")
+    hint = f": load it with qwenfast.{KNOWN_CLASSES[name]}" if name in KNOWN_CLASSES else ""
+    return f"{what} is a {name}, which {ours} does not load (it takes {' or '.join(_accepted(model_cls))}){hint}"
+
+
+def _read_config(vae_dir: Path) -> dict[str, Any]:
     file = vae_dir / "config.json"
     try:
         cfg = json.loads(file.read_text())
@@ -63,13 +80,34 @@ def read_arch_config(vae_dir: Path) -> dict[str, Any]:
         raise WeightsError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise WeightsError(f"{file} must hold a JSON object")
+    return cfg
+
+
+def read_arch_config(vae_dir: Path, model_cls=None) -> dict[str, Any]:
+    """The architecture arguments of `model_cls` (default `QwenImageVAE`'s) from a diffusers config.json."""
+    file = vae_dir / "config.json"
+    cfg = _read_config(vae_dir)
     cls = cfg.get("_class_name")
-    if cls is not None and cls not in ACCEPTED_CLASSES:
-        raise WeightsError(f"{file} describes a {cls}, not one of {', '.join(ACCEPTED_CLASSES)}")
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in ARCH_KEYS)
+    if cls is not None and cls not in _accepted(model_cls):
+        raise WeightsError(_wrong_class(str(file), cls, model_cls))
+    keys = _arch_keys(model_cls)
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in keys)
     if unknown:
         logger.warning("ignoring config keys qwenfast does not use: %s", ", ".join(unknown))
-    return {k: cfg[k] for k in ARCH_KEYS if k in cfg}
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def vae_class_for(path: str | Path):
+    """The qwenfast VAE class for a diffusers VAE directory (or a model directory with `vae/`), told by
+    config.json's `_class_name` (none: the Qwen-Image VAE)."""
+    from . import QwenImage21VAE, QwenImageVAE
+
+    vae_dir = resolve_vae_dir(path)
+    name = _read_config(vae_dir).get("_class_name") or "AutoencoderKLQwenImage"
+    for model_cls in (QwenImageVAE, QwenImage21VAE):
+        if name in _accepted(model_cls):
+            return model_cls
+    raise WeightsError(f"{vae_dir / 'config.json'} describes a {name}; qwenfast loads {', '.join(KNOWN_CLASSES)}")
 
 
 def _weight_files(vae_dir: Path) -> list[Path]:
@@ -107,6 +145,12 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def _build(cls, arch: dict[str, Any], vae_config: VAEConfig | None) -> nn.Module:
+    validate = getattr(cls, "validate_arch", None)
+    if validate is not None:
+        try:
+            validate(arch)
+        except ValueError as e:
+            raise WeightsError(f"VAE config cannot build the model: {e}") from None
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         try:
             return cls(**arch, vae_config=vae_config)
@@ -126,7 +170,7 @@ def load_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch
     from safetensors.torch import load_file
 
     vae_dir = resolve_vae_dir(path)
-    model = _build(cls, read_arch_config(vae_dir), vae_config)
+    model = _build(cls, read_arch_config(vae_dir, cls), vae_config)
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(vae_dir):
         try:
@@ -142,8 +186,9 @@ def load_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch
 def load_from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None) -> nn.Module:
     """Our VAE over the same parameter tensors as a diffusers `AutoencoderKLQwenImage` (no copy)."""
     name = type(module).__name__
-    if name not in ACCEPTED_CLASSES or not hasattr(module, "config"):
-        raise TypeError(f"from_diffusers expects a diffusers {' or '.join(ACCEPTED_CLASSES)}; got {name}")
-    arch = {k: module.config[k] for k in ARCH_KEYS if k in module.config}
+    if name not in _accepted(cls) or not hasattr(module, "config"):
+        raise TypeError(f"from_diffusers expects a diffusers {' or '.join(_accepted(cls))}; got {name}"
+                        + (f" (load it with qwenfast.{KNOWN_CLASSES[name]}.from_diffusers)" if name in KNOWN_CLASSES else ""))
+    arch = {k: module.config[k] for k in _arch_keys(cls) if k in module.config}
     model = _build(cls, arch, vae_config)
     return _finish(model, dict(module.state_dict()), f"the diffusers {name}")
