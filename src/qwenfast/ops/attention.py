@@ -9,9 +9,10 @@ attends from its own pixels to the keys of every rank.
 Dispatch per call, the rule of every op here (`CustomOp`'s): the Triton flash kernel
 (qwenfast.ops.triton.attention) for CUDA tensors with Triton importable, when the dtype is
 fp16/bf16/fp32 and the head dim is one it supports (a multiple of 16 up to 512 that splits into <= 4
-power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); otherwise
-`single_head_attention_native`. `single_head_attention_triton` runs the kernel itself (CPU tensors
-under TRITON_INTERPRET=1: the tests).
+power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); other CUDA tensors (the
+Qwen-Image-2.1 VAE's head dim 1152, which no SDPA flash backend takes either) →
+`single_head_attention_chunked`; anything else → `single_head_attention_native`.
+`single_head_attention_triton` runs the kernel itself (CPU tensors under TRITON_INTERPRET=1: the tests).
 """
 
 from __future__ import annotations
@@ -81,6 +82,46 @@ def single_head_attention_native(
     return o
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q kᵀ (B, n, Nk) in fp32 (fp64 stays fp64): fp16/bf16 on CUDA through cuBLAS with an fp32 output
+    (fp32 accumulation, no rounding of the logits to 8 bits), elsewhere in the compute dtype."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    kt = k.transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.bmm(q, kt, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without bmm's out_dtype: bf16 logits
+            return torch.bmm(q, kt).float()
+    return torch.bmm(q.to(compute), kt.to(compute))
+
+
+def single_head_attention_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_bytes: int = SCORE_BYTES_BUDGET
+) -> torch.Tensor:
+    """Exact attention over chunks of queries, as plain matmuls: per chunk S = q kᵀ / sqrt(D) in fp32,
+    P = softmax(S) in fp32, o = P v (P rounded to v's dtype for the matmul, as flash kernels do).
+
+    For head dims no flash kernel takes (1152: the Qwen-Image-2.1 VAE): the chunk's fp32 scores stay
+    under `score_bytes` (the full N x N of a 2048² frame is 1 GiB, of a 4096² frame 16 GiB), and the
+    two matmuls run at cuBLAS speed instead of SDPA's math backend upcasting everything to fp32.
+    """
+    _check_qkv(q, k, v)
+    B, Nq, D = q.shape
+    Nk = k.shape[1]
+    rows = max(1, min(Nq, score_bytes // (4 * max(Nk, 1))))
+    scale = D**-0.5
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for r0 in range(0, Nq, rows):
+            s = _scores(q[b : b + 1, r0 : r0 + rows], k[b : b + 1])  # (1, n, Nk) fp32
+            s.mul_(scale)
+            p = torch.softmax(s, dim=-1)
+            del s
+            o[b : b + 1, r0 : r0 + rows] = torch.bmm(p.to(v.dtype), v[b : b + 1])
+            del p
+    return o
+
+
 def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Can the Triton kernel run on these (already checked) tensors (CUDA, or CPU when interpreted)?"""
     return _support.kernel_supports(q, k, v) and _kernel.supports_head_dim(q.shape[2])
@@ -107,8 +148,10 @@ def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     _check_qkv(q, k, v)
     if kernel_takes(q, k, v):
         return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
+    if dispatches_to_kernel(q, k, v):  # CUDA, a head dim the kernel does not take: no N x N scores
+        return single_head_attention_chunked(q, k, v)
     return single_head_attention_native(q, k, v)
 
 
 __all__ = ["SCORE_BYTES_BUDGET", "kernel_supports", "kernel_takes", "single_head_attention",
-           "single_head_attention_native", "single_head_attention_triton"]
+           "single_head_attention_chunked", "single_head_attention_native", "single_head_attention_triton"]

@@ -53,10 +53,10 @@ def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
     C = x.shape[1]
     compute = torch.promote_types(x.dtype, torch.float32)
     per_channel = (C, *([1] * (x.dim() - 2)))  # broadcast over the spatial dims
-    x = x.to(compute)
+    xc = x.to(compute)  # a new name: the result is rounded to the *input's* dtype, not to this copy's
     if bias is not None:
-        x = x + bias.reshape(per_channel).to(compute)
-    y = F.normalize(x, dim=1) * C**0.5 * gamma.reshape(per_channel).to(compute)
+        xc = xc + bias.reshape(per_channel).to(compute)
+    y = F.normalize(xc, dim=1) * C**0.5 * gamma.reshape(per_channel).to(compute)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)  # .to() keeps x's memory format
