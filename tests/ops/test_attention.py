@@ -205,14 +205,15 @@ def test_chunked_matches_sdpa_in_float64(B, Nq, Nk, D, score_bytes):
     assert (out - ref).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_chunked_keeps_dtype_and_accuracy(dtype):
+def test_chunked_keeps_dtype_and_accuracy(dtype, device):
     from qwenfast.ops.attention import single_head_attention_chunked
 
     q, k, v = qkv(2, 21, 33, 1152, dtype, seed=7)
-    out = single_head_attention_chunked(q, k, v, score_bytes=4 * 33 * 4)
+    out = single_head_attention_chunked(*(t.to(device) for t in (q, k, v)), score_bytes=4 * 33 * 4)
     assert out.dtype == dtype and out.shape == q.shape
-    assert rel_err(out, oracle(q, k, v)) < TOL[dtype]
+    assert rel_err(out.cpu(), oracle(q, k, v)) < TOL[dtype]
 
 
 def test_chunked_rejects_bad_shapes():
