@@ -32,6 +32,9 @@ def level_halos(vae) -> list[tuple[int, int]]:
     """Per up block: (scale at its input, halo rows at that scale). A 3x3 conv reaches one row; one
     after the block's 2x upsample reaches half a row of its input, rounded up; the last block also
     carries the head (conv_out)."""
+    topology = getattr(vae, "topology", None)  # a model that describes itself (the 2.1 VAE; the surface)
+    if topology is not None:
+        return topology.level_halos()
     blocks = vae.decoder.up_blocks
     out, scale = [], 1
     for i, block in enumerate(blocks):
@@ -81,10 +84,14 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
                 top = rows if above else 0
             with comm.guard(f"level {i}"):
                 core = (band.y1 - band.y0) * scale
-                x = block(x, cache)
-                if i == last:
-                    x = decoder.conv_out(decoder.norm_out(x, silu=True), cache)
-                grow = 2 if block.upsamplers is not None else 1
+                rows_in = x.shape[-2]
+                if hasattr(vae, "decode_level"):  # the model's own level (the 2.1 VAE; the surface)
+                    x = vae.decode_level(i, x, cache)
+                else:
+                    x = block(x, cache)
+                    if i == last:
+                        x = decoder.conv_out(decoder.norm_out(x, silu=True), cache)
+                grow = x.shape[-2] // rows_in  # 2 after an upsample (x p after a 2.1 VAE's unpatchify)
                 x = x[..., top * grow:(top + core) * grow, :]  # the core at the new resolution
         return x.contiguous()
 

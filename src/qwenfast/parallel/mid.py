@@ -62,6 +62,9 @@ def split_attention(vae, z: torch.Tensor, comm) -> torch.Tensor:
 
 def tail_reach(vae) -> int:
     """How far (latent px) the mid block's last ResBlock looks: one pixel per 3x3 conv in it."""
+    topology = getattr(vae, "topology", None)  # a model that describes itself (the 2.1 VAE; the surface)
+    if topology is not None:
+        return topology.tail_convs
     return sum(1 for m in vae.decoder.mid_block.resnets[-1].modules()
                if isinstance(m, nn.Conv3d) and m.kernel_size[-1] == 3)
 

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
-from ..parallel.base import ParallelTiledVAE, _as_rows, _blend_merge
-from ..parallel import plan
+from ..parallel.base import ParallelTiledVAE, _blend_merge
 from .qwen_image import AttentionBlock, RMSNorm, Upsample2x
 
 logger = logging.getLogger(__name__)
@@ -782,23 +781,17 @@ class QwenImage21VAE(ParallelTiledVAE):
     def _frame_chunks(num_frames: int, first: int = 1, size: int = 1) -> list[tuple[int, int]]:
         return [(t, t + 1) for t in range(num_frames)]
 
-    def _tiled_decode_blend(self, z: torch.Tensor) -> torch.Tensor:
-        """diffusers' `tiled_decode`; with `patch_size` p it blends before unpatchifying, at 1/p of the
-        pixel tile geometry, as diffusers does."""
+    def _merge_blend_tiles(self, rows: list[list[torch.Tensor]], height: int, width: int) -> torch.Tensor:
+        """diffusers' blend of decoded tiles; with `patch_size` p it blends before unpatchifying, at 1/p
+        of the pixel tile geometry, as diffusers does (single-device and parallel blend tiling alike)."""
         p = self.patch_size or 1
         if p == 1:
-            return super()._tiled_decode_blend(z)
-        height, width = z.shape[-2:]
-        if not self._blend_tiling_applies(height, width):
-            return self.decode_untiled(z)
+            return super()._merge_blend_tiles(rows, height, width)
         cfg, s = self.vae_config, self.spatial_compression_ratio
-        grid = plan.blend_tile_grid(height, width, *self._blend_geometry())
-        boxes = [box for row in grid for box in row]
-        decoded = [patchify_5d(self.decode_untiled(z[..., y0:y1, x0:x1]), p) for y0, y1, x0, x1 in boxes]
         stride_h, stride_w = cfg.tile_sample_stride_height // p, cfg.tile_sample_stride_width // p
-        merged = _blend_merge(_as_rows(decoded, grid), cfg.tile_sample_min_height // p - stride_h,
-                              cfg.tile_sample_min_width // p - stride_w, stride_h, stride_w,
-                              height * s // p, width * s // p)
+        merged = _blend_merge([[patchify_5d(tile, p) for tile in row] for row in rows],
+                              cfg.tile_sample_min_height // p - stride_h, cfg.tile_sample_min_width // p - stride_w,
+                              stride_h, stride_w, height * s // p, width * s // p)
         return unpatchify_5d(merged, p)
 
     def extra_repr(self) -> str:

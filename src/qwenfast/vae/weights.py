@@ -69,7 +69,7 @@ def _wrong_class(what: str, name: str, model_cls) -> str:
     """`what` holds a `name`; the one line that says which qwenfast class loads it."""
     ours = getattr(model_cls, "__name__", "this class")
     hint = f": load it with qwenfast.{KNOWN_CLASSES[name]}" if name in KNOWN_CLASSES else ""
-    return f"{what} is a {name}, which {ours} does not load (it takes {' or '.join(_accepted(model_cls))}){hint}"
+    return f"{what} describes a {name}, which {ours} does not load (it takes {' or '.join(_accepted(model_cls))}){hint}"
 
 
 def _read_config(vae_dir: Path) -> dict[str, Any]:
