@@ -166,7 +166,7 @@ def fp32_check(side: int, comm, device) -> dict:
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
-        ref = vae._decode_untiled(z)
+        ref = vae.decode_untiled(z)
         vae.vae_config = VAEConfig(use_tiling=True, tiling="blend")
         ref_blend = vae.tiled_decode(z)
         for name, cfg in PARALLEL_MODES.items():

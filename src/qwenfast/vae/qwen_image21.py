@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -34,12 +33,12 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
-from ..parallel.base import ParallelTiledVAE, _blend_merge
 from .qwen_image import AttentionBlock, RMSNorm, Upsample2x
+from .surface import DecodeSurface, DecoderTopology, Level
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QwenImage21VAE", "DEFAULT_ARCH", "Level", "DecoderTopology"]
+__all__ = ["QwenImage21VAE", "DEFAULT_ARCH"]
 
 # The architecture of the released Qwen-Image-2.1 VAE: diffusers' defaults of AutoencoderKLQwenImage21,
 # and the one list of the config keys this model reads.
@@ -428,62 +427,25 @@ def unpatchify(x: torch.Tensor, p: int | None) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Level:
-    """One up block of the local part, at its input resolution."""
-
-    scale: int  # resolution at the level's input, in multiples of the latent
-    channels: int  # channel width inside the level
-    convs: int  # 3x3 convs at the input resolution (ResBlocks: 2 each)
-    upsample: bool  # ends with a 2x upsample (output j reads input j // 2, shortcut included)
-    convs_after_up: int  # 3x3 convs after that upsample, at 2x
-    head_convs: int = 0  # the last level carries the head (conv_out)
-
-
-@dataclass(frozen=True)
-class DecoderTopology:
-    tail_convs: int  # 3x3 convs of the mid block's last ResBlock
-    levels: tuple[Level, ...]
-
-    def receptive_field(self) -> int:
-        """Latent px that any output pixel of the local part reads on either side: walks the local
-        part backwards from each output pixel over one latent pixel, growing the interval by one per
-        3x3 conv and mapping it through each 2x upsample (j reads j // 2)."""
-        layers: list[str] = []
-        for lv in self.levels:
-            layers += ["conv"] * lv.convs
-            if lv.upsample:
-                layers += ["up"] + ["conv"] * lv.convs_after_up
-            layers += ["conv"] * lv.head_convs
-        scale = 2 ** layers.count("up")
-        reach = 0
-        for o in range(scale):
-            lo, hi = o, o
-            for layer in reversed(layers):
-                lo, hi = (lo - 1, hi + 1) if layer == "conv" else (lo // 2, hi // 2)
-            reach = max(reach, -lo, hi)
-        return reach
-
-    def level_halos(self) -> list[tuple[int, int]]:
-        """Per level: (scale at its input, halo rows at that scale) that make the level's output exact."""
-        return [(lv.scale, lv.convs + math.ceil(lv.convs_after_up / 2) + lv.head_convs) for lv in self.levels]
-
-
-def _conv3x3(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+def _convs3x3(module: nn.Module) -> list[tuple[int, int]]:
+    """(c_in, c_out) of the 3x3 convs of `module`, in forward order (registration order here)."""
+    return [(m.in_channels, m.out_channels) for m in module.modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
 
 
 def decoder_topology(decoder: Decoder) -> DecoderTopology:
-    """The local part's description, read once from the module tree."""
+    """The local part's description (the surface's `DecoderTopology`), read once from the module tree."""
     levels, scale = [], 1
     last = len(decoder.up_blocks) - 1
     for i, block in enumerate(decoder.up_blocks):
         up = block.upsamples
-        levels.append(Level(scale=scale, channels=block.out_dim, convs=_conv3x3(block.resnets), upsample=up,
-                            convs_after_up=_conv3x3(block) - _conv3x3(block.resnets),
-                            head_convs=_conv3x3(decoder.conv_out) if i == last else 0))
+        inner, whole = _convs3x3(block.resnets), _convs3x3(block)
+        head = _convs3x3(decoder.conv_out) if i == last else []
+        levels.append(Level(scale=scale, channels=block.out_dim, convs=len(inner), upsample=up,
+                            convs_after_up=len(whole) - len(inner), head_convs=len(head),
+                            conv_channels=tuple(inner + whole[len(inner):] + head)))
         scale *= 2 if up else 1
-    return DecoderTopology(tail_convs=_conv3x3(decoder.mid_block.resnets[-1]), levels=tuple(levels))
+    return DecoderTopology(tail_convs=len(_convs3x3(decoder.mid_block.resnets[-1])), levels=tuple(levels))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,7 +453,7 @@ def decoder_topology(decoder: Decoder) -> DecoderTopology:
 # --------------------------------------------------------------------------------------------------
 
 
-class QwenImage21VAE(ParallelTiledVAE):
+class QwenImage21VAE(DecodeSurface):
     """The Qwen-Image-2.1 VAE: weight-compatible with diffusers' `AutoencoderKLQwenImage21`.
 
     `decode(z)` takes unscaled latents `[B, z_dim, h, w]` (or `[B, z_dim, 1, h, w]`) and returns what
@@ -523,7 +485,7 @@ class QwenImage21VAE(ParallelTiledVAE):
         self.patch_size = patch_size
         self.z_dim = z_dim
         self.in_channels_pixels = in_channels // (p * p)  # what encode takes
-        self.out_channels = out_channels // (p * p)  # what decode returns
+        self._out_channels = out_channels // (p * p)  # what decode returns
         self.spatial_compression_ratio = 2 ** (len(dim_mult) - 1) * p
         if scale_factor_spatial is not None and scale_factor_spatial != self.spatial_compression_ratio:
             logger.warning("scale_factor_spatial=%s disagrees with the architecture (%s x spatial); using %s",
@@ -538,7 +500,6 @@ class QwenImage21VAE(ParallelTiledVAE):
         self.decoder = Decoder(base_dim if decoder_base_dim is None else decoder_base_dim, z_dim, list(dim_mult),
                                num_res_blocks, temperal_downsample[::-1], dropout, out_channels, bool(is_residual))
         self.topology = decoder_topology(self.decoder)
-        self.decode_margin = self.topology.receptive_field()
 
     @classmethod
     def validate_arch(cls, arch: dict) -> None:
@@ -600,22 +561,12 @@ class QwenImage21VAE(ParallelTiledVAE):
     def device(self) -> torch.device:
         return self.post_quant_conv.weight.device
 
-    # -- public API --------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, z_dim, h, w]` (or `[B, z_dim, 1, h, w]`) → pixels in [-1, 1],
-        `[B, out_channels, s·h, s·w]` (or 5-D)."""
-        cfg = self.vae_config
-        if cfg.use_parallel_decode:
-            image = isinstance(z, torch.Tensor) and z.dim() == 4
-            out = self._decode_with_parallel_dispatch(z)
-        else:
-            z, image = self.check_latent(z)
-            out = self.tiled_decode(z) if cfg.use_tiling else self.decode_untiled(z)
-        if out is None:  # parallel decode with output on rank 0 only
-            return None
-        out = out.clamp_(-1.0, 1.0)
-        return out[:, :, 0] if image else out
+    @property
+    def out_channels(self) -> int:
+        """Decoded channels (4: RGBA for the released model)."""
+        return self._out_channels
 
+    # -- public API (decode: the surface's; untiled, tiled or parallel by vae_config) ------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, C, H, W]` (or `[B, C, 1, H, W]`) in [-1, 1] → posterior mean `[B, z_dim, H/s, W/s]`
         (or 5-D), as diffusers' `encode(x).latent_dist.mode()`."""
@@ -667,11 +618,6 @@ class QwenImage21VAE(ParallelTiledVAE):
 
     def num_output_frames(self, num_latent_frames: int) -> int:
         return num_latent_frames
-
-    def output_shape(self, z: torch.Tensor) -> tuple[int, ...]:
-        """(B, out_channels, T, s·h, s·w): the decoded shape of latent `z` (B, z, T, h, w)."""
-        s = self.spatial_compression_ratio
-        return (z.shape[0], self.out_channels, self.num_output_frames(z.shape[2]), z.shape[-2] * s, z.shape[-1] * s)
 
     def frame_layout(self, x: torch.Tensor) -> torch.Tensor:
         """A 4-D frame on CUDA runs channels-last (cuDNN's fastest bf16 convs; per-pixel norms and the
@@ -752,42 +698,13 @@ class QwenImage21VAE(ParallelTiledVAE):
 
         return self.stream(fn, x, desc="encode")
 
-    # -- the hooks ParallelTiledVAE drives (until the shared surface replaces them) --------------------
-    def _check_latent(self, z):
-        return self.check_latent(z)
+    def merge_blend_tiles_patched(self, rows: list[list[torch.Tensor]], height: int, width: int,
+                                  cfg: VAEConfig) -> torch.Tensor:
+        """Blend tiling's merge with `patch_size` p (called by vae/tiling.py): diffusers blends before
+        unpatchifying, at 1/p of the pixel tile geometry."""
+        from .tiling import _blend_merge
 
-    def _decode_untiled(self, z):
-        return self.decode_untiled(z)
-
-    def _decode_global(self, z):
-        return self.decode_global(z)
-
-    def _decode_local(self, h):
-        return self.decode_local(h)
-
-    def _encode_untiled(self, x):
-        return self.encode_untiled(x)
-
-    def _output_shape(self, z):
-        return self.output_shape(z)
-
-    def _fast_layout(self, x):
-        return self.frame_layout(x)
-
-    def _stream(self, fn: Callable, x: torch.Tensor, chunks=None, desc: str = "decode") -> torch.Tensor:
-        return self.stream(fn, x, desc)
-
-    @staticmethod
-    def _frame_chunks(num_frames: int, first: int = 1, size: int = 1) -> list[tuple[int, int]]:
-        return [(t, t + 1) for t in range(num_frames)]
-
-    def _merge_blend_tiles(self, rows: list[list[torch.Tensor]], height: int, width: int) -> torch.Tensor:
-        """diffusers' blend of decoded tiles; with `patch_size` p it blends before unpatchifying, at 1/p
-        of the pixel tile geometry, as diffusers does (single-device and parallel blend tiling alike)."""
-        p = self.patch_size or 1
-        if p == 1:
-            return super()._merge_blend_tiles(rows, height, width)
-        cfg, s = self.vae_config, self.spatial_compression_ratio
+        p, s = self.patch_size, self.spatial_compression_ratio
         stride_h, stride_w = cfg.tile_sample_stride_height // p, cfg.tile_sample_stride_width // p
         merged = _blend_merge([[patchify_5d(tile, p) for tile in row] for row in rows],
                               cfg.tile_sample_min_height // p - stride_h, cfg.tile_sample_min_width // p - stride_w,
