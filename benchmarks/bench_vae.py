@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from qwenfast import QwenImageVAE, VAEConfig  # noqa: E402
-from qwenfast.benchmarking import PeakMemory, format_table, markdown_table, provenance, time_ms, write_json  # noqa: E402
+from qwenfast.benchmarking import (  # noqa: E402
+    format_table, markdown_table, measure, provenance, synthetic_latent, write_json)
 
 COLUMNS = [("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("max_abs_diff", "max|Δ| vs own untiled", ".2e"),
@@ -38,33 +39,9 @@ def build(dtype, device, seed=0):
     return ref, ours
 
 
-def latent(ours, size, device, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    z = torch.randn(1, 16, 1, size // 8, size // 8, device=device, generator=gen)
-    mean = torch.tensor(ours.config["latents_mean"], device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(ours.config["latents_std"], device=device).view(1, -1, 1, 1, 1)
-    return z * std + mean
-
-
-def measure(fn, device, repeats, warmup):
-    out = None
-
-    def run():
-        nonlocal out
-        out = None
-        with torch.inference_mode():
-            out = fn()
-
-    gc.collect()
-    torch.cuda.empty_cache()
-    with PeakMemory(device) as peak:
-        timing = time_ms(run, device, repeats=repeats, warmup=warmup)
-    return out, dict(timing, peak_gib=peak.gib)
-
-
 def profile(size, device):
     ref, ours = build(torch.bfloat16, device)
-    z = latent(ours, size, device).bfloat16()
+    z = synthetic_latent(ours, size, device).bfloat16()
     with torch.inference_mode():
         for _ in range(2):
             ours.decode(z)
@@ -93,7 +70,7 @@ def main():
     ref, ours = build(torch.bfloat16, device)
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        z = latent(ours, size, device)
+        z = synthetic_latent(ours, size, device)
         zb = z.bfloat16()
         reps = args.repeats if size < 4096 else max(2, args.repeats // 2)
         warm = args.warmup if size < 4096 else 1

@@ -20,16 +20,54 @@ ARCHS = {
 }
 
 
-def diffusers_vae(arch: dict | None = None, seed: int = 0):
-    from diffusers import AutoencoderKLQwenImage
+# The Qwen-Image-2.1 VAE (AutoencoderKLQwenImage21): 8x/4x tiny versions of the released design,
+# with and without the residual blocks, a patch size, a decoder wider than the encoder.
+TINY21 = dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+              temperal_downsample=[False, True, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
+              scale_factor_spatial=8)
+ARCHS21 = {
+    "tiny": TINY21,
+    "released-shape": dict(base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=1,
+                           temperal_downsample=[False, True, True, True], latents_mean=[0.0] * 8,
+                           latents_std=[1.0] * 8),
+    "not-residual": dict(base_dim=4, decoder_base_dim=None, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=2,
+                         temperal_downsample=[True, False], is_residual=False, in_channels=3, out_channels=3,
+                         latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=4),
+    "patch2": dict(base_dim=4, decoder_base_dim=4, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                   temperal_downsample=[False, True], in_channels=16, out_channels=16, patch_size=2,
+                   latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=8),
+}
 
-    torch.manual_seed(seed)
-    model = AutoencoderKLQwenImage(**(arch or TINY)).eval()
+
+def _perturbed(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
                 p.add_(0.3 * torch.randn_like(p))
     return model
+
+
+def diffusers_vae(arch: dict | None = None, seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return _perturbed(AutoencoderKLQwenImage(**(arch or TINY)).eval())
+
+
+def diffusers_vae21(arch: dict | None = None, seed: int = 0, dtype=torch.float32):
+    from diffusers import AutoencoderKLQwenImage21
+
+    torch.manual_seed(seed)
+    model = _perturbed(AutoencoderKLQwenImage21(**(arch or TINY21)).eval())
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def pair21(arch: dict | None = None, seed: int = 0, vae_config=None, dtype=torch.float32):
+    """(diffusers' AutoencoderKLQwenImage21, our QwenImage21VAE over the same tensors)."""
+    from qwenfast import QwenImage21VAE
+
+    ref = diffusers_vae21(arch, seed, dtype)
+    return ref, QwenImage21VAE.from_diffusers(ref, vae_config=vae_config)
 
 
 def pair(arch: dict | None = None, seed: int = 0, vae_config=None):

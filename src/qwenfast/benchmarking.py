@@ -66,6 +66,38 @@ class PeakMemory:
             self.gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> tuple[Any, dict[str, Any]]:
+    """`fn()` under inference mode, timed (`time_ms`) with its peak memory (`PeakMemory`) from a clean
+    allocator: (the last run's result, {median_ms, min_ms, max_ms, repeats, peak_gib})."""
+    import gc
+
+    out = None
+
+    def run():
+        nonlocal out
+        out = None  # the previous result is freed before the next run: it is not part of the peak
+        with torch.inference_mode():
+            out = fn()
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(device) as peak:
+        timing = time_ms(run, device, repeats=repeats, warmup=warmup)
+    return out, dict(timing, peak_gib=peak.gib)
+
+
+def synthetic_latent(vae, size: int, device: torch.device, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """A random latent (B, z_dim, 1, size/s, size/s) in fp32 with the statistics the VAE decodes
+    (`N(0, 1) · latents_std + latents_mean`, as a pipeline hands it over)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n, s = vae.z_dim, vae.spatial_compression_ratio
+    z = torch.randn(batch, n, 1, size // s, size // s, device=device, generator=gen)
+    mean = torch.tensor(vae.config["latents_mean"][:n], device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config["latents_std"][:n], device=device).view(1, -1, 1, 1, 1)
+    return z * std + mean
+
+
 def git_commit() -> str:
     """The commit measured: $QWENFAST_COMMIT (a checkout sent without .git), else git, else 'unknown'."""
     commit = os.environ.get("QWENFAST_COMMIT")

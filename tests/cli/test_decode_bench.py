@@ -181,3 +181,50 @@ def test_console_entry_points_help():
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "qwenfast" in result.stdout
+
+
+# -- the Qwen-Image-2.1 VAE: told apart by config.json, RGBA PNGs ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae21_dir(tmp_path_factory):
+    from helpers import diffusers_vae21
+
+    ref = diffusers_vae21()
+    path = tmp_path_factory.mktemp("model21") / "vae"
+    ref.save_pretrained(path)
+    return ref, path
+
+
+def test_decode_qwenimage21_writes_rgba_pngs(vae21_dir, tmp_path, capsys):
+    ref, path = vae21_dir
+    z = torch.randn(1, 6, 3, 4, generator=torch.Generator().manual_seed(0))
+    lat = latents_file(tmp_path, latents=z)
+    code, out, err = run_cli(capsys, "decode", lat, "--vae", path.parent, "-o", tmp_path / "out", "--device", "cpu")
+    assert code == 0, err
+    image = Image.open(tmp_path / "out" / "lat.png")
+    assert image.mode == "RGBA" and image.size == (32, 24)
+    with torch.no_grad():
+        expected = ref.decode(z.unsqueeze(2)).sample[0, :, 0]
+    expected = ((expected.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.abs(np.asarray(image).astype(int) - expected).max() <= 1
+
+
+def test_decode_wrong_latent_channels_for_qwenimage21(vae21_dir, tmp_path, capsys):
+    _, path = vae21_dir
+    lat = latents_file(tmp_path, latents=torch.zeros(1, 16, 3, 4))
+    code, _, err = run_cli(capsys, "decode", lat, "--vae", path, "-o", tmp_path / "out", "--device", "cpu")
+    assert code != 0 and "6" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_qwenimage21(vae21_dir, tmp_path, capsys):
+    _, path = vae21_dir
+    js = tmp_path / "b.json"
+    code, out, err = run_cli(capsys, "bench", "--vae", path, "--sizes", "32,48x32", "--modes", "untiled,exact,blend",
+                             "--repeats", "1", "--device", "cpu", "--json", js)
+    assert code == 0, err
+    rows = json.loads(js.read_text())["results"]
+    assert [r["mode"] for r in rows] == ["untiled", "exact", "blend"] * 2
+    assert rows[1]["max_abs_diff"] <= 1e-5  # exact tiling
+    code, _, err = run_cli(capsys, "bench", "--model", "qwenimage21", "--frames", "2", "--device", "cpu", "--json", js)
+    assert code != 0 and "image model" in err and len(err.strip().splitlines()) == 1

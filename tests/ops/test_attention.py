@@ -183,3 +183,43 @@ def test_public_function_on_cpu_takes_the_native_path():
     op = SingleHeadAttention()
     assert op.kernel_takes(q, k, v) and op.dispatch(q, k, v) == op.forward_native
     torch.testing.assert_close(single_head_attention(q, k, v), single_head_attention_native(q, k, v), rtol=0, atol=0)
+
+
+# -- the query-chunked matmul path (CUDA, head dims the kernel does not take: 1152) ----------------
+
+
+@pytest.mark.parametrize(
+    "B,Nq,Nk,D,score_bytes",
+    [
+        (2, 37, 53, 72, 4 * 53 * 5),  # 5 query rows a chunk: 8 chunks, a partial last one, B > 1
+        (1, 9, 17, 1152, 1),  # the 2.1 VAE's head dim, one query row a chunk
+        (1, 30, 30, 16, 1 << 30),  # one chunk
+    ],
+)
+def test_chunked_matches_sdpa_in_float64(B, Nq, Nk, D, score_bytes):
+    from qwenfast.ops.attention import single_head_attention_chunked
+
+    q, k, v = qkv(B, Nq, Nk, D, torch.float64, seed=Nq + D, scale=3.0)
+    out = single_head_attention_chunked(q, k, v, score_bytes=score_bytes)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_keeps_dtype_and_accuracy(dtype, device):
+    from qwenfast.ops.attention import single_head_attention_chunked
+
+    q, k, v = qkv(2, 21, 33, 1152, dtype, seed=7)
+    out = single_head_attention_chunked(*(t.to(device) for t in (q, k, v)), score_bytes=4 * 33 * 4)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel_err(out.cpu(), oracle(q, k, v)) < TOL[dtype]
+
+
+def test_chunked_rejects_bad_shapes():
+    from qwenfast.ops.attention import single_head_attention_chunked
+
+    q, k, v = qkv(1, 4, 5, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="head dim"):
+        single_head_attention_chunked(q, k[..., :4], v[..., :4])

@@ -40,6 +40,7 @@ examples:
   qwenfast bench                                   # CPU: 256² and 512² in about a minute
   qwenfast bench --sizes 1328,2048,1664x928 --modes untiled,exact --dtype bf16
   qwenfast bench --frames 5 --sizes 480x832        # a video latent
+  qwenfast bench --model qwenimage21 --sizes 1024,1328,2048 --dtype bf16   # the Qwen-Image-2.1 VAE
   torchrun --nproc-per-node 4 -m qwenfast bench --sizes 2048,4096 --modes untiled,patch,tiled,auto
 """
 
@@ -71,13 +72,21 @@ def add_parser(sub) -> None:
                    help=f"comma-separated, from: {', '.join(MODES)} (default: untiled,exact)")
     p.add_argument("--repeats", type=int, default=None, metavar="N", help="timed runs (default: 5 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed runs first (default: 2 GPU, 0 CPU)")
-    p.add_argument("--vae", default=None, metavar="PATH", help="real weights (default: random full-size weights)")
+    p.add_argument("--vae", default=None, metavar="PATH", help="real weights (default: random full-size weights; "
+                   "the model is read from its config.json)")
+    p.add_argument("--model", choices=sorted(MODELS), default="qwenimage",
+                   help="the architecture of the random weights: qwenimage (default) or qwenimage21 (the "
+                        "Qwen-Image-2.1 VAE: 16x, 64 latent channels, RGBA; images only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and latents (default 0)")
     p.add_argument("--json", default="qwenfast-bench.json", metavar="PATH",
                    help="where to write the results (default: ./qwenfast-bench.json)")
     add_dtype_device_args(p)
     VAEConfig.add_cli_args(p)
     p.set_defaults(handler=run)
+
+
+# --model → (class name in qwenfast.vae, description of its random weights)
+MODELS = {"qwenimage": ("QwenImageVAE", "Qwen-Image"), "qwenimage21": ("QwenImage21VAE", "Qwen-Image-2.1")}
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -105,8 +114,8 @@ def run(args) -> int:
 
 
 def _setup(args):
-    from ..vae import QwenImageVAE
-    from ..vae.weights import WeightsError
+    from .. import vae as models
+    from ..vae.weights import WeightsError, vae_class_for
 
     base_cfg = vae_config_from_args(args, progress_default=False)
     device = resolve_device(args.device)
@@ -123,16 +132,23 @@ def _setup(args):
     warmup = args.warmup if args.warmup is not None else (2 if gpu else 0)
 
     torch.manual_seed(args.seed)
-    if args.vae:
-        try:
-            vae = QwenImageVAE.from_pretrained(args.vae, dtype=dtype, device=device)
-        except (FileNotFoundError, WeightsError) as e:
-            raise CLIError(f"--vae {args.vae}: {e}") from None
-        weights = args.vae
-    else:
-        with torch.device(device):
-            vae = QwenImageVAE().to(dtype).eval().requires_grad_(False)
-        weights = "random (full-size Qwen-Image architecture)"
+    try:
+        cls = vae_class_for(args.vae) if args.vae else getattr(models, MODELS[args.model][0])
+        if args.frames > 1 and cls is models.QwenImage21VAE:
+            raise CLIError("--frames: the Qwen-Image-2.1 VAE is an image model; use --frames 1")
+        if args.vae:
+            vae = cls.from_pretrained(args.vae, dtype=dtype, device=device)
+            weights = args.vae
+        else:
+            with torch.device(device):
+                vae = cls().to(dtype).eval().requires_grad_(False)
+            weights = f"random (full-size {MODELS[args.model][1]} architecture)"
+    except (FileNotFoundError, WeightsError) as e:
+        raise CLIError(f"--vae {args.vae}: {e}") from None
+    s = vae.spatial_compression_ratio
+    bad = [f"{w}x{h}" for h, w in sizes if h % s or w % s]
+    if bad:
+        raise CLIError(f"--sizes: {', '.join(bad)} must be multiples of {s} (this VAE's compression)")
     return vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup
 
 
@@ -148,7 +164,8 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
     rows = []
     for h, w in sizes:
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        z = torch.randn(args.batch, vae.z_dim, args.frames, h // 8, w // 8, device=device, generator=gen)
+        s = vae.spatial_compression_ratio
+        z = torch.randn(args.batch, vae.z_dim, args.frames, h // s, w // s, device=device, generator=gen)
         z = (z * std + mean).to(dtype)
         reference = None
         for mode in (["untiled"] if "untiled" not in modes else []) + modes:

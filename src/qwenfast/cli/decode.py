@@ -21,7 +21,8 @@ from .common import (
 
 DESCRIPTION = """\
 Decode Qwen-Image latents to images (PNG, one per batch entry) or videos (MP4, or GIF when no video
-encoder is installed).
+encoder is installed). The VAE's kind is read from its config.json: a Qwen-Image-2.1 VAE
+(AutoencoderKLQwenImage21, 64 latent channels, RGBA) writes RGBA PNGs.
 
 LATENTS is a .safetensors file holding the tensor named `latents` (or a single tensor), unscaled as
 diffusers' vae.decode takes it: [B, 16, T, h, w] or [B, 16, h, w]. Pass --normalized for latents still
@@ -62,8 +63,7 @@ def denormalize(z: torch.Tensor, mean: list[float], std: list[float]) -> torch.T
 @distributed
 def run(args) -> int:
     from ..parallel import group as pg
-    from ..vae import QwenImageVAE
-    from ..vae.weights import WeightsError
+    from ..vae.weights import WeightsError, vae_class_for
     from . import media
 
     with all_ranks_agree("checking the inputs"):
@@ -74,7 +74,8 @@ def run(args) -> int:
         if pg.is_rank0():  # only rank 0 writes
             media.check_writable(out_dir)
         try:
-            vae = QwenImageVAE.from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
+            # the model (Qwen-Image or Qwen-Image-2.1 VAE) from config.json's _class_name
+            vae = vae_class_for(args.vae).from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
         except (FileNotFoundError, WeightsError) as e:
             raise CLIError(f"--vae {args.vae}: {e}") from None
         z = media.load_latents(args.latents, vae.z_dim, allow_nonfinite=args.allow_nonfinite)
@@ -92,7 +93,7 @@ def run(args) -> int:
     written = []
     for i, sample in enumerate(x):
         name = stem if len(x) == 1 else f"{stem}_{i:03d}"
-        if sample.dim() == 3:  # (3, H, W)
+        if sample.dim() == 3:  # (3, H, W), or (4, H, W): RGBA, alpha kept
             written.append(media.save_image(media.to_uint8(sample), out_dir / f"{name}.png"))
         elif sample.shape[1] == 1:  # a video latent of one frame is an image
             written.append(media.save_image(media.to_uint8(sample[:, 0]), out_dir / f"{name}.png"))

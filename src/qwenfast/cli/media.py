@@ -62,7 +62,8 @@ def check_writable(directory: Path) -> None:
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(3, T, H, W) or (3, H, W) in [-1, 1] → (T, H, W, 3) or (H, W, 3) uint8, as diffusers' postprocess."""
+    """(C, T, H, W) or (C, H, W) in [-1, 1] → (T, H, W, C) or (H, W, C) uint8, as diffusers' postprocess;
+    C = 3 (RGB) or 4 (RGBA: PIL writes the alpha channel into the PNG)."""
     x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(0, -1).cpu().numpy()
 

@@ -9,9 +9,10 @@ attends from its own pixels to the keys of every rank.
 Dispatch per call by `SingleHeadAttention`, a `CustomOp` (the rule of every op here): the Triton flash kernel
 (qwenfast.ops.triton.attention) for CUDA tensors with Triton importable, when the dtype is
 fp16/bf16/fp32 and the head dim is one it supports (a multiple of 16 up to 512 that splits into <= 4
-power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); otherwise
-`single_head_attention_native`. `single_head_attention_triton` runs the kernel itself (CPU tensors
-under TRITON_INTERPRET=1: the tests).
+power-of-two chunks: 16..128, 192, 256, 384, 512 and most others); other CUDA tensors (the
+Qwen-Image-2.1 VAE's head dim 1152, which no SDPA flash backend takes either) →
+`single_head_attention_chunked`; anything else → `single_head_attention_native`.
+`single_head_attention_triton` runs the kernel itself (CPU tensors under TRITON_INTERPRET=1: the tests).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ if HAS_TRITON:
     from .triton import attention as _kernel
 
 SCORE_BYTES_BUDGET = 256 << 20  # the most the native path lets one chunk of fp32 scores take
+# CUDA head dims the Triton kernel does not take (1152): "sdpa_efficient" (SDPA's memory-efficient
+# kernel, forced; measured) or "chunked" (`single_head_attention_chunked`: bf16 cuBLAS matmuls with
+# fp32 scores; benchmarks/bench_vae21.py --attention compares the two). A module setting, not a knob.
+WIDE_HEAD_PATH = "sdpa_efficient"
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -80,6 +85,46 @@ def single_head_attention_native(
     return o
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q kᵀ (B, n, Nk) in fp32 (fp64 stays fp64): fp16/bf16 on CUDA through cuBLAS with an fp32 output
+    (fp32 accumulation, no rounding of the logits to 8 bits), elsewhere in the compute dtype."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    kt = k.transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.bmm(q, kt, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without bmm's out_dtype: bf16 logits
+            return torch.bmm(q, kt).float()
+    return torch.bmm(q.to(compute), kt.to(compute))
+
+
+def single_head_attention_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_bytes: int = SCORE_BYTES_BUDGET
+) -> torch.Tensor:
+    """Exact attention over chunks of queries, as plain matmuls: per chunk S = q kᵀ / sqrt(D) in fp32,
+    P = softmax(S) in fp32, o = P v (P rounded to v's dtype for the matmul, as flash kernels do).
+
+    For head dims no flash kernel takes (1152: the Qwen-Image-2.1 VAE): the chunk's fp32 scores stay
+    under `score_bytes` (the full N x N of a 2048² frame is 1 GiB, of a 4096² frame 16 GiB), and the
+    two matmuls run at cuBLAS speed instead of SDPA's math backend upcasting everything to fp32.
+    """
+    _check_qkv(q, k, v)
+    B, Nq, D = q.shape
+    Nk = k.shape[1]
+    rows = max(1, min(Nq, score_bytes // (4 * max(Nk, 1))))
+    scale = D**-0.5
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        for r0 in range(0, Nq, rows):
+            s = _scores(q[b : b + 1, r0 : r0 + rows], k[b : b + 1])  # (1, n, Nk) fp32
+            s.mul_(scale)
+            p = torch.softmax(s, dim=-1)
+            del s
+            o[b : b + 1, r0 : r0 + rows] = torch.bmm(p.to(v.dtype), v[b : b + 1])
+            del p
+    return o
+
+
 def _memory_efficient_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """CUDA head dims our kernel does not take (1152, the Qwen-Image-2.1 VAE's): SDPA's memory-efficient
     kernel, which never materialises the scores. Left to itself SDPA picks the math backend for
@@ -107,6 +152,8 @@ class SingleHeadAttention(GridKernelOp):
 
     def forward_native(self, q, k, v):
         if q.is_cuda and q.shape[1] > 0:  # CUDA calls the kernel does not take (head dim 1152, say)
+            if WIDE_HEAD_PATH == "chunked":
+                return single_head_attention_chunked(q, k, v)
             return _memory_efficient_sdpa(q, k, v)
         return single_head_attention_native(q, k, v)
 
@@ -131,5 +178,6 @@ def single_head_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return _attention.forward_triton(q, k, v)
 
 
-__all__ = ["SCORE_BYTES_BUDGET", "SingleHeadAttention", "single_head_attention", "single_head_attention_native",
+__all__ = ["SCORE_BYTES_BUDGET", "SingleHeadAttention", "single_head_attention", "single_head_attention_chunked",
+           "single_head_attention_native",
            "single_head_attention_triton"]

@@ -55,8 +55,9 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
                 top = rows if above else 0
             with comm.guard(f"level {i}"):
                 core = (band.y1 - band.y0) * scale
+                rows_in = x.shape[-2]
                 x = vae.decode_level(i, x, cache)
-                grow = 2 if level.upsample else 1
+                grow = x.shape[-2] // rows_in  # 2 after an upsample; x p after a final unpatchify (2.1 VAE)
                 x = x[..., top * grow:(top + core) * grow, :]  # the core at the new resolution
         return x.contiguous()
 

@@ -125,6 +125,9 @@ def merge_blend_tiles(vae, rows: list[list[torch.Tensor]], height: int, width: i
     """The merge step of blend tiling: decoded tiles (rows of `(B, C_out, T', th, tw)`) for a
     `height x width` latent -> the output (B, C_out, T', s·height, s·width)."""
     cfg, s = cfg or vae.vae_config, vae.spatial_compression_ratio
+    patch = getattr(vae, "patch_size", None) or 1
+    if patch > 1:  # a patchified model (the 2.1 VAE with patch_size): diffusers blends before unpatchifying
+        return vae.merge_blend_tiles_patched(rows, height, width, cfg)
     return _blend_merge(rows, cfg.tile_sample_min_height - cfg.tile_sample_stride_height,
                         cfg.tile_sample_min_width - cfg.tile_sample_stride_width,
                         cfg.tile_sample_stride_height, cfg.tile_sample_stride_width, height * s, width * s)

@@ -36,7 +36,7 @@ from ..config import VAEConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_pretrained", "load_from_diffusers", "resolve_vae_dir", "read_config", "read_arch_config",
-           "check_device", "WeightsError", "KNOWN_DIFFUSERS_CLASSES", "WEIGHT_DTYPES"]
+           "check_device", "vae_class_for", "WeightsError", "KNOWN_DIFFUSERS_CLASSES", "WEIGHT_DTYPES"]
 
 # Every diffusers VAE class of the family, what it is and the qwenfast class that loads it. A table
 # of names (not of classes), so that a directory is redirected correctly even where the class that
@@ -125,6 +125,20 @@ def _looks_like_vae_config(file: Path) -> bool:
 def read_config(vae_dir: Path) -> dict[str, Any]:
     """config.json of a VAE directory, as a dict (errors named)."""
     return _read_json_object(vae_dir / "config.json", "a diffusers VAE config")
+
+
+def vae_class_for(path: str | Path):
+    """The qwenfast VAE class for a diffusers VAE directory (or a model directory with `vae/`), told by
+    config.json's `_class_name` (none: the Qwen-Image VAE): what the CLI loads a `--vae DIR` with."""
+    from . import QwenImage21VAE, QwenImageVAE
+
+    vae_dir = resolve_vae_dir(path)
+    name = read_config(vae_dir).get("_class_name") or "AutoencoderKLQwenImage"
+    for model_cls in (QwenImageVAE, QwenImage21VAE):
+        if name in model_cls.diffusers_class_names:
+            return model_cls
+    raise WeightsError(f"{vae_dir / 'config.json'} describes a {name}; qwenfast loads "
+                       f"{', '.join(KNOWN_DIFFUSERS_CLASSES)}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""Single-GPU Qwen-Image-2.1 VAE: qwenfast (untiled; exact tiling) against diffusers'
+`AutoencoderKLQwenImage21` (untiled; `enable_tiling()`), the released architecture (diffusers'
+default config), random weights, bf16. One run, side by side.
+
+For each decode size: median ms, peak GiB (allocator peak above what was in use before), and max|Δ|
+of each bf16 decode against an fp32 decode of the same latent (ours in fp32; equal to diffusers'
+fp32 decode, tested), next to diffusers' own. Encode at --encode-sizes the same way (posterior mean).
+`--attention`: the mid-block attention alone (head dim 1152, one frame of each size's latent pixels),
+SDPA's forced memory-efficient kernel against our query-chunked matmul path.
+
+    python benchmarks/bench_vae21.py --json benchmarks/results/vae21_h200.json
+    python benchmarks/bench_vae21.py --attention --json benchmarks/results/vae21_attention_h200.json
+    python benchmarks/bench_vae21.py --dry-run        # a tiny config on the CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qwenfast import QwenImage21VAE, VAEConfig  # noqa: E402
+from qwenfast.benchmarking import (  # noqa: E402
+    format_table, measure, provenance, synthetic_latent, time_ms, write_json)
+from qwenfast.ops import attention as attention_ops  # noqa: E402
+
+COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""),
+           ("median_ms", "median ms", ".1f"), ("peak_gib", "peak GiB", ".2f"),
+           ("fp32_max_err", "max|Δ| vs fp32", ".2e"), ("fp32_mean_err", "mean|Δ| vs fp32", ".2e"),
+           ("speedup", "x diffusers untiled", ".2f")]
+ATTENTION_COLUMNS = [("tokens", "tokens", ""), ("path", "path", ""), ("median_ms", "median ms", ".2f"),
+                     ("tflops", "TFLOP/s", ".0f"), ("peak_gib", "peak GiB", ".2f"), ("max_abs_err", "max|Δ| vs fp64", ".2e")]
+# A tiny AutoencoderKLQwenImage21 for --dry-run (the released block layout, 16x, narrow).
+DRY_ARCH = dict(base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=1,
+                latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+
+
+def build(arch: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """(diffusers' model, ours over the same tensors), random weights."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    torch.manual_seed(seed)
+    ref = AutoencoderKLQwenImage21(**arch).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return ref, QwenImage21VAE.from_diffusers(ref)
+
+
+def fidelity(rows: list[dict], outs: dict, gold: torch.Tensor) -> None:
+    """max / mean |Δ| of each output in `outs` ({row index: tensor}) against the fp32 `gold`."""
+    for i, out in outs.items():
+        d = (out.float() - gold).abs()
+        rows[i]["fp32_max_err"], rows[i]["fp32_mean_err"] = d.max().item(), d.mean().item()
+
+
+def run_case(rows: list[dict], op: str, size: int, impl: str, mode: str, fn, device, repeats: int, warmup: int):
+    try:
+        out, stats = measure(fn, device, repeats, warmup)
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"{op} {size} {impl} {mode}: OOM ({str(e).splitlines()[0]})", flush=True)
+        rows.append(dict(op=op, size=f"{size}²", impl=impl, mode=mode, error="OOM"))
+        return None
+    rows.append(dict(op=op, size=f"{size}²", pixels=size * size, impl=impl, mode=mode, **stats))
+    print(f"{op} {size} {impl:9s} {mode:14s} {stats['median_ms']:9.1f} ms  peak {stats['peak_gib']:6.2f} GiB", flush=True)
+    return out
+
+
+def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
+    rows: list[dict] = []
+    exact = VAEConfig(use_tiling=True, exact_tile_sample_size=args.exact_tile)
+    for size in sizes:
+        z = synthetic_latent(ours, size, device)
+        zb = z.to(ours.dtype)
+        reps = args.repeats if size < 4096 else max(2, args.repeats // 2)
+        warm = args.warmup if size < 4096 else 1
+        outs: dict[int, torch.Tensor] = {}
+        cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling"), ("qwenfast", "untiled"),
+                 ("qwenfast", "exact tiling")]
+        for impl, mode in cases:
+            if impl == "diffusers" and size > args.diffusers_max:
+                continue
+            ours.vae_config = exact if mode == "exact tiling" else VAEConfig()
+            if mode == "enable_tiling":
+                ref.enable_tiling()
+            fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
+            try:
+                out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
+            finally:
+                ref.disable_tiling()
+            if out is not None:
+                outs[len(rows) - 1] = out
+        base = next((r["median_ms"] for r in rows if r["size"] == f"{size}²" and r["impl"] == "diffusers"
+                     and r["mode"] == "untiled" and "median_ms" in r), None)
+        for r in rows:
+            if r["size"] == f"{size}²" and base and "median_ms" in r:
+                r["speedup"] = base / r["median_ms"]
+        if size <= args.fp32_max:
+            ours.vae_config = VAEConfig()
+            ours32 = QwenImage21VAE.from_diffusers(ref).float()  # a copy in fp32: ref stays in its dtype
+            with torch.inference_mode():
+                gold = ours32.decode(z).float()
+            del ours32
+            fidelity(rows, outs, gold)
+            del gold
+        del outs, z, zb
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def encode_rows(ref, ours, sizes, args, device) -> list[dict]:
+    rows: list[dict] = []
+    ours.vae_config = VAEConfig()
+    for size in sizes:
+        gen = torch.Generator(device=device).manual_seed(1)
+        x = torch.rand(1, ours.in_channels_pixels, 1, size, size, device=device, generator=gen) * 2 - 1
+        xb = x.to(ours.dtype)
+        outs = {}
+        for impl, fn in (("diffusers", lambda: ref.encode(xb).latent_dist.mode()), ("qwenfast", lambda: ours.encode(xb))):
+            out = run_case(rows, "encode", size, impl, "untiled", fn, device, args.repeats, args.warmup)
+            if out is not None:
+                outs[len(rows) - 1] = out
+        if rows[-2].get("median_ms") and rows[-1].get("median_ms"):
+            rows[-1]["speedup"] = rows[-2]["median_ms"] / rows[-1]["median_ms"]
+            rows[-2]["speedup"] = 1.0
+        ours32 = QwenImage21VAE.from_diffusers(ref).float()
+        with torch.inference_mode():
+            gold = ours32.encode(x).float()
+        del ours32
+        fidelity(rows, outs, gold)
+    return rows
+
+
+def attention_rows(sizes, args, device, dtype, dim: int = 1152, ratio: int = 16) -> list[dict]:
+    """One frame's mid-block attention at each size (N = (size/16)² tokens), each CUDA path forced."""
+    rows = []
+    for size in sizes:
+        n = (size // ratio) ** 2
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, n, dim, device=device, generator=g).to(dtype) for _ in range(3))
+        gold = None
+        if n <= args.attention_fp64_max:
+            gold = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        for path in ("sdpa_efficient", "chunked"):
+            attention_ops.WIDE_HEAD_PATH = path
+            fn = (lambda: attention_ops.single_head_attention(q, k, v)) if device.type == "cuda" else (
+                lambda: attention_ops.single_head_attention_chunked(q, k, v))
+            out, stats = measure(fn, device, args.repeats, args.warmup)
+            row = dict(tokens=n, path=path if device.type == "cuda" else "chunked (cpu)", **stats,
+                       tflops=4 * n * n * dim / stats["median_ms"] / 1e9)
+            if gold is not None:
+                row["max_abs_err"] = (out.double() - gold).abs().max().item()
+            rows.append(row)
+            print(f"attention N={n:6d} {row['path']:14s} {stats['median_ms']:8.2f} ms {row['tflops']:6.0f} TFLOP/s", flush=True)
+        attention_ops.WIDE_HEAD_PATH = "sdpa_efficient"
+        del q, k, v, gold
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1024,1328,2048,4096", help="decode sizes (px, square)")
+    p.add_argument("--encode-sizes", default="1328")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--exact-tile", type=int, default=512, help="exact tiling: kept tile side in output px")
+    p.add_argument("--fp32-max", type=int, default=2048, help="largest size with an fp32 reference decode")
+    p.add_argument("--diffusers-max", type=int, default=2048, help="largest size diffusers decodes")
+    p.add_argument("--wide-head-path", choices=("sdpa_efficient", "chunked"), default=None,
+                   help="the mid-block attention path our decode uses (default: the library's)")
+    p.add_argument("--attention", action="store_true", help="benchmark the d=1152 attention alone and exit")
+    p.add_argument("--attention-fp64-max", type=int, default=7000, help="most tokens with an fp64 check")
+    p.add_argument("--json", default=None, help="write the results with provenance here")
+    p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU, to check the script")
+    args = p.parse_args(argv)
+
+    if args.dry_run:
+        device, dtype, arch = torch.device("cpu"), torch.bfloat16, DRY_ARCH
+        args.sizes, args.encode_sizes = "64,96", "64"
+        args.repeats, args.warmup, args.exact_tile, args.attention_fp64_max = 1, 0, 32, 10**9
+    else:
+        device, dtype, arch = torch.device("cuda"), torch.bfloat16, {}
+        torch.backends.cudnn.benchmark = True
+    if args.wide_head_path:
+        attention_ops.WIDE_HEAD_PATH = args.wide_head_path
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+
+    if args.attention:
+        rows = attention_rows(sizes, args, device, dtype)
+        columns, payload = ATTENTION_COLUMNS, {"attention": rows}
+    else:
+        ref, ours = build(arch, dtype, device)
+        rows = decode_rows(ref, ours, sizes, args, device)
+        rows += encode_rows(ref, ours, [int(s) for s in args.encode_sizes.split(",") if s], args, device)
+        columns, payload = COLUMNS, {"results": rows}
+    info = provenance(device, dtype=str(dtype).removeprefix("torch."), model="AutoencoderKLQwenImage21",
+                      weights="random, " + ("tiny dry-run config" if args.dry_run else "full-size (diffusers default config)"),
+                      exact_tile_sample_size=args.exact_tile, wide_head_path=attention_ops.WIDE_HEAD_PATH,
+                      cudnn_benchmark=device.type == "cuda")
+    if args.json:
+        write_json(args.json, {"provenance": info, **payload})
+    print()
+    print(format_table(rows, columns))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Parallel decode of the Qwen-Image-2.1 VAE on gloo ranks (2 and 3): every mode equal to the
+single-device decode in float64 (tiled exact, patch with both halos, auto: the untiled decode; tiled
+blend: the single-device blend tiling), rank0-only output, the public decode, a bad latent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from parallel_harness import run_ranks
+
+SCENARIOS = str(Path(__file__).with_name("parallel_scenarios21.py"))
+NAMES = ["tiled exact B2", "tiled blend", "patch mid B2", "patch level", "auto", "patch mid rank0",
+         "patch level p2", "tiled exact p2", "tiled blend p2"]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def case_results(request):
+    world = request.param
+    return world, run_ranks(world, f"{SCENARIOS}:run_cases")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mode_equals_single_device(case_results, name):
+    world, per_rank = case_results
+    for rank, results in enumerate(per_rank):
+        r = results[name]
+        assert "error" not in r, f"rank {rank}: {r.get('error')}"
+        if name.endswith("rank0") and rank > 0:
+            assert r["none"], f"rank {rank} got output with parallel_output=rank0"
+            continue
+        assert not r["none"] and r["max_abs"] <= 1e-12, (rank, r)
+        assert r["stats"]["world_size"] == world
+
+
+def test_level_halos_really_exchanged(case_results):
+    _, per_rank = case_results
+    assert all(results["patch level"]["stats"]["mode"] == "patch" for results in per_rank)
+
+
+def test_public_decode_and_bad_latent(case_results):
+    _, per_rank = case_results
+    for results in per_rank:
+        assert results["public decode"]["shape"] == (1, 4, 80, 72)
+        assert results["public decode"]["max_abs"] <= 1e-12
+        error = results["bad latent"]["error"]
+        assert error and "6 latent channels" in error and "\n" not in error
