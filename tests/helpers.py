@@ -1,5 +1,7 @@
-"""Small random models shared by the tests: diffusers' AutoencoderKLQwenImage (the reference) and ours
-over the same weights. Gammas are perturbed so that a wrong norm scale cannot hide behind all-ones."""
+"""What the tests share: the tiny model configs (the only place they are written), diffusers'
+AutoencoderKLQwenImage (the reference) and ours over the same weights, ours alone in float64 for the
+exactness tests, and small process helpers. Gammas are perturbed so
+that a wrong norm scale cannot hide behind all-ones."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ import torch
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
             temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
             latents_std=[1.5, 0.5, 2.0, 1.0])
+# The full-size Qwen-Image decoder's topology (dim_mult, res blocks, up/downsamples) at a tiny width:
+# a receptive field of 13 latent px, as the released model.
+QWEN_TOPOLOGY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+# The smallest decoder with the family's structure (2 up blocks, 4x spatial, 2x temporal, one ResBlock a
+# level): a receptive field of 5 latent px, so that float64 exactness checks with real tile windows
+# take well under a second.
+EXACT_ARCH = dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=0, temperal_downsample=[False, True],
+                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 # Other architectures diffusers accepts: 4x spatial / 2x temporal, more res blocks, odd z_dim.
 ARCHS = {
     "tiny": TINY,
@@ -39,7 +50,7 @@ ARCHS21 = {
 }
 
 
-def _perturbed(model):
+def _perturb_gammas(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("gamma"):
@@ -51,14 +62,14 @@ def diffusers_vae(arch: dict | None = None, seed: int = 0):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return _perturbed(AutoencoderKLQwenImage(**(arch or TINY)).eval())
+    return _perturb_gammas(AutoencoderKLQwenImage(**(arch or TINY)).eval())
 
 
 def diffusers_vae21(arch: dict | None = None, seed: int = 0, dtype=torch.float32):
     from diffusers import AutoencoderKLQwenImage21
 
     torch.manual_seed(seed)
-    model = _perturbed(AutoencoderKLQwenImage21(**(arch or TINY21)).eval())
+    model = _perturb_gammas(AutoencoderKLQwenImage21(**(arch or TINY21)).eval())
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -68,6 +79,20 @@ def pair21(arch: dict | None = None, seed: int = 0, vae_config=None, dtype=torch
 
     ref = diffusers_vae21(arch, seed, dtype)
     return ref, QwenImage21VAE.from_diffusers(ref, vae_config=vae_config)
+
+
+def tiny_vae(arch: dict | None = None, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Ours alone (no diffusers), seeded, in `dtype`: float64 by default, where exact paths agree to
+    ~1e-14 and a margin one pixel short shows at >1e-6 (in fp32 both hide under re-association noise)."""
+    from qwenfast import QwenImageVAE
+
+    torch.manual_seed(seed)
+    return _perturb_gammas(QwenImageVAE(**(arch or TINY)).eval()).to(dtype)
+
+
+def latent(shape: tuple[int, ...], seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A seeded random latent (B, z, T, h, w) (CPU)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def pair(arch: dict | None = None, seed: int = 0, vae_config=None):

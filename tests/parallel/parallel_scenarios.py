@@ -2,30 +2,30 @@
 
 Each scenario decodes with a parallel mode and returns, per rank, max|Δ| against the single-device
 decode it must equal (computed on the same rank with the same seeded model), or the exception's
-type: the parent test asserts over all ranks at once.
+type: the parent test asserts over all ranks at once. Everything in float64: exact modes land at
+~1e-15 there, and the "margin-1" cases (the tile margin one latent pixel short) must be caught.
 """
 
 from __future__ import annotations
 
 import torch
 
+import helpers
 from qwenfast.config import VAEConfig
-from qwenfast.vae.qwen_image import QwenImageVAE
 
-TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0] * 4, latents_std=[1] * 4)
+MARGIN = 9  # the receptive field of helpers.TINY (checked in run_cases)
 # Small tiles so that tiny latents have several: exact cores of 8 latent px; blend tiles of 8, stride 6.
 SMALL_TILES = dict(exact_tile_sample_size=64, tile_sample_min_height=64, tile_sample_min_width=64,
                    tile_sample_stride_height=48, tile_sample_stride_width=48)
 
 
-def tiny_vae() -> QwenImageVAE:
-    torch.manual_seed(0)
-    return QwenImageVAE(**TINY).eval()
+def tiny_vae():
+    return helpers.tiny_vae(helpers.TINY)  # float64
 
 
 def latent(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g)
+    """fp32, as callers pass latents; `decode` casts to the model's float64 (references: `.double()`)."""
+    return helpers.latent(shape, seed, dtype=torch.float32)
 
 
 # (name, latent shape (B, z, T, h, w), config, reference: "untiled" | "blend")
@@ -49,16 +49,21 @@ CASES = [
      dict(parallel_decode_mode="patch", patch_halo="level", parallel_output="rank0"), "untiled"),
     ("patch level 13x21 thin bands", (1, 4, 1, 13, 21), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
     ("patch bands 40x5", (1, 4, 1, 40, 5), dict(parallel_decode_mode="patch"), "untiled"),
+    # mutations: one pixel short of the receptive field; windows smaller than the latent, so it bites
+    ("patch margin-1 40x9", (1, 4, 1, 40, 9), dict(parallel_decode_mode="patch", tile_margin=MARGIN - 1), "untiled"),
+    ("tiled exact margin-1 22x22", (1, 4, 1, 22, 22),
+     dict(parallel_decode_mode="tiled", exact_tile_sample_size=32, tile_margin=MARGIN - 1), "untiled"),
 ]
 
 
 def run_cases(rank: int, world: int) -> dict:
     vae = tiny_vae()
+    assert vae.decode_margin == MARGIN
     results: dict = {}
     refs: dict = {}
     with torch.no_grad():
         for name, shape, cfg, ref_kind in CASES:
-            z = latent(shape)
+            z = latent(shape).double()
             key = (shape, ref_kind)
             if key not in refs:
                 if ref_kind == "untiled":

@@ -1,5 +1,6 @@
-"""Parallel decode on CPU over gloo, world sizes 2, 3, 4: every mode against the single-device decode,
-odd sizes, a world larger than the latent's rows, B > 1, video, both output placements, faults."""
+"""Parallel decode on CPU over gloo, world sizes 2, 3, 4: every mode against the single-device decode
+in float64 (exact: <= 1e-12; a margin one pixel short: caught), odd sizes, a world larger than the
+latent's rows, B > 1, video, both output placements, faults."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from parallel_scenarios import CASES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = os.path.join(HERE, "parallel_scenarios.py")
-EXACT_TOL = 1e-4
+EXACT_TOL = 1e-12  # float64: exact modes land at ~1e-15
+CAUGHT = 1e-11  # a margin one latent pixel short lands at >1e-6
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"world{w}")
@@ -35,6 +37,9 @@ def test_mode_equals_single_device(case_results, name):
         assert not res["none"], f"rank {rank} got None"
         b, _, t, h, w = shape
         assert res["shape"] == (b, 3, 1 + 4 * (t - 1), 8 * h, 8 * w)
+        if "margin-1" in name:  # the mutation the exactness check must catch
+            assert res["max_abs"] > CAUGHT, f"rank {rank}: a short margin went unnoticed, max|Δ| = {res['max_abs']:.3g}"
+            continue
         # exact modes: re-association only; blend: the same tiles and merge as on one device
         assert res["max_abs"] <= EXACT_TOL, f"rank {rank}: max|Δ| = {res['max_abs']:.3g}"
 
@@ -44,8 +49,8 @@ def test_each_pixel_sent_once(case_results):
     longest rank), nothing else; the whole group sends at least the output once."""
     world, per_rank = case_results
     b, _, t, h, w = next(c[1] for c in CASES if c[0] == "tiled exact 13x21 B2")
-    out_bytes = b * 3 * (1 + 4 * (t - 1)) * 64 * h * w * 4
-    attention_bytes = 2 * 32 * h * w * 4 / world  # B·T · C_mid · tokens/rank · fp32, one rank's share
+    out_bytes = b * 3 * (1 + 4 * (t - 1)) * 64 * h * w * 8
+    attention_bytes = 2 * 32 * h * w * 8 / world  # B·T · C_mid · tokens/rank · float64, one rank's share
     sent = [r["tiled exact 13x21 B2"]["stats"]["bytes_sent"] for r in per_rank]
     assert sum(sent) >= out_bytes
     assert max(sent) <= 2 * out_bytes / world + 2 * attention_bytes + 4096

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from qwenfast.vae.tiling import exact_tiles
 from helpers import ARCHS, decoding_with, diffusers_tiling, max_diff, pair
 
 TOL = 1e-4
@@ -48,31 +47,7 @@ def test_image_latent_4d_gives_4d_image(tiny):
     assert max_diff(out, ref.decode(z.unsqueeze(2)).sample[:, :, 0]) <= TOL
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("frames,h,w", [(1, 13, 21), (2, 9, 7), (5, 6, 5)])
-def test_exact_tiling_equals_untiled(tiny, frames, h, w):
-    """Exact tiles (8 latent px cores here, so that there are many) with the derived margin."""
-    _, ours = tiny
-    z = torch.randn(2, 4, frames, h, w, generator=torch.Generator().manual_seed(4))
-    untiled = ours.decode(z)
-    with decoding_with(ours, use_tiling=True, exact_tile_sample_size=32):
-        assert len(exact_tiles(ours, h, w)) > 1
-        tiled = ours.decode(z)
-    assert max_diff(tiled, untiled) <= TOL
-
-
-@torch.no_grad()
-def test_exact_tiling_needs_the_whole_margin(tiny):
-    """One latent pixel short of the receptive field is measurably worse than the derived margin
-    (the farthest taps weigh little, so the gap is relative: ~2e-5 against ~2e-6 here)."""
-    _, ours = tiny
-    z = torch.randn(1, 4, 1, 20, 20, generator=torch.Generator().manual_seed(5))
-    untiled = ours.decode(z)
-    errors = []
-    for margin in (ours.decode_margin, ours.decode_margin - 1):
-        with decoding_with(ours, use_tiling=True, exact_tile_sample_size=40, tile_margin=margin):
-            errors.append(max_diff(ours.decode(z), untiled))
-    assert errors[1] > 4 * max(errors[0], 1e-6)
+# Exact tiling against the untiled decode: tests/vae/test_exactness.py (float64, with its mutations).
 
 
 @torch.no_grad()

@@ -1,16 +1,15 @@
 """The receptive field that exact tiling and patch decode rely on, derived by an impulse.
 
 An impulse at one pixel of the mid-block output reaches output pixels up to R latent pixels away on
-either side; R must equal `Decoder3d.receptive_field()` (13 for the Qwen-Image topology), the margin
+either side; R must equal the topology's `receptive_field()` (13 for the Qwen-Image topology), the margin
 the tiles use."""
 
 import pytest
 import torch
 
+from helpers import QWEN_TOPOLOGY
 from qwenfast import QwenImageVAE
 
-QWEN_TOPOLOGY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
 def measured_reach(vae: QwenImageVAE, size: int, frames: int = 1) -> int:

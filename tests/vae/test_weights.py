@@ -280,8 +280,8 @@ def test_sharded_index_naming_a_missing_shard(sharded_saved, tmp_path):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (dict(num_res_blocks=100000000), r"num_res_blocks must be an integer in \[1, 32\]; got 100000000"),
-    (dict(num_res_blocks=True), r"num_res_blocks must be an integer in \[1, 32\]; got True"),
+    (dict(num_res_blocks=100000000), r"num_res_blocks must be an integer in \[0, 32\]; got 100000000"),
+    (dict(num_res_blocks=True), r"num_res_blocks must be an integer in \[0, 32\]; got True"),
     (dict(base_dim=-8), r"base_dim must be an integer in \[1, 1024\]; got -8"),
     (dict(base_dim=1e9), r"base_dim must be an integer in \[1, 1024\]; got 1000000000.0"),
     (dict(base_dim="96"), r"base_dim must be an integer .*; got '96'"),
@@ -315,7 +315,7 @@ def test_bad_architecture_is_refused_by_name_before_building(saved, tmp_path, mo
 
 
 def test_constructor_validates_the_architecture_too():
-    with pytest.raises(WeightsError, match=r"num_res_blocks must be an integer in \[1, 32\]; got 100000000"):
+    with pytest.raises(WeightsError, match=r"num_res_blocks must be an integer in \[0, 32\]; got 100000000"):
         QwenImageVAE(num_res_blocks=100000000)
 
 

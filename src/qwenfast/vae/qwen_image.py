@@ -72,7 +72,7 @@ def validate_arch(arch: dict[str, Any]) -> None:
     base_dim = arch_int(a, "base_dim", 1, 1024)
     z_dim = arch_int(a, "z_dim", 1, 1024)
     dim_mult = arch_list(a, "dim_mult", "int", 1, 8, lo=1, hi=64)
-    arch_int(a, "num_res_blocks", 1, 32)
+    arch_int(a, "num_res_blocks", 0, 32)  # 0: one ResBlock per up block (diffusers builds it)
     arch_list(a, "attn_scales", "number", 0, 8, lo=0, hi=1)
     n = len(dim_mult) - 1
     temperal = arch_list(a, "temperal_downsample", "bool", n, n)
