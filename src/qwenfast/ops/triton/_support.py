@@ -70,3 +70,17 @@ def dispatches_to_kernel(*tensors: torch.Tensor) -> bool:
     from ..custom_op import choose_backend
 
     return all(choose_backend(t.device) == "cuda" for t in tensors)
+
+
+def row_alignment(*rows: torch.Tensor | None) -> int:
+    """The largest power of two <= 16 that every row address of these (R, C) (or (C,)) tensors is a
+    multiple of, in bytes: the data pointer and, with more than one row, the row stride. What a kernel
+    that picks a row per token by address may promise the compiler (`tl.multiple_of`)."""
+    align = 16
+    for t in rows:
+        if t is None:
+            continue
+        for v in (t.data_ptr(), t.stride(0) * t.element_size() if t.dim() > 1 and t.shape[0] > 1 else 0):
+            while v % align:
+                align //= 2
+    return align
