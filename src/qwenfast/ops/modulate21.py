@@ -106,25 +106,35 @@ def _on_device_of_x(name: str, t: Tensor, x: Tensor) -> None:
 
 
 def _check_rows(name: str, rows: object, x: Tensor, has_mask: bool) -> None:
+    # Written for the host time of an eager call (this runs per op call): no string is built unless
+    # a rule is broken.
     if not isinstance(rows, Rows):
         raise TypeError(
             f"{name} must be qwenfast.ops.Rows(sample, shared), got {type(rows).__name__}; wrap (B, C) rows as "
             f"Rows(rows), or split diffusers' (B', C) parameters with split_rows(params, target_mask)"
         )
     B, _, C = x.shape
-    for part, t, shape in ((f"{name}.sample", rows.sample, (B, C)), (f"{name}.shared", rows.shared, (C,))):
-        if t is None:
-            continue
-        _floating_tensor(part, t)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{part} must be {shape} for x of shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if C > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{part} must be contiguous in its last dimension; got strides {t.stride()}")
-        _on_device_of_x(part, t, x)
-    if has_mask and rows.shared is None:
-        raise ValueError(f"target_mask is given, so {name}.shared (the row of the other tokens) must be given too")
-    if not has_mask and rows.shared is not None:
+    sample, shared = rows
+    _check_row(name, "sample", sample, (B, C), x)
+    if shared is None:
+        if has_mask:
+            raise ValueError(f"target_mask is given, so {name}.shared (the row of the other tokens) must be given too")
+    elif not has_mask:
         raise ValueError(f"{name}.shared is given but target_mask is None: which tokens take it?")
+    else:
+        _check_row(name, "shared", shared, (C,), x)
+
+
+def _check_row(name: str, part: str, t: Tensor, shape: tuple[int, ...], x: Tensor) -> None:
+    if isinstance(t, torch.Tensor) and t.shape == shape and t.is_floating_point() and t.device == x.device \
+            and (shape[-1] <= 1 or t.stride(-1) == 1):
+        return
+    what = f"{name}.{part}"
+    _floating_tensor(what, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} must be {shape} for x of shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    _on_device_of_x(what, t, x)
+    raise ValueError(f"{what} must be contiguous in its last dimension; got strides {t.stride()}")
 
 
 def check_modulate21_args(
