@@ -205,6 +205,35 @@ def run_ops(cfg, device, dtype, gen, rows, args) -> None:
         print(f"  host {what:<40} {us if us is not None else float('nan'):7.1f} µs/call", flush=True)
 
 
+def run_sweep(cfg, device, dtype, gen, rows) -> None:
+    """Launch configurations of the three kernels at the middle L (the defaults are the Qwen-Image
+    kernels' shape, not yet measured at C = 4096): GPU µs each, to choose `default_config` from."""
+    import triton
+
+    from qwenfast.ops.triton import modulate21 as T
+
+    C = cfg["dim"]
+    L = cfg["op_L"][len(cfg["op_L"]) // 2]
+    c = op_inputs(L, C, device, dtype, gen)
+    x, r, t, s, g = c["x"], c["residual"], c["mask"], c["scale"], c["gate"]
+    block = triton.next_power_of_2(C)
+    configs = {"layer_norm_scale": [T.LaunchConfig(rows, block, w) for rows in (1, 2) for w in (4, 8, 16)],
+               "tanh_gated_residual": [T.LaunchConfig(1, b, w) for b in (512, 1024, 2048) for w in (2, 4, 8)]}
+    configs["residual_layer_norm_scale"] = configs["layer_norm_scale"]
+    launches = {
+        "layer_norm_scale": lambda k: T.layer_norm_scale_fwd(x, s.sample, s.shared, t, EPS, config=k),
+        "residual_layer_norm_scale": lambda k: T.residual_layer_norm_scale_fwd(x, r, g.sample, g.shared, s.sample,
+                                                                              s.shared, t, EPS, config=k),
+        "tanh_gated_residual": lambda k: T.tanh_gated_residual_fwd(x, r, g.sample, g.shared, t, config=k),
+    }
+    for name, launch in launches.items():
+        for k in configs[name]:
+            us = gpu_us(lambda: launch(k), device)
+            rows.append(dict(kind="sweep", op=name, L=L, config=repr(k), us=us,
+                             default=k == T.default_config(C, normalises=name != "tanh_gated_residual")))
+            print(f"  sweep {name:<26} L={L} {k!r:<55} {us:8.1f} µs", flush=True)
+
+
 # --- the block -----------------------------------------------------------------------------------------
 
 
@@ -272,6 +301,11 @@ def table(results) -> str:
                      f"{r['diffusers_us']:.1f} | {f(r.get('compiled_ref_us'), '.1f')} |")
     lines += ["", "| host cost per eager call (L = 8) | µs |", "|---|---:|"]
     lines += [f"| {r['op']} | {f(r['host_us'], '.1f')} |" for r in results["rows"] if r["kind"] == "host"]
+    sweep = [r for r in results["rows"] if r["kind"] == "sweep"]
+    if sweep:
+        lines += ["", "| kernel | L | launch config | µs |", "|---|---:|---|---:|"]
+        lines += [f"| {r['op']} | {r['L']} | {r['config']}{' (default)' if r['default'] else ''} | {r['us']:.1f} |"
+                  for r in sweep]
     p = results["provenance"]
     lines.append(f"\n{p['device']}, torch {p['torch']}, triton {p['triton']}, diffusers {p['diffusers']}, "
                  f"commit {p['commit'][:12]}; Δ = time saved by fused")
@@ -286,6 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the compiled block and compiled reference timings")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op timings")
     p.add_argument("--no-blocks", action="store_true", help="skip the block timings")
+    p.add_argument("--sweep", action="store_true", help="also time launch configurations of the kernels")
     p.add_argument("--warmup-ms", type=float, default=200)
     p.add_argument("--rep-ms", type=float, default=1000)
     args = p.parse_args(argv)
@@ -302,6 +337,10 @@ def main(argv=None) -> int:
         run_blocks(cfg, device, dtype, gen, results["rows"], args, results)
     if not args.no_ops:
         run_ops(cfg, device, dtype, gen, results["rows"], args)
+    if args.sweep and device.type != "cuda":
+        print("--sweep times Triton kernels: it needs a CUDA device; skipped")
+    elif args.sweep:
+        run_sweep(cfg, device, dtype, gen, results["rows"])
     if args.json:
         benchmarking.write_json(args.json, results)
     print(table(results))
