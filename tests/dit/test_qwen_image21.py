@@ -90,8 +90,8 @@ def backend(request, monkeypatch):
     launches: list[str] = []
     if request.param == "triton":
         pytest.importorskip("triton")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # (tests/conftest.py sets it where there is no CUDA)
+            pytest.skip("the models run on CPU tensors: the kernels take those under TRITON_INTERPRET=1 only")
         from qwenfast.ops import custom_op
         from qwenfast.ops.triton import modulate21 as kernels
 
