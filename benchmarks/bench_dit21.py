@@ -116,21 +116,13 @@ def op_variants(c):
 
 
 def gpu_us(fn, device) -> float:
-    """GPU time of one call in µs: CUDA-graph replays (host overhead out), L2 flushed per replay. CPU: wall."""
+    """GPU time of one call in µs: CUDA-graph replays (host overhead out), L2 flushed per replay, as
+    for the Qwen-Image ops (bench_modulate.bench). CPU (dry run): wall clock."""
     if device.type != "cuda":
         return bench(fn, device, 0, 0) * 1e3
-    from triton.testing import do_bench
+    from bench_modulate import bench as graph_us
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compile, autotune) off the capture
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=50, rep=200, return_mode="median") * 1e3
+    return graph_us(fn)
 
 
 def host_us(fn, device, n: int) -> float:

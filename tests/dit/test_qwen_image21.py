@@ -26,8 +26,11 @@ from qwenfast.dit.qwen_image21 import (  # noqa: E402
     split_modulation,
 )
 
+from helpers import assert_regional_compile_finds_blocks, count_calls, reloaded  # noqa: E402
+
 BF16_SLACK = 1.5  # fused bf16 error ≤ BF16_SLACK x diffusers' bf16 error (+ one bf16 ulp of the output)
 Block = tq21.QwenImage21TransformerBlock
+KERNEL_LAUNCHERS = ("layer_norm_scale_fwd", "residual_layer_norm_scale_fwd", "tanh_gated_residual_fwd")
 
 # heads x head dim = D = 32; rope axes sum to the head dim; latents unpatched (patch_size 1).
 TINY = dict(patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16,
@@ -96,14 +99,7 @@ def backend(request, monkeypatch):
         from qwenfast.ops.triton import modulate21 as kernels
 
         monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: "cuda")
-        for name in ("layer_norm_scale_fwd", "residual_layer_norm_scale_fwd", "tanh_gated_residual_fwd"):
-            original = getattr(kernels, name)
-
-            def counted(*a, _original=original, _name=name, **k):
-                launches.append(_name)
-                return _original(*a, **k)
-
-            monkeypatch.setattr(kernels, name, counted)
+        launches = count_calls(monkeypatch, kernels, KERNEL_LAUNCHERS)
     yield request.param
     # 3 launches a block, 1 for norm_out: 2 blocks -> 7 per transformer call (3 per block call).
     assert (len(launches) >= 3) == (request.param == "triton")
@@ -205,18 +201,10 @@ def test_fuse_keeps_weights_tree_and_round_trips(tmp_path):
     assert dict(model.named_parameters()) == params_before  # the same Parameter objects
     assert [n for n, _ in model.named_modules()] == [n for n, _ in ref.named_modules()]
 
-    model.save_pretrained(tmp_path)
-    loaded = QwenImage21Transformer2DModel.from_pretrained(tmp_path).eval()
-    for (n, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(ref.state_dict().items())):
-        assert torch.equal(a, b), n
+    loaded = reloaded(model, ref, tmp_path, QwenImage21Transformer2DModel)
     inputs = make_inputs(ref)
     assert torch.equal(run(fuse_modulation(loaded), inputs), run(model, inputs))
-
-    # diffusers' regional compile finds blocks by class name: it must find the fused ones.
-    model.compile_repeated_blocks()
-    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
-    for b in model.transformer_blocks:
-        b._compiled_call_impl = None  # (only checking discovery here; compiling is the benchmark's job)
+    assert_regional_compile_finds_blocks(model)  # the fused classes, by name
 
     unfuse_modulation(model)
     assert model._repeated_blocks == ["QwenImage21TransformerBlock"]

@@ -18,6 +18,8 @@ from qwenfast.ops import custom_op
 from qwenfast.ops import modulate21 as M
 from qwenfast.ops.modulate21 import Rows, split_rows
 
+from helpers import count_calls
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MASKS = ["mixed", "prefix", "all", "none_true", "no_mask"]
@@ -257,16 +259,7 @@ def on_kernel_path(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors on the Triton path need TRITON_INTERPRET=1")
     monkeypatch.setattr(custom_op, "choose_backend", lambda device, has_triton=None: "cuda")
-    launches = []
-    for name in ("layer_norm_scale_fwd", "residual_layer_norm_scale_fwd", "tanh_gated_residual_fwd"):
-        original = getattr(T, name)
-
-        def counted(*a, _original=original, _name=name, **k):
-            launches.append(_name)
-            return _original(*a, **k)
-
-        monkeypatch.setattr(T, name, counted)
-    return launches
+    return count_calls(monkeypatch, T, ("layer_norm_scale_fwd", "residual_layer_norm_scale_fwd", "tanh_gated_residual_fwd"))
 
 
 def public_calls(c):

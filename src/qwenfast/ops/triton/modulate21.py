@@ -31,16 +31,19 @@ Tensor = torch.Tensor
 
 
 @triton.jit
-def _tokens(pid, N, L, target_mask_ptr, SELECT: tl.constexpr, ROWS: tl.constexpr):
-    """This program's tokens: n (ROWS,) int64 (N*C passes 2**31 at large batch x resolution), which are
-    real, their sample b, and whether each takes its sample's row (True) or the shared row."""
-    n = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def _tile(col0, N, L, C, target_mask_ptr, SELECT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's ROWS tokens x BLOCK_C columns from col0: each token's sample b and whether it
+    takes its sample's row (True) or the shared row; the columns, the in-bounds mask and the (int64:
+    N*C passes 2**31 at large batch x resolution) element offsets of the tile."""
+    n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     ok = n < N
     b = n // L
     takes_sample = ok
     if SELECT:
         takes_sample = tl.load(target_mask_ptr + (n - b * L), mask=ok, other=0) != 0
-    return n, ok, b, takes_sample
+    cols = col0 + tl.arange(0, BLOCK_C)
+    mask = ok[:, None] & (cols < C)[None, :]
+    return b, takes_sample, cols, mask, n[:, None] * C + cols[None, :]
 
 
 @triton.jit
@@ -68,6 +71,16 @@ def _tanh(g):
 
 
 @triton.jit
+def _tanh_gated_sum(x_ptr, residual_ptr, gate_ptr, gate_stride, gate_shared_ptr, offs, b, takes_sample, cols, mask,
+                    SELECT: tl.constexpr, ALIGN: tl.constexpr):
+    """(ROWS, BLOCK_C) fp32 residual + tanh(gate_sel) * x of this program's tile (offs: its elements)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = _picked_rows(gate_ptr, gate_stride, gate_shared_ptr, b, takes_sample, cols, mask, SELECT, ALIGN)
+    return r + _tanh(gate) * x
+
+
+@triton.jit
 def _normalise(v, mask, C, eps):
     """(ROWS, BLOCK_C) fp32 -> LayerNorm without affine; two-pass variance (masked lanes excluded)."""
     mean = tl.sum(v, axis=1) / C
@@ -85,10 +98,7 @@ def _layer_norm_scale_kernel(
     N, L, C, eps,
     SELECT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    n, ok, b, takes_sample = _tokens(tl.program_id(0), N, L, target_mask_ptr, SELECT, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = ok[:, None] & (cols < C)[None, :]
-    offs = n[:, None] * C + cols[None, :]
+    b, takes_sample, cols, mask, offs = _tile(0, N, L, C, target_mask_ptr, SELECT, ROWS, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = _picked_rows(scale_ptr, scale_stride, scale_shared_ptr, b, takes_sample, cols, mask, SELECT, ALIGN)
     y = _normalise(x, mask, C, eps) * (1.0 + scale)
@@ -105,14 +115,10 @@ def _residual_layer_norm_scale_kernel(
     N, L, C, eps,
     SELECT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    n, ok, b, takes_sample = _tokens(tl.program_id(0), N, L, target_mask_ptr, SELECT, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    mask = ok[:, None] & (cols < C)[None, :]
-    offs = n[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = _picked_rows(gate_ptr, gate_stride, gate_shared_ptr, b, takes_sample, cols, mask, SELECT, ALIGN)
-    stored = (r + _tanh(gate) * x).to(residual_out_ptr.dtype.element_ty)
+    b, takes_sample, cols, mask, offs = _tile(0, N, L, C, target_mask_ptr, SELECT, ROWS, BLOCK_C)
+    h = _tanh_gated_sum(x_ptr, residual_ptr, gate_ptr, gate_stride, gate_shared_ptr, offs, b, takes_sample, cols, mask,
+                        SELECT, ALIGN)
+    stored = h.to(residual_out_ptr.dtype.element_ty)
     tl.store(residual_out_ptr + offs, stored, mask=mask)
     scale = _picked_rows(scale_ptr, scale_stride, scale_shared_ptr, b, takes_sample, cols, mask, SELECT, ALIGN)
     y = _normalise(stored.to(tl.float32), mask, C, eps) * (1.0 + scale)  # the stored value, as diffusers
@@ -128,14 +134,11 @@ def _tanh_gated_residual_kernel(
     N, L, C,
     SELECT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    n, ok, b, takes_sample = _tokens(tl.program_id(0), N, L, target_mask_ptr, SELECT, ROWS)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # this program's column block
-    mask = ok[:, None] & (cols < C)[None, :]
-    offs = n[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = _picked_rows(gate_ptr, gate_stride, gate_shared_ptr, b, takes_sample, cols, mask, SELECT, ALIGN)
-    tl.store(out_ptr + offs, (r + _tanh(gate) * x).to(out_ptr.dtype.element_ty), mask=mask)
+    b, takes_sample, cols, mask, offs = _tile(tl.program_id(1) * BLOCK_C, N, L, C, target_mask_ptr, SELECT, ROWS,
+                                              BLOCK_C)  # this program's column block
+    h = _tanh_gated_sum(x_ptr, residual_ptr, gate_ptr, gate_stride, gate_shared_ptr, offs, b, takes_sample, cols, mask,
+                        SELECT, ALIGN)
+    tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------
