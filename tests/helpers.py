@@ -153,3 +153,36 @@ def diffusers_tiling(ref):
         yield ref
     finally:
         ref.disable_tiling()
+
+
+def count_calls(monkeypatch, module, names) -> list:
+    """Wrap `module.<name>` for each name so that every call is recorded (its name) in the returned
+    list: a test that must run a kernel can then prove it did, not pass on a fallback by accident."""
+    calls: list = []
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*a, _original=original, _name=name, **k):
+            calls.append(_name)
+            return _original(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def reloaded(model, ref, tmp_path, cls):
+    """`model.save_pretrained` then `cls.from_pretrained`: the state dict saved must equal `ref`'s."""
+    model.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path).eval()
+    for (n, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(ref.state_dict().items())):
+        assert torch.equal(a, b), n
+    return loaded
+
+
+def assert_regional_compile_finds_blocks(model) -> None:
+    """diffusers' `compile_repeated_blocks()` finds blocks by class name: it must find every block
+    (only discovery is checked; the compiled call is dropped again, compiling is the benchmarks' job)."""
+    model.compile_repeated_blocks()
+    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
+    for b in model.transformer_blocks:
+        b._compiled_call_impl = None

@@ -21,6 +21,8 @@ from diffusers.models.transformers.transformer_qwenimage import QwenImageTransfo
 
 from qwenfast.dit import FusedQwenImageTransformerBlock, fuse_modulation, is_fused, unfuse_modulation  # noqa: E402
 
+from helpers import assert_regional_compile_finds_blocks, reloaded  # noqa: E402
+
 BF16_SLACK = 1.5  # fused bf16 error ≤ BF16_SLACK x diffusers' bf16 error (+ one bf16 ulp of the output)
 
 # heads x head dim = D = 32; rope axes sum to the head dim.
@@ -171,18 +173,10 @@ def test_fuse_keeps_weights_tree_and_round_trips(tmp_path):
     assert {n: p for n, p in model.named_parameters()} == params_before  # the same Parameter objects
     assert [n for n, _ in model.named_modules()] == [n for n, _ in ref.named_modules()]
 
-    model.save_pretrained(tmp_path)
-    loaded = QwenImageTransformer2DModel.from_pretrained(tmp_path).eval()
-    for (n, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(ref.state_dict().items())):
-        assert torch.equal(a, b), n
+    loaded = reloaded(model, ref, tmp_path, QwenImageTransformer2DModel)
     inputs = make_inputs(ref, True)
     assert torch.equal(run(fuse_modulation(loaded), inputs), run(model, inputs))
-
-    # diffusers' regional compile finds blocks by class name: it must find the fused ones.
-    model.compile_repeated_blocks()
-    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
-    for b in model.transformer_blocks:
-        b._compiled_call_impl = None  # (only checking discovery here; compiling is the benchmark's job)
+    assert_regional_compile_finds_blocks(model)  # the fused classes, by name
 
     unfuse_modulation(model)
     assert model._repeated_blocks == ["QwenImageTransformerBlock"]

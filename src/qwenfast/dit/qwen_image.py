@@ -39,6 +39,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
 from ..ops import Modulation, Select, gated_residual, layer_norm_modulate, residual_layer_norm_modulate
+from ._swap import Fusion, name_fused_blocks, restore_block_names, unwrap
 
 __all__ = ["FusedQwenImageTransformerBlock", "fuse_modulation", "unfuse_modulation", "is_fused"]
 
@@ -153,26 +154,12 @@ class FusedQwenImageTransformerBlock(FusedModulationMixin, QwenImageTransformerB
     """diffusers' `QwenImageTransformerBlock` with its modulation on the fused ops (same parameters)."""
 
 
-# Block class -> its fused class. diffusers' own class maps to the named class above (importable, so
-# a pickled model loads); a user's subclass gets a fused subclass of its own, keeping its overrides.
-_FUSED_CLASSES: dict[type, type] = {QwenImageTransformerBlock: FusedQwenImageTransformerBlock}
-
-
-def _fused_class(cls: type) -> type:
-    fused = _FUSED_CLASSES.get(cls)
-    if fused is None:
-        fused = maybe_allow_in_graph(type(f"Fused{cls.__name__}", (FusedModulationMixin, cls), {"__module__": __name__}))
-        _FUSED_CLASSES[cls] = fused
-    return fused
-
-
-def _unwrap(transformer: nn.Module) -> nn.Module:
-    # torch.compile wraps the module (OptimizedModule); the blocks live in the original.
-    return getattr(transformer, "_orig_mod", transformer)
+# diffusers' block class -> its fused class (a user's subclass gets a fused subclass of its own).
+_FUSION = Fusion(FusedModulationMixin, {QwenImageTransformerBlock: FusedQwenImageTransformerBlock})
 
 
 def _blocks(transformer: nn.Module) -> list[QwenImageTransformerBlock]:
-    model = _unwrap(transformer)
+    model = unwrap(transformer)
     if not isinstance(model, QwenImageTransformer2DModel):
         raise TypeError(
             f"expected a diffusers QwenImageTransformer2DModel, got {type(model).__module__}.{type(model).__name__}"
@@ -195,33 +182,16 @@ def fuse_modulation(transformer: nn.Module) -> nn.Module:
     their parameters and the module tree is unchanged; only each block's class (its forward and
     `_modulate`) is switched. Idempotent. Returns `transformer`. Call it before `torch.compile`.
     """
-    for block in _blocks(transformer):
-        if not isinstance(block, FusedModulationMixin):
-            block.__class__ = _fused_class(type(block))
-    _name_block_classes(_unwrap(transformer))
+    blocks = _blocks(transformer)
+    for block in blocks:
+        _FUSION.fuse(block)
+    name_fused_blocks(unwrap(transformer), blocks, FusedModulationMixin)
     return transformer
-
-
-# diffusers finds blocks by class name: `compile_repeated_blocks()` (regional torch.compile) by
-# `_repeated_blocks`, device maps by `_no_split_modules`. Extend both, on the instance, with the
-# fused class names, so that both keep working after fusing.
-_BLOCK_NAME_LISTS = ("_repeated_blocks", "_no_split_modules")
-
-
-def _name_block_classes(model: nn.Module) -> None:
-    fused = [c.__name__ for c in {type(b) for b in _blocks(model)} if issubclass(c, FusedModulationMixin)]
-    for attr in _BLOCK_NAME_LISTS:
-        names = list(getattr(type(model), attr, None) or [])
-        setattr(model, attr, names + [n for n in sorted(fused) if n not in names])
 
 
 def unfuse_modulation(transformer: nn.Module) -> nn.Module:
     """Undo `fuse_modulation`: every block back to its diffusers class. Returns `transformer`."""
     for block in _blocks(transformer):
-        if isinstance(block, FusedModulationMixin):
-            original = next(c for c in type(block).__mro__[1:] if not issubclass(c, FusedModulationMixin))
-            block.__class__ = original
-    model = _unwrap(transformer)
-    for attr in _BLOCK_NAME_LISTS:
-        model.__dict__.pop(attr, None)  # back to the class's own lists
+        _FUSION.unfuse(block)
+    restore_block_names(unwrap(transformer))
     return transformer

@@ -1,13 +1,15 @@
 """One call that makes a diffusers Qwen-Image pipeline fast: `accelerate(pipe)`.
 
 What changes, and what does not:
-- `pipe.transformer`: every block's modulation runs on the fused ops (`qwenfast.dit.fuse_modulation`),
-  in place; parameters, module tree and state dict are untouched.
-- `pipe.vae` stays diffusers' `AutoencoderKLQwenImage` object: its config, `encode` (the edit
-  pipelines' `vae.encode(image).latent_dist`), `dtype`, `temperal_downsample`, `.to()`, offload hooks
-  and `save_pretrained` are diffusers' own. Only its `decode` is routed, for that one object, to a
-  `qwenfast.QwenImageVAE` built over the *same* parameter tensors (no copy) with the given
-  `VAEConfig`, so tiled and parallel decode (every rank calling the pipeline under torchrun) apply.
+- `pipe.transformer`: every block's modulation runs on the fused ops (`qwenfast.dit.fuse_modulation`:
+  the Qwen-Image DiT or the Qwen-Image-2.1 DiT), in place; parameters, module tree and state dict are
+  untouched.
+- `pipe.vae` stays diffusers' object (`AutoencoderKLQwenImage`, or `AutoencoderKLQwenImage21` for
+  Qwen-Image-2.1): its config, `encode` (the edit pipelines' `vae.encode(image).latent_dist`),
+  `dtype`, `.to()`, offload hooks and `save_pretrained` are diffusers' own. Only its `decode` is
+  routed, for that one object, to qwenfast's VAE of the same design (`qwenfast_vae_class`) built over
+  the *same* parameter tensors (no copy) with the given `VAEConfig`, so tiled and parallel decode
+  (every rank calling the pipeline under torchrun) apply.
   `pipe.vae.enable_tiling()` still works: with no tiling asked for in the `VAEConfig`, it decodes
   with diffusers' own blended tiles and tile sizes, so the output is what diffusers would give.
 
@@ -23,20 +25,27 @@ from torch import nn
 
 from ..config import VAEConfig
 
-__all__ = ["accelerate", "route_vae_decode", "qwenfast_vae", "decode_packed_latents", "PIPELINE_CLASSES"]
+__all__ = ["accelerate", "route_vae_decode", "qwenfast_vae", "qwenfast_vae_class", "decode_packed_latents",
+           "PIPELINE_CLASSES", "VAE_CLASSES"]
 
-# The pipelines whose transformer is a QwenImageTransformer2DModel and whose VAE is an
-# AutoencoderKLQwenImage decoded through `self.vae.decode(latents, return_dict=False)[0]`.
-PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+# The pipelines whose transformer `qwenfast.dit.fuse_modulation` takes and whose VAE (one of
+# VAE_CLASSES) they decode through `self.vae.decode(latents, return_dict=False)[0]`.
+PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImage21Pipeline")
+# diffusers' VAE class -> qwenfast's VAE of the same design (module, class), imported on use.
+VAE_CLASSES = {
+    "AutoencoderKLQwenImage": ("qwenfast.vae", "QwenImageVAE"),
+    "AutoencoderKLQwenImage21": ("qwenfast.vae.qwen_image21", "QwenImage21VAE"),
+}
 
 _ROUTED = "_qwenfast_vae"  # instance attribute on the diffusers VAE: our VAE, out of the module tree
 
 
 def accelerate(pipe, vae_config: VAEConfig | None = None, fused_modulation: bool = True):
-    """Turn a diffusers `QwenImagePipeline`, `QwenImageEditPipeline` or `QwenImageEditPlusPipeline`
-    into one whose decode runs on `qwenfast.QwenImageVAE` (with `vae_config`) and whose transformer
-    runs fused modulation blocks. In place; returns `pipe`. Calling it again only updates the
-    `VAEConfig` (and fuses if asked). Call before `torch.compile(pipe.transformer)`."""
+    """Turn a diffusers `QwenImagePipeline`, `QwenImageEditPipeline`, `QwenImageEditPlusPipeline` or
+    `QwenImage21Pipeline` into one whose decode runs on qwenfast's VAE (with `vae_config`) and whose
+    transformer runs fused modulation blocks. In place; returns `pipe` (the VAE is routed first: if
+    that fails, nothing has changed). Calling it again only updates the `VAEConfig` (and fuses if
+    asked). Call before `torch.compile(pipe.transformer)` or `compile_repeated_blocks()`."""
     name = type(pipe).__name__
     if not any(c.__name__ in PIPELINE_CLASSES for c in type(pipe).__mro__):
         raise TypeError(f"accelerate expects one of {', '.join(PIPELINE_CLASSES)}; got {name}")
@@ -52,15 +61,13 @@ def accelerate(pipe, vae_config: VAEConfig | None = None, fused_modulation: bool
 
 
 def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.Module:
-    """Route `vae.decode` (a diffusers `AutoencoderKLQwenImage`) to a `QwenImageVAE` sharing its
-    parameters. Only this object changes (an instance attribute shadows the class's method)."""
-    from ..vae import QwenImageVAE
-
+    """Route `vae.decode` (a diffusers VAE of `VAE_CLASSES`) to qwenfast's VAE of the same design,
+    sharing its parameters. Only this object changes (an instance attribute shadows the class's method)."""
     if vae_config is not None and not isinstance(vae_config, VAEConfig):
         raise TypeError(f"vae_config must be a qwenfast.VAEConfig or None; got {type(vae_config).__name__}")
     ours = vae.__dict__.get(_ROUTED)
     if ours is None:
-        ours = _share_parameters(QwenImageVAE.from_diffusers(vae, vae_config=vae_config), vae)  # raises on a foreign VAE
+        ours = _share_parameters(qwenfast_vae_class(vae).from_diffusers(vae, vae_config=vae_config), vae)
         object.__setattr__(vae, _ROUTED, ours)  # not a submodule: the state dict stays diffusers'
         object.__setattr__(vae, "decode", _routed_decode(vae))
     elif vae_config is not None:
@@ -68,8 +75,25 @@ def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.
     return vae
 
 
+def qwenfast_vae_class(vae: nn.Module) -> type:
+    """qwenfast's VAE class for a diffusers VAE, by the diffusers class's name (a subclass counts),
+    imported on use. Raises TypeError for a VAE qwenfast has no model of, ImportError (naming the
+    module) where that model is not in this installation."""
+    import importlib
+
+    for cls in type(vae).__mro__:
+        if cls.__name__ in VAE_CLASSES:
+            module, name = VAE_CLASSES[cls.__name__]
+            try:
+                return getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as e:
+                raise ImportError(f"decoding a diffusers {cls.__name__} needs qwenfast's {module}.{name}, which "
+                                  f"this installation lacks ({e})") from None
+    raise TypeError(f"qwenfast has no VAE for a diffusers {type(vae).__name__}; it decodes {', '.join(VAE_CLASSES)}")
+
+
 def qwenfast_vae(vae: nn.Module):
-    """The `QwenImageVAE` behind a routed diffusers VAE (`pipe.vae`), re-tied to its parameters if
+    """qwenfast's VAE behind a routed diffusers VAE (`pipe.vae`), re-tied to its parameters if
     `.to()` or an offload hook has moved them since; None if `vae` is not routed."""
     ours = vae.__dict__.get(_ROUTED)
     if ours is None:
@@ -78,9 +102,7 @@ def qwenfast_vae(vae: nn.Module):
     if any(p is not theirs[n] for n, p in ours.named_parameters()):
         # Some hook replaced diffusers' Parameter objects (accelerate's sequential offload does):
         # rebuild over the new ones (no copy, no init).
-        from ..vae import QwenImageVAE
-
-        ours = _share_parameters(QwenImageVAE.from_diffusers(vae, vae_config=ours.vae_config), vae)
+        ours = _share_parameters(type(ours).from_diffusers(vae, vae_config=ours.vae_config), vae)
         object.__setattr__(vae, _ROUTED, ours)
     return ours
 
@@ -129,16 +151,24 @@ def _routed_decode(vae: nn.Module):
 
 
 def decode_packed_latents(vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
-    """The pipelines' last step, for a caller that asked for `output_type="latent"`: packed latents
-    `[B, (h/2)(w/2), 4·z_dim]` → unpacked, de-normalised by the VAE's latents_mean/std → decoded
-    image `[B, 3, height, width]` in [-1, 1] (None on ranks that get no output of a parallel decode)."""
-    from diffusers import QwenImagePipeline
-
-    scale = 2 ** len(vae.temperal_downsample)
-    z = QwenImagePipeline._unpack_latents(latents, height, width, scale).to(vae.dtype)  # (B, z, 1, h, w)
+    """The pipelines' last step, for a caller that asked for `output_type="latent"`: packed latents →
+    unpacked, de-normalised by the VAE's latents_mean/std → decoded image `[B, C, height, width]` in
+    [-1, 1] (None on ranks that get no output of a parallel decode). Qwen-Image: `[B, (h/2)(w/2),
+    4·z_dim]` (2x2 packing), RGB. Qwen-Image-2.1 (`AutoencoderKLQwenImage21`): `[B, h·w, z_dim]`
+    (unpatched, 16x), RGBA."""
     cfg = vae.config
-    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-    inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-    z = z / inv_std + mean  # the same two roundings as the pipelines
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+    if any(c.__name__ == "AutoencoderKLQwenImage21" for c in type(vae).__mro__):
+        from diffusers import QwenImage21Pipeline  # diffusers >= 0.42
+
+        z = QwenImage21Pipeline._unpack_latents(latents, height, width, 16).to(vae.dtype)  # (B, z, 1, h, w)
+        z = z * std.to(z.device, z.dtype) + mean.to(z.device, z.dtype)  # the pipeline's two roundings
+    else:
+        from diffusers import QwenImagePipeline
+
+        scale = 2 ** len(vae.temperal_downsample)
+        z = QwenImagePipeline._unpack_latents(latents, height, width, scale).to(vae.dtype)  # (B, z, 1, h, w)
+        z = z / (1.0 / std.to(z.device, z.dtype)) + mean.to(z.device, z.dtype)  # the pipeline's roundings
     image = vae.decode(z, return_dict=False)[0]
     return None if image is None else image[:, :, 0]

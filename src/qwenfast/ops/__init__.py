@@ -26,3 +26,8 @@ from .custom_op import CustomOp, choose_backend, triton_available
 from .modulate import *  # noqa: F403  (the public names are listed once, in modulate.__all__)
 
 __all__ = ["CustomOp", "choose_backend", "triton_available", *_modulate.__all__]
+
+from .modulate21 import *  # noqa: E402,F403  the Qwen-Image-2.1 variant (Rows, layer_norm_scale, ...)
+from .modulate21 import __all__ as _all21  # noqa: E402
+
+__all__ += _all21

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..custom_op import HAS_TRITON, INTERPRET, KERNEL_DTYPES, MAX_GRID_Y
 
-__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "MAX_GRID_Y", "cdiv", "next_power_of_2"]
+__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "MAX_GRID_Y", "cdiv", "next_power_of_2", "row_alignment"]
 
 
 # triton.cdiv and triton.next_power_of_2 are `constexpr_function`s (usable inside kernels too): on the
@@ -24,3 +24,17 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (n >= 1); 0 for 0, as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def row_alignment(*rows: torch.Tensor | None) -> int:
+    """The largest power of two <= 16 that every row address of these (R, C) (or (C,)) tensors is a
+    multiple of, in bytes: the data pointer and, with more than one row, the row stride. What a kernel
+    that picks a row per token by address may promise the compiler (`tl.multiple_of`)."""
+    align = 16
+    for t in rows:
+        if t is None:
+            continue
+        for v in (t.data_ptr(), t.stride(0) * t.element_size() if t.dim() > 1 and t.shape[0] > 1 else 0):
+            while v % align:
+                align //= 2
+    return align
