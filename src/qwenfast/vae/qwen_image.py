@@ -105,7 +105,8 @@ class CausalConv3d(nn.Conv3d):
             x = norm(x, silu=True, bias=norm_bias)
         if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1):
             return video.pointwise_conv3d(self, x, bias)
-        return F.conv3d(F.pad(x, self._pad), self.weight, bias, self.stride, 0, self.dilation, self.groups)
+        padded = F.pad(x, self._pad) if any(self._pad) else x  # (the encoder's strided time conv pads nothing)
+        return F.conv3d(padded, self.weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class RMSNorm(nn.Module):
