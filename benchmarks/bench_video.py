@@ -36,8 +36,11 @@ from qwenfast.benchmarking import PeakMemory, format_table, markdown_table, prov
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-FULL_CASES = {"decode 81x1280x720": (21, 90, 160), "decode 81x832x480": (21, 60, 104), "encode 81x832x480": (81, 480, 832)}
-TINY_CASES = {"decode 9x64x48": (3, 8, 6), "decode 9x48x40": (3, 6, 5), "encode 9x48x40": (9, 48, 40)}
+FULL_CASES = {"decode 81x1280x720": (21, 90, 160), "decode 81x832x480": (21, 60, 104), "encode 81x832x480": (81, 480, 832),
+              "decode image 1328x1328": (1, 166, 166)}  # the image path must not get slower
+TINY_CASES = {"decode 9x64x48": (3, 8, 6), "decode 9x48x40": (3, 6, 5), "encode 9x48x40": (9, 48, 40),
+              "decode image 64x64": (1, 8, 8)}
+WINDOW_VARIANTS = [("taps2d", 1), ("stacked2d", 1), ("conv3d", 2), ("taps2d", 2), ("conv3d", 4)]
 COLUMNS = [("case", "case", ""), ("label", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("beyond_out_gib", "peak - output", ".2f"),
            ("vs_first", "max|Δ| vs old", ".2e"), ("speedup", "x diffusers", ".2f")]
@@ -162,11 +165,16 @@ def bench(args) -> dict:
         kind = case.split()[0]
         x = inputs(kind, shape, z_dim, device).to(low)
         modes = ["untiled"]
-        if kind == "decode" and args.impl == "qwenfast":
+        if kind == "decode" and args.impl == "qwenfast" and "image" not in case:
             modes.append("exact tiling")
+            if args.variants and case == next(iter(cases)):
+                modes.append("exact tiling, 512 px tiles")
         for mode in modes:
             if args.impl == "qwenfast":
-                model.vae_config = VAEConfig(use_tiling=mode == "exact tiling")
+                tile = 512 if "512" in mode else 1024
+                if args.tiny:
+                    tile //= 16
+                model.vae_config = VAEConfig(use_tiling=mode != "untiled", exact_tile_sample_size=tile)
             try:
                 out, stats = measure(run_fn(args.impl, model, kind, x), device, reps, warm)
             except torch.cuda.OutOfMemoryError as e:
@@ -178,7 +186,7 @@ def bench(args) -> dict:
             from qwenfast.vae import video
 
             model.vae_config = VAEConfig()
-            for conv_mode, chunk in [("taps2d", 1), ("stacked2d", 1), ("conv3d", 2), ("conv3d", 3)]:
+            for conv_mode, chunk in WINDOW_VARIANTS:
                 video.WINDOW_CONV, model.decode_chunk_frames = conv_mode, chunk
                 out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
                 record(case, f"untiled, {conv_mode}, {chunk} latent fr/step", out, stats)

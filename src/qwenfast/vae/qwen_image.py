@@ -547,6 +547,8 @@ class QwenImageVAE(ParallelTiledVAE):
                                   memory_format=layout)
                 out[:, :, :written].copy_(first)
                 first = None
+            if written + y.shape[2] > out.shape[2]:
+                raise RuntimeError(f"{desc}: chunk {(t0, t1)} overruns the {out.shape[2]} output frames")
             out[:, :, written:written + y.shape[2]].copy_(y)
             written += y.shape[2]
             del y
