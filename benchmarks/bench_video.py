@@ -141,11 +141,22 @@ def bench(args) -> dict:
     low = torch.float32 if args.tiny else torch.bfloat16  # the old checkout's CPU norm returns fp32 for bf16
     model = build(args.impl, arch, low, device)
     z_dim = (arch or {}).get("z_dim", 16)
-    first = json.loads(Path(args.compare).read_text()) if args.compare else None
-    first_out = torch.load(args.compare + ".pt") if args.compare else {}
+    first_out = {}
+    if args.compare and Path(args.compare + ".pt").exists():
+        first_out = torch.load(args.compare + ".pt")
+    elif args.compare:
+        print(f"--compare {args.compare}: no outputs there (did that run fail?); no max|Δ| vs it", flush=True)
     saved: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
     reps, warm = (1, 1) if args.tiny else (args.repeats, 1)
+    info = provenance(device, dtype="bfloat16", label=args.label, impl=args.impl,
+                      weights="random, full-size (diffusers default config), gammas perturbed",
+                      qwenfast_file=__import__("qwenfast").__file__, cudnn_benchmark=device.type == "cuda")
+    payload: dict = {"provenance": info, "results": rows, "fidelity": {}}
+
+    def checkpoint():  # after every row: a run stopped by a time limit keeps what it measured
+        write_json(args.json, payload)
+        torch.save(saved, args.json + ".pt")
 
     def record(case, mode, out, stats, key=None):
         key = key or f"{case}|{mode}"
@@ -158,6 +169,7 @@ def bench(args) -> dict:
         if ref_key in first_out:
             row["vs_first"] = (sub - first_out[ref_key]).abs().max().item()
         rows.append(row)
+        checkpoint()
         print(f"{args.label:9s} {case:22s} {mode:28s} {stats['median_ms']:9.1f} ms  peak {stats['peak_gib']:6.2f} GiB",
               flush=True)
 
@@ -165,7 +177,7 @@ def bench(args) -> dict:
         kind = case.split()[0]
         x = inputs(kind, shape, z_dim, device).to(low)
         modes = ["untiled"]
-        if kind == "decode" and args.impl == "qwenfast" and "image" not in case:
+        if kind == "decode" and args.impl == "qwenfast" and "image" not in case and not args.skip_tiling:
             modes.append("exact tiling")
             if args.variants and case == next(iter(cases)):
                 modes.append("exact tiling, 512 px tiles")
@@ -210,27 +222,24 @@ def bench(args) -> dict:
         bf = run_fn(args.impl, model, "decode", z.to(low))().float()
         model32 = model.float()
         gold = run_fn(args.impl, model32, "decode", z)().float()
-    fidelity = dict(bf16_vs_fp32_max=(bf - gold).abs().max().item(), bf16_vs_fp32_mean=(bf - gold).abs().mean().item())
+    fidelity = payload["fidelity"]
+    fidelity.update(bf16_vs_fp32_max=(bf - gold).abs().max().item(), bf16_vs_fp32_mean=(bf - gold).abs().mean().item())
     saved["fp32"] = gold.cpu()
     if "fp32" in first_out:
         fidelity["fp32_vs_first_fp32_max"] = (gold.cpu() - first_out["fp32"]).abs().max().item()
     print(f"{args.label}: fidelity {fidelity}", flush=True)
+    checkpoint()
     model = model32.to(low)
     del bf, gold, model32
 
-    extra = {}
     if args.variants:
-        extra["conv_rates"] = conv_rates(device, args.tiny)
-        for r in extra["conv_rates"]:
+        payload["conv_rates"] = conv_rates(device, args.tiny)
+        for r in payload["conv_rates"]:
             print(f"conv {r['case']:42s} {r['median_ms']:8.2f} ms {r['tflops']:7.1f} TFLOP/s", flush=True)
+        checkpoint()
         if device.type == "cuda":
-            extra["profile"] = profile(model, cases, z_dim, device)
-    torch.save(saved, args.json + ".pt")
-    info = provenance(device, dtype="bfloat16", label=args.label, impl=args.impl,
-                      weights="random, full-size (diffusers default config), gammas perturbed",
-                      qwenfast_file=__import__("qwenfast").__file__, cudnn_benchmark=device.type == "cuda")
-    payload = {"provenance": info, "results": rows, "fidelity": fidelity, **extra}
-    write_json(args.json, payload)
+            payload["profile"] = profile(model, cases, z_dim, device)
+    checkpoint()
     return payload
 
 
@@ -251,7 +260,7 @@ def profile(model, cases, z_dim, device) -> str:
 
 
 def report(paths: list[str], out: str | None) -> None:
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [json.loads(Path(p).read_text()) for p in paths if Path(p).exists()]
     rows = [r for run in runs for r in run["results"]]
     for r in rows:
         base = next((b for b in rows if b["case"] == r["case"] and b["label"] == "diffusers" and b["mode"] == "untiled"), None)
@@ -287,6 +296,7 @@ def main():
     p.add_argument("--compare", default=None, help="JSON of an earlier run (its .pt holds its outputs)")
     p.add_argument("--variants", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-tiling", action="store_true", help="no exact-tiled decodes (saves time on the old path)")
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: a smoke test")
     p.add_argument("--report", nargs="+", default=None)
     p.add_argument("--out", default=None)
