@@ -1,6 +1,7 @@
 """Parallel decode benchmark: every mode against our own single-GPU decode, in one run.
 
     torchrun --nproc-per-node N benchmarks/bench_parallel_decode.py [--sizes 1328 2048 4096] [--video-frames 21]
+    python benchmarks/bench_parallel_decode.py --rehearse 2 4 8 [--graphs]     # one GPU: predicted N-GPU times
 
 Runs unchanged on 1, 2, 4 and 8 GPUs. Under torchrun the script always makes a NCCL group (even of
 one rank) and runs the parallel strategies through it, so a one-GPU run exercises the real collectives.
@@ -14,6 +15,15 @@ untiled decode (and over single-GPU exact tiling for `tiled`), per-rank peak mem
 against the single-GPU untiled decode (bf16 both), bytes sent and received per rank. Before timing,
 an fp32 check on a small latent gives each mode's max|Δ| where rounding does not hide errors.
 Rank 0 writes JSON + markdown with provenance to --out.
+
+`--rehearse N ...` (one process, one GPU, no torchrun): for each N, runs the share of every rank r < N
+of every mode through `qwenfast.parallel.rehearsal.RehearsalComm` (collectives keep their shapes and
+byte counts, move no data), times each rank's compute (eager; with `--graphs` also as a CUDA graph of
+the strategy), and prints per mode and size the slowest rank's compute, the imbalance (slowest /
+mean), the redundant work (sum of rank times / single-GPU time), each rank's peak and bytes, and a
+PREDICTED speed-up = single-GPU untiled time / (slowest rank's compute + its bytes / --link-gbps).
+The link bandwidth is an assumption (stated in the output): NVLink 4 moves 450 GB/s per direction
+per GPU; NCCL's large all-gathers reach about 80% of that as bus bandwidth, hence 360 GB/s.
 """
 
 from __future__ import annotations
@@ -53,6 +63,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="added to the result file names")
     p.add_argument("--commit", default=None, help="git commit (when the checkout has no .git)")
+    p.add_argument("--rehearse", type=int, nargs="*", default=None, metavar="N",
+                   help="one GPU: rehearse N ranks (each rank's share timed alone) and predict the speed-up")
+    p.add_argument("--graphs", action="store_true", help="--rehearse: also time each share as a CUDA graph")
+    p.add_argument("--link-gbps", type=float, default=360.0,
+                   help="--rehearse: assumed per-GPU collective bandwidth, GB/s (default: 80%% of NVLink 4's 450)")
     return p.parse_args()
 
 
@@ -151,7 +166,7 @@ def fp32_check(side: int, comm, device) -> dict:
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
-        ref = vae._decode_untiled(z)
+        ref = vae.decode_untiled(z)
         vae.vae_config = VAEConfig(use_tiling=True, tiling="blend")
         ref_blend = vae.tiled_decode(z)
         for name, cfg in PARALLEL_MODES.items():
@@ -236,8 +251,90 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: dict, vae, device, reps: int,
+                  graphs: bool, link_gbps: float) -> list[dict]:
+    """Every rank's share of every mode, timed alone on this device (see the module docstring)."""
+    from qwenfast.parallel.rehearsal import RehearsalComm
+    from qwenfast.vae.graphs import DecodeGraphs
+
+    z = latent(h, w, t, device, vae.dtype)
+    zin = z[:, :, 0] if t == 1 else z
+    vae.vae_config = VAEConfig()
+    single = benchmarking.time_ms(lambda: vae.decode(zin), device, repeats=reps)["median_ms"]
+    rows = []
+    for n in worlds:
+        for name, cfg in modes.items():
+            if name == "auto":
+                continue  # auto picks one of the others (or replicates): rehearse those
+            vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+            ranks = []
+            for r in range(n):
+                comm = RehearsalComm(r, n, device)
+
+                def share(x, comm=comm):
+                    return decode_parallel(vae, x, comm=comm)
+
+                if CUDA:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated() if CUDA else 0
+                with torch.no_grad():
+                    ms = benchmarking.time_ms(lambda: share(z), device, repeats=reps)["median_ms"]
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if CUDA else 0.0
+                sent, received = comm.bytes_sent / (reps + 1), comm.bytes_received / (reps + 1)
+                ms_graph = None
+                if graphs and CUDA:
+                    strategy = (vae.parallel_patch_decode if cfg["parallel_decode_mode"] == "patch"
+                                else vae.parallel_tiled_decode)
+                    cache = DecodeGraphs(max_graphs=1)
+                    with torch.no_grad():
+                        ms_graph = benchmarking.time_ms(lambda: cache(lambda x: strategy(x, RehearsalComm(r, n, device)), z),
+                                                        device, repeats=reps)["median_ms"]
+                    cache.release()
+                ranks.append(dict(rank=r, ms=ms, ms_graph=ms_graph, peak_gib=peak, bytes_sent=sent, bytes_received=received))
+            slowest = max(ranks, key=lambda x: x["ms"])
+            moved = max(max(x["bytes_sent"], x["bytes_received"]) for x in ranks)
+            link_ms = moved / (link_gbps * 1e9) * 1e3
+            row = dict(case=label, mode=name, world=n, single_ms=single, slowest_ms=slowest["ms"],
+                       imbalance=slowest["ms"] / (sum(x["ms"] for x in ranks) / n),
+                       redundancy=sum(x["ms"] for x in ranks) / single, link_ms=link_ms,
+                       predicted_speedup=single / (slowest["ms"] + link_ms), ranks=ranks, link_gbps=link_gbps)
+            if graphs and CUDA:
+                slow_g = max(x["ms_graph"] for x in ranks)
+                row.update(slowest_graph_ms=slow_g, predicted_speedup_graph=single / (slow_g + link_ms))
+            rows.append(row)
+            print(f"{label} N={n} {name}: slowest rank {slowest['ms']:.1f} ms, link {link_ms:.2f} ms, "
+                  f"predicted {row['predicted_speedup']:.2f}x", flush=True)
+    del z
+    return rows
+
+
+def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
+    lines = [f"# Parallel decode rehearsed on one {prov['device']} (PREDICTED multi-GPU speed-ups)", "",
+             f"torch {prov['torch']} (CUDA {prov['cuda']}), triton {prov['triton']}, commit `{prov['commit']}`, "
+             f"{prov['date_utc']}", f"`{prov['command']}`", "",
+             "Each rank's share run alone on one GPU through RehearsalComm (collectives keep shapes and bytes, move "
+             "no data). predicted = single-GPU untiled ms / (slowest rank's compute + its bytes at "
+             f"{rows[0]['link_gbps'] if rows else '?'} GB/s, an assumption: ~80% of NVLink 4's 450 GB/s per "
+             "direction). imbalance = slowest / mean rank; redundancy = sum of rank times / single-GPU time.", "",
+             "| case | mode | N | single ms | slowest rank ms | graph ms | imbalance | redundancy | link ms | "
+             "peak GiB (max rank) | MiB sent (max rank) | predicted speed-up | predicted / N |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        g = r.get("slowest_graph_ms")
+        peak = max(x["peak_gib"] for x in r["ranks"])
+        sent = max(x["bytes_sent"] for x in r["ranks"]) / 2**20
+        lines.append(f"| {r['case']} | {r['mode']} | {r['world']} | {r['single_ms']:.1f} | {r['slowest_ms']:.1f} | "
+                     f"{'' if g is None else f'{g:.1f}'} | {r['imbalance']:.2f} | {r['redundancy']:.2f} | "
+                     f"{r['link_ms']:.2f} | {peak:.2f} | {sent:.1f} | {r['predicted_speedup']:.2f} | "
+                     f"{r['predicted_speedup'] / r['world']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     args = parse_args()
+    if args.rehearse:
+        return main_rehearse(args)
     comm = make_comm()
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     rank0 = comm is None or comm.rank == 0
@@ -276,6 +373,56 @@ def main() -> int:
 
         dist.destroy_process_group()
     return 0
+
+
+def main_rehearse(args) -> int:
+    device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    vae = model(torch.bfloat16 if CUDA else torch.float32, device)
+    modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
+    cases = [(f"{s}x{s}", s // 8, s // 8, 1, args.reps) for s in args.sizes]
+    if args.video_frames:
+        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
+    rows = []
+    for label, h, w, t, reps in cases:
+        rows += rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)
+    prov = provenance(args, None)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"parallel_rehearsal{args.tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(provenance=prov, results=rows), f, indent=1)
+    md = rehearsal_markdown(prov, rows)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    rehearsal_plot(rows, stem + ".png")
+    print(md)
+    return 0
+
+
+def rehearsal_plot(rows: list[dict], path: str) -> None:
+    """Predicted speed-up against N, one line per (case, mode), with the ideal N and the 0.85·N target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+        return
+    worlds = sorted({r["world"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((r["case"], r["mode"]) for r in rows):
+        pts = sorted((r["world"], r.get("predicted_speedup_graph") or r["predicted_speedup"])
+                     for r in rows if (r["case"], r["mode"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+    ax.plot(worlds, worlds, "k--", lw=1, label="ideal (N)")
+    ax.plot(worlds, [0.85 * n for n in worlds], "k:", lw=1, label="target 0.85·N")
+    ax.set_xlabel("GPUs (N)")
+    ax.set_ylabel("PREDICTED speed-up over one GPU")
+    ax.set_title("Parallel decode rehearsed on one GPU (predictions, not measurements)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

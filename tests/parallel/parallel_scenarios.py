@@ -63,7 +63,7 @@ def run_cases(rank: int, world: int) -> dict:
             if key not in refs:
                 if ref_kind == "untiled":
                     vae.vae_config = VAEConfig()
-                    refs[key] = vae._decode_untiled(z)
+                    refs[key] = vae.decode_untiled(z)
                 else:
                     vae.vae_config = VAEConfig(use_tiling=True, tiling="blend", **SMALL_TILES)
                     refs[key] = vae.tiled_decode(z)
@@ -114,23 +114,27 @@ def run_faults(rank: int, world: int) -> dict:
     # A shape that differs between ranks.
     attempt("shape differs", latent((1, 4, 1, 9, 12)) if rank == 0 else z, dict(parallel_decode_mode="patch"))
     # A rank that raises in the middle of the decode (in its local part).
-    original = vae._decode_local
+    # (instance attributes shadow the surface's methods on rank 1 only; deleted after)
     if rank == 1:
         def broken(h):
             raise RuntimeError("injected failure in the local part")
-        vae._decode_local = broken
+        vae.decode_local = broken
     attempt("raise mid-decode patch", z, dict(parallel_decode_mode="patch"))
     attempt("raise mid-decode tiled", z, dict(parallel_decode_mode="tiled", exact_tile_sample_size=32))
-    vae._decode_local = original
-    # ... and in the middle of the level-halo local part (between two exchanges), on rank 1 only.
-    block = vae.decoder.up_blocks[2]
     if rank == 1:
-        def broken_block(x, cache=None):
-            raise RuntimeError("injected failure in up block 2")
-        block.forward = broken_block
+        del vae.decode_local
+    # ... and in the middle of the level-halo local part (between two exchanges), on rank 1 only.
+    if rank == 1:
+        level = vae.decode_level
+
+        def broken_level(i, x, cache):
+            if i == 2:
+                raise RuntimeError("injected failure in level 2")
+            return level(i, x, cache)
+        vae.decode_level = broken_level
     attempt("raise mid-decode level", latent((1, 4, 1, 20, 7)), dict(parallel_decode_mode="patch", patch_halo="level"))
     if rank == 1:
-        del block.forward
+        del vae.decode_level
     # The group still works after all of that.
     attempt("after faults", z, dict(parallel_decode_mode="patch"))
     return results

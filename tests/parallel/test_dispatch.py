@@ -36,7 +36,7 @@ def test_strategy_paths_on_one_rank_equal_untiled(vae, cfg):
     z = latent((1, 4, 1, 11, 6))
     with torch.no_grad():
         vae.vae_config = VAEConfig()
-        ref = vae._decode_untiled(z)
+        ref = vae.decode_untiled(z)
         vae.vae_config = VAEConfig(use_parallel_decode=True, **SMALL_TILES, **cfg)
         out = decode_parallel(vae, z, comm=SingleRankComm())
     assert (out - ref).abs().max().item() <= 1e-4

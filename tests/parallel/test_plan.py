@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qwenfast.parallel import plan
 
@@ -59,14 +60,24 @@ def test_exact_tiles_balanced_over_ranks_by_window_cost():
     assert sorted(len(b) for b in bins) == [1, 1, 1, 1]
 
 
+def qwen_image_topology():
+    """The full-size Qwen-Image decoder's topology, read from the model's module tree (no weights)."""
+    from qwenfast import QwenImageVAE
+
+    with torch.device("meta"):
+        return QwenImageVAE().topology
+
+
 def test_halo_costs_level_trades_compute_for_messages():
-    mid = plan.patch_halo_costs(512, 512, 8, "mid", 13)
-    level = plan.patch_halo_costs(512, 512, 8, "level", 13)
+    topology = qwen_image_topology()
+    mid = plan.patch_halo_costs(512, 512, 8, "mid", topology)
+    level = plan.patch_halo_costs(512, 512, 8, "level", topology)
     assert mid["messages_per_rank"] == 0 and mid["halo_bytes_per_rank"] == 0
     assert 1.3 < mid["redundancy"] < 1.5  # a 64-row band decodes 90 rows: ~1.4x
     assert level["redundancy"] < 1.1 and level["messages_per_rank"] == 8
     assert level["flops_single"] == mid["flops_single"]
-    assert plan.patch_halo_costs(512, 512, 1, "mid", 13)["redundancy"] == 1.0
+    assert mid["flops_single"] == 65490735071232.0  # the seed's count (architecture numbers), unchanged
+    assert plan.patch_halo_costs(512, 512, 1, "mid", topology)["redundancy"] == 1.0
 
 
 GIB = 2**30

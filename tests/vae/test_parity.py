@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qwenfast.vae.tiling import exact_tiles
 from helpers import ARCHS, decoding_with, diffusers_tiling, max_diff, pair
 
 TOL = 1e-4
@@ -55,7 +56,7 @@ def test_exact_tiling_equals_untiled(tiny, frames, h, w):
     z = torch.randn(2, 4, frames, h, w, generator=torch.Generator().manual_seed(4))
     untiled = ours.decode(z)
     with decoding_with(ours, use_tiling=True, exact_tile_sample_size=32):
-        assert len(ours._exact_tiles(h, w)) > 1
+        assert len(exact_tiles(ours, h, w)) > 1
         tiled = ours.decode(z)
     assert max_diff(tiled, untiled) <= TOL
 

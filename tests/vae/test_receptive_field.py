@@ -23,7 +23,7 @@ def measured_reach(vae: QwenImageVAE, size: int, frames: int = 1) -> int:
     bumped = h.clone()
     bumped[:, :, -1, p, p] += 100.0  # in the last frame: also covers the video (cached) path
     with torch.no_grad():
-        delta = (vae._decode_local(bumped) - vae._decode_local(h)).abs()[0].amax(dim=(0, 1))
+        delta = (vae.decode_local(bumped) - vae.decode_local(h)).abs()[0].amax(dim=(0, 1))
     ys, xs = torch.nonzero(delta > 1e-12, as_tuple=True)
     s = vae.spatial_compression_ratio
     assert ys.numel() > 0

@@ -107,6 +107,24 @@ def single_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     _check_qkv(q, k, v)
     if kernel_takes(q, k, v):
         return launch(torch.ops.qwenfast.single_head_attention, _kernel.attention_fwd, q, k, v)
+    if q.is_cuda and q.shape[1] > 0:
+        return _memory_efficient_sdpa(q, k, v)
+    return single_head_attention_native(q, k, v)
+
+
+def _memory_efficient_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """CUDA head dims our kernel does not take (1152, the Qwen-Image-2.1 VAE's): SDPA's memory-efficient
+    kernel, which never materialises the scores. Left to itself SDPA picks the math backend for
+    d > 256 (N² scores); forced, the memory-efficient one runs d = 1152 at 84-135 TFLOP/s on an H200,
+    2.5-3x the chunked math path (benchmarks/results/explore_attention_graphs_h200.json)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as e:  # refused before any work (dtype, strides): the chunked path takes it
+        if "No available kernel" not in str(e):
+            raise
     return single_head_attention_native(q, k, v)
 
 

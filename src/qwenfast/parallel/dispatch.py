@@ -12,8 +12,11 @@ import logging
 
 import torch
 
+from ..vae.tiling import single_device_decode, tile_margin
 from . import plan
 from .group import ProcessGroupComm, get_world_size, is_initialized
+from .patch import parallel_patch_decode
+from .tiled import parallel_tiled_decode, replicated_decode
 
 __all__ = ["decode_parallel", "latent_signature", "LatentMismatchError"]
 
@@ -41,20 +44,20 @@ def latent_signature(z: torch.Tensor) -> torch.Tensor:
 
 
 def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
-    """The parallel decode of `vae` (a ParallelTiledVAE) on latent `z`, the same on every rank of
+    """The parallel decode of `vae` (a `qwenfast.vae.surface.DecodeSurface`) on latent `z`, the same on every rank of
     `vae.process_group` (the world by default). Output (B, 3, T', 8h, 8w) unclamped, on every rank or
     on rank 0 only (`parallel_output="rank0"`: None elsewhere). One rank: the single-device decode.
     `comm` overrides the group (e.g. a `SingleRankComm` to run a strategy's code path on one device)."""
     cfg = vae.vae_config
     if comm is None:
         if not is_initialized() or get_world_size(vae.process_group) == 1:
-            z, _ = vae._check_latent(z)
-            return vae.tiled_decode(z) if cfg.use_tiling else vae._decode_untiled(z)
+            z, _ = vae.check_latent(z)
+            return single_device_decode(vae, z, cfg)
         comm = ProcessGroupComm(vae.process_group)
 
     error, values = None, None
     try:
-        z, _ = vae._check_latent(z)
+        z, _ = vae.check_latent(z)
         free = _free_bytes(z.device)
         values = torch.cat([latent_signature(z), torch.tensor([-free], dtype=torch.float64)])
     except Exception as e:  # noqa: BLE001 - raised on this rank by agree(), the others learn of it
@@ -73,18 +76,18 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     if mode == "auto":
         choice = plan.choose_decode(z.shape[-2], z.shape[-1], z.shape[2], comm.world_size, z.dtype,
                                     None if min_free == float("inf") else min_free,
-                                    margin=vae._tile_margin(), batch=z.shape[0])
+                                    margin=tile_margin(vae, cfg), batch=z.shape[0])
         _log_once(choice, tuple(z.shape), comm)
         mode = choice.mode
     vae.last_parallel_stats = None
     sent0, recv0, coll0 = comm.bytes_sent, comm.bytes_received, comm.collectives
     if mode == "patch":
-        out = vae.parallel_patch_decode(z, comm)
+        out = parallel_patch_decode(vae, z, comm, cfg)
     elif mode == "tiled":
         # auto's tiles are exact, of the size it chose
-        out = vae.parallel_tiled_decode(z, comm, exact_tile_sample_size=choice and choice.tile_sample_size)
+        out = parallel_tiled_decode(vae, z, comm, cfg, exact_tile_sample_size=choice and choice.tile_sample_size)
     else:  # replicated
-        out = vae._replicated_decode(z, comm)
+        out = replicated_decode(vae, z, comm, cfg)
     vae.last_parallel_stats = dict(mode=mode, rank=comm.rank, world_size=comm.world_size,
                                    bytes_sent=comm.bytes_sent - sent0, bytes_received=comm.bytes_received - recv0,
                                    collectives=comm.collectives - coll0)

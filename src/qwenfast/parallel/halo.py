@@ -14,36 +14,12 @@ message). Each exchange is preceded by a stage sync, so a failing rank fails eve
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn as nn
 
 from . import plan
+from .attention import tail_on_region
 
-__all__ = ["level_halos", "bands_allow_level", "decode_band_with_level_halos"]
-
-
-def _conv3(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.kernel_size[-1] == 3)
-
-
-def level_halos(vae) -> list[tuple[int, int]]:
-    """Per up block: (scale at its input, halo rows at that scale). A 3x3 conv reaches one row; one
-    after the block's 2x upsample reaches half a row of its input, rounded up; the last block also
-    carries the head (conv_out)."""
-    blocks = vae.decoder.up_blocks
-    out, scale = [], 1
-    for i, block in enumerate(blocks):
-        rows = _conv3(block.resnets)
-        if block.upsamplers is not None:
-            rows += math.ceil(_conv3(block.upsamplers) / 2)
-        if i == len(blocks) - 1:
-            rows += _conv3(vae.decoder.conv_out)
-        out.append((scale, rows))
-        if block.upsamplers is not None:
-            scale *= 2
-    return out
+__all__ = ["bands_allow_level", "decode_band_with_level_halos", "exchange_rows"]
 
 
 def bands_allow_level(bands: list[plan.Tile | None], halos: list[tuple[int, int]]) -> bool:
@@ -56,39 +32,35 @@ def bands_allow_level(bands: list[plan.Tile | None], halos: list[tuple[int, int]
 
 def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: int, comm,
                                  halos: list[tuple[int, int]]) -> torch.Tensor:
-    """The attention output `x` (B, C, T, h, w) → this rank's band of pixels (B, 3, T', 8·rows, 8·w).
+    """The attention output `x` (B, C, T, h, w) → this rank's band of pixels (B, C_out, T', s·rows, s·w).
 
-    Every rank of `comm` holds one band (rank order = top to bottom); `halos` from `level_halos`.
+    Every rank of `comm` holds one band (rank order = top to bottom); `halos` from
+    `vae.topology.level_halos()`. The levels run through `vae.decode_level` inside one `vae.stream`.
     """
-    from . import mid
-
+    levels = vae.topology.levels
     first = halos[0][1]
     y0, y1 = max(0, band.y0 - first), min(height, band.y1 + first)
-    reach = mid.tail_reach(vae)
+    reach = vae.topology.tail_reach()
     need = plan.Tile(y0, y1, band.x0, band.x1, max(0, y0 - reach), min(height, y1 + reach), band.x0, band.x1)
     with comm.guard("mid tail"):
-        h0 = mid.tail_on_region(vae, x, need)  # (B, C, T, rows + halo, w): the mid-block output
+        h0 = tail_on_region(vae, x, need)  # (B, C, T, rows + halo, w): the mid-block output
     above, below = comm.rank > 0, comm.rank < comm.world_size - 1
-    decoder = vae.decoder
-    last = len(decoder.up_blocks) - 1
 
     def fn(chunk: torch.Tensor, cache) -> torch.Tensor:
-        x, top = mid.frame_layout(vae, chunk), band.y0 - y0  # rows of halo above the core, at the current scale
-        for i, block in enumerate(decoder.up_blocks):
+        x, top = vae.frame_layout(chunk), band.y0 - y0  # rows of halo above the core, at the current scale
+        for i, level in enumerate(levels):
             scale, rows = halos[i]
             if i > 0:  # every rank synced at the end of the previous level's guard
                 x = exchange_rows(x, rows if above else 0, rows if below else 0, comm)
                 top = rows if above else 0
             with comm.guard(f"level {i}"):
                 core = (band.y1 - band.y0) * scale
-                x = block(x, cache)
-                if i == last:
-                    x = decoder.conv_out(decoder.norm_out(x, silu=True), cache)
-                grow = 2 if block.upsamplers is not None else 1
+                x = vae.decode_level(i, x, cache)
+                grow = 2 if level.upsample else 1
                 x = x[..., top * grow:(top + core) * grow, :]  # the core at the new resolution
         return x.contiguous()
 
-    return vae._stream(fn, h0, vae._frame_chunks(h0.shape[2]), desc="decode (local, level halos)")
+    return vae.stream(fn, h0, desc="decode (local, level halos)")
 
 
 def exchange_rows(x: torch.Tensor, n_above: int, n_below: int, comm) -> torch.Tensor:

@@ -2,74 +2,20 @@
 
 Every rank computes the same plan from the same shapes, which is what lets the parallel strategies
 agree without pickling anything. Coordinates are in latent pixels, half-open `[start, stop)`.
+The tile geometry itself (`Tile`, `grid_tiles`, ...) lives in `qwenfast.vae.tiles`, shared with
+single-device tiling, and is re-exported here. Architecture numbers come in as arguments (a
+`DecoderTopology` of `qwenfast.vae.surface`, a margin): this module knows no model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..vae.tiles import Tile, blend_tile_grid, exact_tiles, grid_tiles, split_evenly
+
 __all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
            "bounding_window", "balance_lpt", "exact_tile_cost", "blend_tile_cost", "CostModel",
            "DecodeChoice", "choose_decode", "patch_halo_costs"]
-
-
-@dataclass(frozen=True)
-class Tile:
-    """A region of the latent: its `core` (the pixels it owns in the output) and its `window` (the
-    core plus margins, clipped to the latent: what must be decoded to get the core exactly)."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    wy0: int
-    wy1: int
-    wx0: int
-    wx1: int
-
-    @property
-    def core_area(self) -> int:
-        return (self.y1 - self.y0) * (self.x1 - self.x0)
-
-    @property
-    def window_area(self) -> int:
-        return (self.wy1 - self.wy0) * (self.wx1 - self.wx0)
-
-    def window_slices(self) -> tuple[slice, slice]:
-        return slice(self.wy0, self.wy1), slice(self.wx0, self.wx1)
-
-    def crop_slices(self, scale: int) -> tuple[slice, slice]:
-        """Where the core lies inside the decoded window, in output pixels (`scale` per latent pixel)."""
-        return (slice((self.y0 - self.wy0) * scale, (self.y1 - self.wy0) * scale),
-                slice((self.x0 - self.wx0) * scale, (self.x1 - self.wx0) * scale))
-
-    def core_slices(self, scale: int) -> tuple[slice, slice]:
-        """Where the core lies in the whole output, in output pixels."""
-        return slice(self.y0 * scale, self.y1 * scale), slice(self.x0 * scale, self.x1 * scale)
-
-
-def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
-    """`[0, n)` in `parts` contiguous ranges whose sizes differ by at most one (never padding).
-
-    More parts than items gives empty ranges at the end.
-    """
-    if n < 0 or parts < 1:
-        raise ValueError(f"split_evenly needs n >= 0 and parts >= 1; got n={n}, parts={parts}")
-    base, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def exact_tiles(height: int, width: int, core: int, margin: int) -> list[Tile]:
-    """Cover a `height x width` latent with tiles whose cores are at most `core` pixels a side (as
-    even as possible) and whose windows add `margin` pixels on every side that is not the border."""
-    if core < 1:
-        raise ValueError(f"tile core must be >= 1 latent pixel; got {core}")
-    return grid_tiles(height, width, -(-height // core), -(-width // core), margin)
 
 
 def exact_tiles_for_ranks(height: int, width: int, core: int, margin: int, world: int) -> list[Tile]:
@@ -90,18 +36,6 @@ def exact_tiles_for_ranks(height: int, width: int, core: int, margin: int, world
             if best is None or key < best[0]:
                 best = (key, tiles)
     return best[1]
-
-
-def grid_tiles(height: int, width: int, rows: int, cols: int, margin: int) -> list[Tile]:
-    """A `rows x cols` grid of uneven cores (sizes differ by at most one; never padding), row-major,
-    each window = core + `margin` on every side, clipped to the latent."""
-    if not (1 <= rows <= max(height, 1) and 1 <= cols <= max(width, 1)):
-        raise ValueError(f"a {rows}x{cols} grid does not fit a {height}x{width} latent")
-    return [
-        Tile(y0, y1, x0, x1, max(0, y0 - margin), min(height, y1 + margin),
-             max(0, x0 - margin), min(width, x1 + margin))
-        for y0, y1 in split_evenly(height, rows) for x0, x1 in split_evenly(width, cols)
-    ]
 
 
 def patch_regions(height: int, width: int, world: int, margin: int) -> list[Tile | None]:
@@ -153,14 +87,6 @@ def balance_lpt(costs: list[float], parts: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def blend_tile_grid(height: int, width: int, tile_h: int, tile_w: int, stride_h: int,
-                    stride_w: int) -> list[list[tuple[int, int, int, int]]]:
-    """diffusers' overlapping tiles: rows of `(y0, y1, x0, x1)` boxes starting every stride,
-    `tile_h x tile_w` in size, clipped to `height x width` (any unit: latent or pixels)."""
-    return [[(i, min(i + tile_h, height), j, min(j + tile_w, width)) for j in range(0, width, stride_w)]
-            for i in range(0, height, stride_h)]
-
-
 # --------------------------------------------------------------------------------------------------
 # Cost model: what a tile or a region costs, and what `patch` halo exchanges cost
 # --------------------------------------------------------------------------------------------------
@@ -178,43 +104,19 @@ def blend_tile_cost(box: tuple[int, int, int, int], attention_weight: float = 1.
     return area + attention_weight * area * area
 
 
-def decoder_levels(base_dim: int = 96, dim_mult: tuple[int, ...] = (1, 2, 4, 4),
-                   num_res_blocks: int = 2, out_channels: int = 3) -> list[dict]:
-    """The local part of a Wan-family decoder by resolution level: `scale` (output px per latent px
-    along one side at that level) and its 3x3 convs `(c_in, c_out)` in order."""
-    dims = [base_dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
-    levels, scale = [], 1
-    for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
-        if i > 0:
-            c_in //= 2
-        convs = []
-        for d in [c_in] + [c_out] * num_res_blocks:
-            convs += [(d, c_out), (c_out, c_out)]
-        levels.append(dict(scale=scale, convs=convs))
-        if i != len(dim_mult) - 1:
-            scale *= 2
-            levels.append(dict(scale=scale, convs=[(c_out, c_out // 2)]))
-    levels[-1]["convs"].append((dims[-1], out_channels))
-    merged: list[dict] = []  # one entry per scale
-    for lv in levels:
-        if merged and merged[-1]["scale"] == lv["scale"]:
-            merged[-1]["convs"] += lv["convs"]
-        else:
-            merged.append(dict(scale=lv["scale"], convs=list(lv["convs"])))
-    return merged
-
-
-def patch_halo_costs(height: int, width: int, world: int, halo: str, margin: int, dtype_bytes: int = 2,
-                     levels: list[dict] | None = None) -> dict:
+def patch_halo_costs(height: int, width: int, world: int, halo: str, topology, margin: int | None = None,
+                     dtype_bytes: int = 2) -> dict:
     """FLOPs and bytes of the local part of `patch` decode over horizontal bands, per rank, for one
-    frame, with `halo="mid"` (one margin of `margin` latent rows at the mid-block output; no messages)
+    frame, with `halo="mid"` (one margin of `margin` latent rows at the mid-block output, default the
+    receptive field of `topology`, a `qwenfast.vae.surface.DecoderTopology`; no messages)
     or `halo="level"` (at the start of each resolution level, as many rows at that resolution as the
     level has 3x3 convs, exchanged with both neighbours). Pure counting, so the trade-off is visible
     without a GPU. Returns the slowest rank's FLOPs, the single-device FLOPs, their ratio to the ideal
     (`redundancy`: 1.0 = no redundant work), halo bytes received and messages per rank."""
     if halo not in ("mid", "level"):
         raise ValueError(f"halo must be 'mid' or 'level'; got {halo!r}")
-    levels = decoder_levels() if levels is None else levels
+    levels = topology.cost_levels()
+    margin = topology.receptive_field() if margin is None else margin
     bands = split_evenly(height, min(world, height))
     single = rank_max = 0.0
     bytes_max = messages = 0

@@ -13,9 +13,9 @@ Parameter names and shapes are those of diffusers' `AutoencoderKLQwenImage`, so 
   pad or cat of whole chunks; channels-last 3-D on CUDA; each chunk's output written straight into
   the preallocated result.
 - **Split decoder.** `Decoder3d.forward_global` (conv_in + mid block, which holds the only non-local
-  operator, the attention) and `Decoder3d.forward_local` (up blocks + head, a fixed receptive field of
-  `Decoder3d.receptive_field()` latent pixels) are separate so that tiling and parallel decode can run
-  the local part on regions.
+  operator, the attention) and `Decoder3d.forward_local` (up blocks + head, level by level, a fixed
+  receptive field read from `Decoder3d.topology()`) are separate; `QwenImageVAE` exposes them as the
+  decode surface (`qwenfast.vae.surface`) over which tiling and the parallel strategies are written.
 
 Shapes: B batch, C channels, T frames, H x W pixels at the current resolution.
 """
@@ -33,8 +33,8 @@ from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
-from ..parallel.base import ParallelTiledVAE
 from . import video
+from .surface import DecodeSurface, DecoderTopology, Level, progress
 from .video import CACHE_T, FrameCache
 
 __all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH"]
@@ -240,16 +240,28 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None,
+                queries: tuple[int, int] | None = None) -> torch.Tensor:
+        """`x` (B, C, H, W) or (B, C, T, H, W) → the same shape; with `queries=(n0, n1)`, only tokens
+        n0..n1-1 (row-major pixels) of each frame attend, against all keys and values: their rows
+        (B, n1 - n0, C), or (B, T, n1 - n0, C) for 5-D `x` (what one rank of a split attention computes)."""
         if x.dim() == 5:  # frame by frame: (B, C, T, H, W) → (B·T, C, H, W)
-            return video.images_as_frames(self.forward(video.frames_as_images(x)), x.shape[0])
+            y = self.forward(video.frames_as_images(x), queries=queries)
+            return y.unflatten(0, (x.shape[0], -1)) if queries is not None else video.images_as_frames(y, x.shape[0])
         n, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C); a view when channels_last
-        qkv = F.linear(tokens, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)  # (B, N, 3C)
-        q, k, v = qkv.split(c, dim=-1)
-        o = single_head_attention(q, k, v)  # (B, N, C): flash attention for head dim 384 on CUDA
+        weight, bias = self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias
+        if queries is None:
+            q, k, v = F.linear(tokens, weight, bias).split(c, dim=-1)  # (B, N, 3C) → 3 x (B, N, C)
+        else:
+            n0, n1 = queries
+            q = F.linear(tokens[:, n0:n1], weight[:c], None if bias is None else bias[:c])  # (B, n, C)
+            k, v = F.linear(tokens, weight[c:], None if bias is None else bias[c:]).split(c, dim=-1)  # (B, N, C)
+        o = single_head_attention(q, k, v)  # (B, n, C): flash attention for head dim 384 on CUDA
         o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
-        return o.transpose(1, 2).unflatten(2, (h, w)) + x
+        if queries is None:
+            return o.transpose(1, 2).unflatten(2, (h, w)) + x
+        return o + x.flatten(2).transpose(1, 2)[:, n0:n1]  # the block's residual, as token rows
 
 
 class MidBlock(nn.Module):
@@ -356,35 +368,40 @@ class Decoder3d(nn.Module):
 
     def forward_local(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         """Mid-block output (B, C_mid, [T,] h, w) → pixels (B, 3, [T',] 8h, 8w), unclamped."""
-        for up_block in self.up_blocks:
-            x = up_block(x, cache)
-        return self.conv_out(x, cache, norm=self.norm_out)
+        for i in range(len(self.up_blocks)):
+            x = self.forward_level(i, x, cache)
+        return x
+
+    def forward_level(self, i: int, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        """Up block `i` of the local part; the last one also runs the head (RMSNorm, SiLU, conv_out)."""
+        x = self.up_blocks[i](x, cache)
+        if i == len(self.up_blocks) - 1:
+            x = self.conv_out(x, cache, norm=self.norm_out)  # the norm writes into conv_out's frame window
+        return x
+
+    def topology(self) -> DecoderTopology:
+        """The local part (and the mid block's tail) read from the module tree: per up block its 3x3
+        convs before and after its Resample (nearest 2x, then a 3x3 conv), the last one with conv_out.
+        The one description every margin, halo and cost is derived from."""
+        def convs3(*modules: nn.Module) -> list[tuple[int, int]]:  # (c_in, c_out) of each 3x3 conv, in order
+            return [(m.in_channels, m.out_channels) for mod in modules for m in mod.modules()
+                    if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m.kernel_size[-1] == 3]
+
+        levels, scale = [], 1
+        for i, block in enumerate(self.up_blocks):
+            before = convs3(block.resnets)
+            after = convs3(block.upsamplers) if block.upsamplers is not None else []
+            head = convs3(self.conv_out) if i == len(self.up_blocks) - 1 else []
+            levels.append(Level(scale=scale, channels=block.out_dim, convs=len(before),
+                                upsample=block.upsamplers is not None, convs_after_up=len(after),
+                                head_convs=len(head), conv_channels=tuple(before + after + head)))
+            scale *= 2 if block.upsamplers is not None else 1
+        return DecoderTopology(tail_convs=len(convs3(self.mid_block.resnets[-1])), levels=tuple(levels))
 
     def receptive_field(self) -> int:
-        """How far (in latent pixels of the mid-block output) any output pixel of `forward_local`
-        looks, on either side: the exact margin a tile needs.
-
-        Walks the local part backwards from each of the `scale` output pixels over one latent
-        pixel, growing an interval by 1 per 3x3 conv and mapping it through each nearest 2x
-        upsample (output j reads input ⌊j/2⌋); 13 for the Qwen-Image decoder.
-        """
-        layers: list[str] = []  # forward order: "conv" (3x3, stride 1) or "up" (nearest 2x)
-        for block in self.up_blocks:
-            layers += ["conv", "conv"] * len(block.resnets)
-            if block.upsamplers is not None:
-                layers += ["up", "conv"]
-        layers.append("conv")  # conv_out
-        scale = 2 ** layers.count("up")
-        reach = 0
-        for o in range(scale):
-            lo, hi = o, o
-            for layer in reversed(layers):
-                if layer == "conv":
-                    lo, hi = lo - 1, hi + 1
-                else:
-                    lo, hi = lo // 2, hi // 2
-            reach = max(reach, -lo, hi)
-        return reach
+        """How far (latent pixels of the mid-block output) any output pixel of `forward_local` looks,
+        on either side: the exact margin a tile needs (13 for Qwen-Image). Read from `topology()`."""
+        return self.topology().receptive_field()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,12 +409,13 @@ class Decoder3d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class QwenImageVAE(ParallelTiledVAE):
+class QwenImageVAE(DecodeSurface):
     """The Qwen-Image VAE: weight-compatible with diffusers' `AutoencoderKLQwenImage`.
 
     `decode(z)` takes unscaled latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]` for images) and
     returns what diffusers' `vae.decode(z).sample` returns, clamped to [-1, 1]; `encode(x)` returns
-    the posterior mean. How to decode (tiling, parallel decode) is set by `vae_config`.
+    the posterior mean. How to decode (tiling, parallel decode) is set by `vae_config`. The decode
+    surface (`qwenfast.vae.surface.DecodeSurface`) is implemented below the public API.
     """
 
     def __init__(self, base_dim: int = 96, z_dim: int = 16, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
@@ -432,7 +450,7 @@ class QwenImageVAE(ParallelTiledVAE):
         self.post_quant_conv = CausalConv3d(z_dim, z_dim, 1)
         self.decoder = Decoder3d(base_dim, z_dim, dim_mult, num_res_blocks, attn_scales,
                                  self.temperal_upsample, dropout, input_channels)
-        self.decode_margin = self.decoder.receptive_field()
+        self.topology = self.decoder.topology()  # read once from the module tree
 
     # -- loading (weights.py) ----------------------------------------------------------------------
     @classmethod
@@ -459,24 +477,11 @@ class QwenImageVAE(ParallelTiledVAE):
     def device(self) -> torch.device:
         return self.post_quant_conv.weight.device
 
-    # -- public API --------------------------------------------------------------------------------
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]`) → pixels in [-1, 1],
-        `[B, 3, 1 + 4(T-1), 8h, 8w]` (or `[B, 3, 8h, 8w]`)."""
-        cfg = self.vae_config
-        if cfg.use_parallel_decode:
-            # Checked inside, on every rank together: a bad latent on one rank must fail every rank,
-            # not leave the others waiting in a collective.
-            image = isinstance(z, torch.Tensor) and z.dim() == 4
-            out = self._decode_with_parallel_dispatch(z)
-        else:
-            z, image = self._check_latent(z)
-            out = self.tiled_decode(z) if cfg.use_tiling else self._decode_untiled(z)
-        if out is None:  # parallel decode with output on rank 0 only
-            return None
-        out = out.clamp_(-1.0, 1.0)
-        return out[:, :, 0] if image else out
+    @property
+    def out_channels(self) -> int:
+        return self.decoder.conv_out.out_channels
 
+    # -- public API (decode: DecodeSurface.decode) -------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, T, H, W]` (T = 1 + 4k) or `[B, 3, H, W]` in [-1, 1] → posterior mean
         `[B, z_dim, 1 + k, H/8, W/8]` (or 4-D), as diffusers' `encode(x).latent_dist.mode()`."""
@@ -496,12 +501,15 @@ class QwenImageVAE(ParallelTiledVAE):
         if cfg.use_tiling and (x.shape[-1] > cfg.tile_sample_min_width or x.shape[-2] > cfg.tile_sample_min_height):
             moments = self.tiled_encode(x)
         else:
-            moments = self._encode_untiled(x)
+            moments = self.encode_untiled(x)
         mean = moments[:, : self.z_dim]
         return mean[:, :, 0] if image else mean
 
-    # -- internals: the hooks ParallelTiledVAE drives ---------------------------------------------
-    def _check_latent(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def num_output_frames(self, num_latent_frames: int) -> int:
+        return 1 + self.temporal_compression_ratio * (num_latent_frames - 1)
+
+    # -- the decode surface (qwenfast.vae.surface) -------------------------------------------------
+    def check_latent(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"decode expects a torch.Tensor; got {type(z).__name__}")
         if z.dim() not in (4, 5):
@@ -517,6 +525,72 @@ class QwenImageVAE(ParallelTiledVAE):
         z = z.unsqueeze(2) if image else z
         return z.to(device=self.device, dtype=self.dtype), image
 
+    def stream(self, fn: Callable, x: torch.Tensor, desc: str) -> torch.Tensor:
+        """`fn(chunk, cache)` over the decoder's chunks of `x` (B, C, T, H, W): the first frame alone, then
+        `decode_chunk_frames` frames at a time, outputs written into one preallocated result."""
+        return self._stream(fn, x, self._frame_chunks(x.shape[2]), desc)
+
+    def frame_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A 4-D frame on CUDA runs channels-last: cuDNN's bf16/fp16 convs are fastest so, and the
+        per-pixel norms and the attention read each pixel's channels contiguously."""
+        if x.is_cuda and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.is_cuda and x.dim() == 5:  # a chunk of frames: channels-last 3-D (qwenfast.vae.video)
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def decode_head(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) → the attention's input (B, C_mid, T, h, w), streamed over frames."""
+        decoder = self.decoder
+
+        def fn(x, cache):
+            return decoder.mid_block.resnets[0](decoder.conv_in(self.frame_layout(self.post_quant_conv(x)), cache), cache)
+
+        return self.stream(fn, z, desc="decode (head)")
+
+    def attend(self, a: torch.Tensor, queries: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.decoder.mid_block.attentions[0](a, queries=queries)
+
+    def decode_tail(self, o: torch.Tensor) -> torch.Tensor:
+        """The attention's output (B, C_mid, T, h, w) → the mid-block output, streamed over frames."""
+        resnet = self.decoder.mid_block.resnets[-1]
+        return self.stream(lambda x, cache: resnet(self.frame_layout(x), cache), o, desc="decode (mid)")
+
+    def decode_global(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) → mid-block output (B, C_mid, T, h, w): the whole global part frame by frame
+        (= decode_tail(attend(decode_head(z))), in one stream)."""
+        def fn(x, cache):
+            return self.decoder.forward_global(self.frame_layout(self.post_quant_conv(x)), cache)
+
+        return self.stream(fn, z, desc="decode (global)")
+
+    def decode_local(self, h: torch.Tensor) -> torch.Tensor:
+        """Mid-block output (B, C_mid, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped."""
+        def fn(x, cache):
+            return self.decoder.forward_local(self.frame_layout(x), cache).contiguous()
+
+        return self.stream(fn, h, desc="decode (local)")
+
+    def decode_level(self, i: int, x: torch.Tensor, cache: FrameCache | None) -> torch.Tensor:
+        return self.decoder.forward_level(i, x, cache)
+
+    def decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped. Each layer keeps its own frame
+        cache, so running the global part over all frames before the local part changes nothing."""
+        return self.decode_local(self.decode_global(z))
+
+    def encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""
+        def fn(chunk, cache):
+            return self.quant_conv(self.encoder(chunk, cache))
+
+        size = self.encode_chunk_frames or self.temporal_compression_ratio
+        if size % self.temporal_compression_ratio:
+            raise ValueError(f"encode_chunk_frames must be a multiple of {self.temporal_compression_ratio}; got {size}")
+        chunks = self._frame_chunks(x.shape[2], first=1, size=size)
+        return self._stream(fn, x, chunks, desc="encode")
+
+    # -- internals ---------------------------------------------------------------------------------
     def _stream(self, fn: Callable, x: torch.Tensor, chunks: list[tuple[int, int]], desc: str) -> torch.Tensor:
         """Run `fn(chunk, cache)` over the time chunks of `x` (B, C, T, H, W), each output written
         straight into its place in one preallocated result (no concatenation at the end).
@@ -530,7 +604,7 @@ class QwenImageVAE(ParallelTiledVAE):
         fast = self.vae_config.image_fast_path
         cache = FrameCache() if (x.shape[2] > 1 or not fast) else None
         out, first, written = None, None, 0
-        for i, (t0, t1) in enumerate(self._progress(chunks, desc=desc, total=len(chunks), min_items=2)):
+        for i, (t0, t1) in enumerate(progress(self.vae_config, chunks, desc=desc, total=len(chunks), min_items=2)):
             y = fn(x[:, :, 0], cache).unsqueeze(2) if (t0 == 0 and fast) else fn(x[:, :, t0:t1], cache)
             if i == 0:
                 if len(chunks) == 1:
@@ -571,49 +645,6 @@ class QwenImageVAE(ParallelTiledVAE):
         chunks = [(0, min(first, num_frames))]
         chunks += [(t, min(t + size, num_frames)) for t in range(first, num_frames, size)]
         return chunks
-
-    @staticmethod
-    def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-        """A 4-D frame on CUDA runs channels-last: cuDNN's bf16/fp16 convs are fastest so, and the
-        per-pixel norms and the attention read each pixel's channels contiguously."""
-        if x.is_cuda and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        if x.is_cuda and x.dim() == 5:  # a chunk of frames: channels-last 3-D (qwenfast.vae.video)
-            return x.contiguous(memory_format=torch.channels_last_3d)
-        return x
-
-    def _decode_global(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, z, T, h, w) → mid-block output (B, C_mid, T, h, w), streamed over frames."""
-        def fn(x, cache):
-            return self.decoder.forward_global(self._fast_layout(self.post_quant_conv(x)), cache)
-
-        return self._stream(fn, z, self._frame_chunks(z.shape[2]), desc="decode (global)")
-
-    def _decode_local(self, h: torch.Tensor) -> torch.Tensor:
-        """Mid-block output (B, C_mid, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped."""
-        def fn(x, cache):
-            return self.decoder.forward_local(self._fast_layout(x), cache).contiguous()
-
-        return self._stream(fn, h, self._frame_chunks(h.shape[2]), desc="decode (local)")
-
-    def _decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, z, T, h, w) → pixels (B, 3, T', 8h, 8w), unclamped. Each layer keeps its own frame
-        cache, so running the global part over all frames before the local part changes nothing."""
-        return self._decode_local(self._decode_global(z))
-
-    def _encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""
-        def fn(chunk, cache):
-            return self.quant_conv(self.encoder(chunk, cache))
-
-        size = self.encode_chunk_frames or self.temporal_compression_ratio
-        if size % self.temporal_compression_ratio:
-            raise ValueError(f"encode_chunk_frames must be a multiple of {self.temporal_compression_ratio}; got {size}")
-        chunks = self._frame_chunks(x.shape[2], first=1, size=size)
-        return self._stream(fn, x, chunks, desc="encode")
-
-    def num_output_frames(self, num_latent_frames: int) -> int:
-        return 1 + self.temporal_compression_ratio * (num_latent_frames - 1)
 
     def extra_repr(self) -> str:
         c = self.config

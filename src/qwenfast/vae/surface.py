@@ -1,0 +1,298 @@
+"""The decode surface: what every VAE of the family offers to tiling and to the parallel strategies.
+
+A VAE of the family (the Qwen-Image VAE = the Wan 2.1 VAE; the Qwen-Image-2.1 VAE) is a plain
+single-device `nn.Module` that subclasses `DecodeSurface` and implements its abstract methods.
+Single-device tiling (`qwenfast.vae.tiling`) and every parallel strategy (`qwenfast.parallel`) are
+written once over this surface: they never touch a model's private methods or submodule names.
+
+The decoder is seen as two parts. The **global part** (post_quant_conv, conv_in, the mid block with
+the only non-local operator, the attention over all latent pixels of a frame) runs at latent
+resolution on the whole latent; the **local part** (up blocks, head) has a finite receptive field
+and can run on windows. The global part is exposed in three stages so that a strategy can split
+the attention's queries over ranks:
+
+    decode_untiled(z) == decode_local(decode_global(z))
+    decode_global(z)  == decode_tail(attend(decode_head(z)))        (up to re-association)
+    decode_local(h)   == stream(lambda x, cache: level_n(...level_0(x, cache)...), h)
+
+`DecoderTopology` describes the local part once; the receptive field (the exact tile margin), the
+per-level halos of `patch_halo="level"`, the tail's reach and the cost model's levels are all read
+from it. Tensors are `(B, C, T, H, W)` (an image is T = 1); results are unclamped.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..config import VAEConfig
+
+__all__ = ["Level", "DecoderTopology", "DecodeSurface", "progress"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Topology of the local part
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Level:
+    """One up block of the local part, at its input resolution.
+
+    A 3x3 conv reaches one pixel each side; a 2x upsample (nearest, or channel-to-space) maps output
+    pixel j to input pixel j // 2.
+    """
+
+    scale: int  # resolution at the level's input, in multiples of the latent (1, 2, 4, ...)
+    channels: int  # channel width inside the level
+    convs: int  # 3x3 convs at the input resolution (ResBlocks: 2 each)
+    upsample: bool  # ends with a 2x spatial upsample
+    convs_after_up: int  # 3x3 convs after that upsample, at 2x (the Resample's conv: 1)
+    head_convs: int = 0  # the last level also carries the head (conv_out: 1)
+    # (c_in, c_out) of every 3x3 conv in order: `convs` at the input resolution, then
+    # `convs_after_up`, then `head_convs` (for the cost model; empty: `channels` -> `channels` each)
+    conv_channels: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.convs + self.convs_after_up + self.head_convs
+        if self.conv_channels and len(self.conv_channels) != n:
+            raise ValueError(f"Level: conv_channels names {len(self.conv_channels)} convs; the level has {n}")
+        if self.convs_after_up and not self.upsample:
+            raise ValueError("Level: convs_after_up without an upsample")
+
+    def _channels(self) -> list[tuple[int, int]]:
+        n = self.convs + self.convs_after_up + self.head_convs
+        return list(self.conv_channels) or [(self.channels, self.channels)] * n
+
+
+@dataclass(frozen=True)
+class DecoderTopology:
+    """The local part of a decoder (after the attention), from which every reach is derived."""
+
+    tail_convs: int  # 3x3 convs of the mid block's last ResBlock (between the attention and the local part)
+    levels: tuple[Level, ...]
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per latent pixel along one side (the spatial compression)."""
+        return 2 ** sum(lv.upsample for lv in self.levels)
+
+    def _layers(self) -> list[str]:
+        """The local part in forward order: "conv" (3x3, stride 1) or "up" (2x)."""
+        layers: list[str] = []
+        for lv in self.levels:
+            layers += ["conv"] * lv.convs
+            if lv.upsample:
+                layers += ["up"] + ["conv"] * lv.convs_after_up
+            layers += ["conv"] * lv.head_convs
+        return layers
+
+    def receptive_field(self) -> int:
+        """How far (latent pixels of the mid-block output) any output pixel of the local part looks, on
+        either side: the exact margin a tile needs (13 for Qwen-Image).
+
+        Walks the layers backwards from each of the `scale` output pixels over one latent pixel,
+        growing an interval by 1 per 3x3 conv and mapping it through each 2x upsample (j -> j // 2).
+        """
+        layers = self._layers()
+        reach = 0
+        for o in range(self.scale):
+            lo, hi = o, o
+            for layer in reversed(layers):
+                lo, hi = (lo - 1, hi + 1) if layer == "conv" else (lo // 2, hi // 2)
+            reach = max(reach, -lo, hi)
+        return reach
+
+    def tail_reach(self) -> int:
+        """Latent pixels the mid block's last ResBlock looks each side: one per 3x3 conv."""
+        return self.tail_convs
+
+    def level_halos(self) -> list[tuple[int, int]]:
+        """Per level: (scale at its input, halo rows at that scale) for `patch_halo="level"`. A 3x3 conv
+        reaches one row; one after the level's 2x upsample half a row of its input, rounded up; the
+        head's convs count at the last level."""
+        return [(lv.scale, lv.convs + math.ceil(lv.convs_after_up / 2) + lv.head_convs) for lv in self.levels]
+
+    def cost_levels(self) -> list[dict]:
+        """For the cost model (`parallel.plan.patch_halo_costs`): one entry per resolution, `scale` and
+        its 3x3 convs `(c_in, c_out)` in order (a level's convs after its upsample count at 2x)."""
+        out: list[dict] = []
+
+        def add(scale: int, convs: list[tuple[int, int]]) -> None:
+            if out and out[-1]["scale"] == scale:
+                out[-1]["convs"] += convs
+            else:
+                out.append(dict(scale=scale, convs=list(convs)))
+
+        for lv in self.levels:
+            ch = lv._channels()
+            a, b = lv.convs, lv.convs + lv.convs_after_up
+            add(lv.scale, ch[:a])
+            if lv.upsample:
+                add(2 * lv.scale, ch[a:b])
+            if lv.head_convs:
+                add(2 * lv.scale if lv.upsample else lv.scale, ch[b:])
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The surface
+# --------------------------------------------------------------------------------------------------
+
+
+def progress(vae_config: VAEConfig, items: Iterable, desc: str, total: int, min_items: int = 2) -> Iterable:
+    """A tqdm bar over `items` when `vae_config.progress` is on and there is more than a moment's work."""
+    if not getattr(vae_config, "progress", False) or total < min_items:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False)
+
+
+class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
+    """The small public surface of a VAE of the family; see the module docstring.
+
+    A subclass sets, in `__init__`: `vae_config` (a `VAEConfig`), `spatial_compression_ratio`,
+    `z_dim`, `topology` (a `DecoderTopology`, built once from its own module tree), and provides
+    `out_channels`, `dtype`, `device` and the abstract methods below. `decode` (the public entry:
+    untiled, tiled or parallel by `vae_config`), `tiled_decode` and `tiled_encode` come with the base.
+    """
+
+    vae_config: VAEConfig
+    spatial_compression_ratio: int  # output px per latent px (8 or 16)
+    z_dim: int  # latent channels
+    topology: DecoderTopology
+    process_group = None  # the process group parallel decode runs over (None: the world group)
+    last_parallel_stats: dict | None = None  # mode, bytes and collectives of the last parallel decode
+
+    # -- what a model provides --------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def out_channels(self) -> int:
+        """Decoded channels (3 RGB, 4 RGBA)."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abc.abstractmethod
+    def check_latent(self, z: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Validate `z`; (z as (B, z_dim, T, h, w) on the model's device and dtype, whether it was 4-D).
+        One clear error naming the shape or dtype that broke the rule."""
+
+    @abc.abstractmethod
+    def num_output_frames(self, t: int) -> int:
+        """Frames decoded from `t` latent frames."""
+
+    @abc.abstractmethod
+    def decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z_dim, T, h, w) -> (B, out_channels, T', s·h, s·w): the whole decoder, unclamped."""
+
+    @abc.abstractmethod
+    def encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> moments (mean, logvar stacked on dim 1): the whole encoder + quant_conv."""
+
+    @abc.abstractmethod
+    def decode_head(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z_dim, T, h, w) -> the attention's input (B, C_mid, T, h, w): post_quant_conv, conv_in,
+        the mid block's first ResBlock."""
+
+    @abc.abstractmethod
+    def attend(self, a: torch.Tensor, queries: tuple[int, int] | None = None) -> torch.Tensor:
+        """The mid-block attention block (norm, qkv, attention, proj, + its input), frame by frame, on
+        `a` (B, C_mid, T, h, w). `queries=None`: all tokens, (B, C_mid, T, h, w). `queries=(n0, n1)`:
+        only tokens n0..n1-1 of each frame (row-major pixel order) attend, against the keys and values
+        of all tokens: their rows (B, T, n1 - n0, C_mid)."""
+
+    @abc.abstractmethod
+    def decode_tail(self, o: torch.Tensor) -> torch.Tensor:
+        """The attention's output (B, C_mid, T, h, w) -> the mid-block output: its last ResBlock
+        (reach `topology.tail_convs` px), frames streamed with one fresh frame cache."""
+
+    @abc.abstractmethod
+    def decode_global(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, z_dim, T, h, w) -> the mid-block output (B, C_mid, T, h, w) (= decode_tail(attend(decode_head(z))))."""
+
+    @abc.abstractmethod
+    def decode_local(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid-block output (B, C_mid, T, h, w) (or a window of it) -> pixels (B, out_channels, T', s·h, s·w),
+        unclamped; receptive field `topology.receptive_field()` latent px each side."""
+
+    @abc.abstractmethod
+    def decode_level(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
+        """Level i of the local part (`topology.levels[i]`; the last one includes the head) on ONE time
+        chunk `x` (a 4-D first frame, or 5-D) with the frame cache of this pass (from `stream`)."""
+
+    @abc.abstractmethod
+    def stream(self, fn: Callable, x: torch.Tensor, desc: str) -> torch.Tensor:
+        """`fn(chunk, cache)` over the decoder's time chunks of `x` (B, C, T, H, W): the first frame alone
+        (4-D: the image fast path), then the model's chunking, with one fresh frame cache; the results
+        concatenated in time. The only way a strategy touches frame caches."""
+
+    @abc.abstractmethod
+    def frame_layout(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's preferred layout for a 4-D frame (channels-last on CUDA); identity where none."""
+
+    # -- what the base derives from it --------------------------------------------------------------
+    def output_shape(self, z: torch.Tensor) -> tuple[int, ...]:
+        """(B, out_channels, T', s·h, s·w): the decoded shape of latent `z` (B, z_dim, T, h, w)."""
+        s = self.spatial_compression_ratio
+        return (z.shape[0], self.out_channels, self.num_output_frames(z.shape[2]), z.shape[-2] * s, z.shape[-1] * s)
+
+    @property
+    def decode_margin(self) -> int:
+        """The receptive field of the local part, in latent pixels: the margin exact tiles use by default."""
+        return self.topology.receptive_field()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]`) -> pixels in [-1, 1], 5-D (or 4-D).
+        Untiled, tiled or parallel by `vae_config`; None on ranks that get no output
+        (`parallel_output="rank0"`)."""
+        from .tiling import single_device_decode
+
+        if self.vae_config.use_parallel_decode:
+            # Checked inside, on every rank together: a bad latent on one rank must fail every rank,
+            # not leave the others waiting in a collective.
+            image = isinstance(z, torch.Tensor) and z.dim() == 4
+            out = self._decode_with_parallel_dispatch(z)
+        else:
+            z, image = self.check_latent(z)
+            out = single_device_decode(self, z)
+        if out is None:  # parallel decode with output on rank 0 only
+            return None
+        out = out.clamp_(-1.0, 1.0)
+        return out[:, :, 0] if image else out
+
+    def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bounded-memory decode of `z` (B, z_dim, T, h, w) in the configured flavour (unclamped)."""
+        from .tiling import tiled_decode
+
+        return tiled_decode(self, z)
+
+    def tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """diffusers' blended tiled encode of `x` (B, C, T, H, W) -> moments."""
+        from .tiling import tiled_encode
+
+        return tiled_encode(self, x)
+
+    # -- parallel decode: reached from outside, through qwenfast.parallel ----------------------------
+    def set_process_group(self, group) -> None:
+        """The process group parallel decode runs over (None: the world group)."""
+        self.process_group = group
+
+    def _decode_with_parallel_dispatch(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Decode over the ranks of `process_group` by `vae_config.parallel_decode_mode`; with one rank
+        (or no initialised group) the single-device decode, bit for bit. `z` is checked there, on
+        every rank together. (The seed's entry point; the strategies live in qwenfast.parallel.)"""
+        from ..parallel.dispatch import decode_parallel  # imports torch.distributed
+
+        return decode_parallel(self, z)

@@ -1,0 +1,30 @@
+"""The cases the rehearsal is compared on (shared by the test and the spawned ranks)."""
+
+from __future__ import annotations
+
+import torch
+
+from qwenfast.vae.qwen_image import QwenImageVAE
+
+TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0] * 4, latents_std=[1] * 4)
+
+# (name, latent shape (B, z, T, h, w), VAEConfig fields)
+CASES = [
+    ("patch", (1, 4, 1, 13, 21), dict(parallel_decode_mode="patch")),
+    ("patch level", (1, 4, 1, 40, 9), dict(parallel_decode_mode="patch", patch_halo="level")),
+    ("tiled exact", (2, 4, 1, 13, 21), dict(parallel_decode_mode="tiled", exact_tile_sample_size=64)),
+    ("tiled blend rank0", (1, 4, 1, 9, 15), dict(parallel_decode_mode="tiled", tiling="blend", parallel_output="rank0",
+                                                tile_sample_min_height=64, tile_sample_min_width=64,
+                                                tile_sample_stride_height=48, tile_sample_stride_width=48)),
+    ("patch video", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch")),
+]
+
+
+def tiny_vae() -> QwenImageVAE:
+    torch.manual_seed(0)
+    return QwenImageVAE(**TINY).eval()
+
+
+def latent(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g)
