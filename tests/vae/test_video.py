@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from helpers import decoding_with, max_diff, pair
 from qwenfast.vae import video
+from qwenfast.vae.tiling import exact_tiles
 
 TOL_FP32 = 1e-5  # against diffusers, fp32
 TOL_FP64 = 1e-12  # re-association only, float64
@@ -136,7 +137,7 @@ def test_exact_tiling_on_video_equals_untiled_fp64(tiny64):
     z = latent((1, 4, 4, 6, 10), seed=27, dtype=torch.float64)
     untiled = ours.decode(z)
     with decoding_with(ours, use_tiling=True, exact_tile_sample_size=40), streaming(ours, decode_chunk_frames=2):
-        assert len(ours._exact_tiles(6, 10)) == 4
+        assert len(exact_tiles(ours, 6, 10)) == 4
         assert max_diff(ours.decode(z), untiled) <= TOL_FP64
 
 
