@@ -171,3 +171,42 @@ def test_public_function_on_cpu_takes_the_native_path():
     op = RMSNorm()
     assert op.kernel_takes(x, gamma) and op.dispatch(x, gamma) == op.forward_native
     torch.testing.assert_close(rms_norm(x, gamma, silu=True), rms_norm_native(x, gamma, silu=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["triton", "native"])
+def test_out_writes_into_a_frame_window(impl, dtype):
+    """`out=`: a chunk of frames normalised straight into the new-frame slots of a channels-last 3-D
+    window (the video path's causal convs); the past slots are left alone."""
+    x, gamma = make((2, 24, 3, 4, 5), torch.channels_last_3d, dtype, seed=11)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(12)).to(dtype)
+    window = torch.full((2, 24, 5, 4, 5), 7.0, dtype=dtype).to(memory_format=torch.channels_last_3d)
+    fn = rms_norm_triton if impl == "triton" else rms_norm_native
+    y = fn(x, gamma, silu=True, bias=bias, out=window[:, :, 2:])
+    assert y.data_ptr() == window[:, :, 2:].data_ptr()
+    assert_within_ulp(window[:, :, 2:], rms_norm_native(x, gamma, silu=True, bias=bias), dtype)
+    assert torch.all(window[:, :, :2] == 7.0)
+
+
+def test_out_with_strides_the_kernel_cannot_write():
+    x, gamma = make((1, 8, 3, 4), torch.contiguous_format, torch.float32, seed=13)
+    out = torch.zeros(1, 8, 4, 3).transpose(2, 3)  # spatial dims that do not nest
+    rms_norm_triton(x, gamma, out=out)
+    torch.testing.assert_close(out, rms_norm_native(x, gamma))
+
+
+def test_native_keeps_the_input_dtype():
+    """Statistics in fp32, the result in x's dtype (bf16 in, bf16 out), as the kernel."""
+    x, gamma = make((1, 8, 3, 4), torch.channels_last, torch.bfloat16, seed=14)
+    y = rms_norm_native(x, gamma, silu=True)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_out_opcheck_and_errors():
+    x, gamma = make((1, 16, 2, 3, 5), torch.channels_last_3d, torch.float32, seed=15)
+    out = torch.empty_like(x)
+    torch.library.opcheck(torch.ops.qwenfast.rms_norm_out.default, (x, gamma.reshape(-1), True, None, out))
+    with pytest.raises(ValueError, match="out: expected \\(1, 16, 2, 3, 5\\)"):
+        rms_norm(x, gamma, out=out[:, :, :1])
+    with pytest.raises(ValueError, match="out: expected .* torch.float32"):
+        rms_norm(x, gamma, out=out.double())

@@ -6,8 +6,12 @@ Parameter names and shapes are those of diffusers' `AutoencoderKLQwenImage`, so 
 - **Image fast path.** A frame whose past is all zero padding (the first frame; every frame of an
   image) runs through 4-D `[B, C, H, W]` tensors: each causal 3x3x3 conv is the 3x3 conv2d with its
   weight's last temporal slice (18 of 27 taps multiply zeros), and no frame cache is kept.
-- **Video.** Frames stream through the decoder (encoder: 1, then 4 at a time, as diffusers) with an
-  explicit `FrameCache` holding, per causal conv, the last input frames the next chunk needs.
+- **Video.** Frames stream through the decoder (the first frame alone, then `decode_chunk_frames`
+  latent frames at a time; encoder: 1, then `encode_chunk_frames`) with an explicit `FrameCache`
+  holding, per causal conv, the last two input frames the next chunk needs. Each causal conv reads
+  one window [past, new frames] that the preceding RMS norm writes into (qwenfast.vae.video): no
+  pad or cat of whole chunks; channels-last 3-D on CUDA; each chunk's output written straight into
+  the preallocated result.
 - **Split decoder.** `Decoder3d.forward_global` (conv_in + mid block, which holds the only non-local
   operator, the attention) and `Decoder3d.forward_local` (up blocks + head, level by level, a fixed
   receptive field read from `Decoder3d.topology()`) are separate; `QwenImageVAE` exposes them as the
@@ -18,6 +22,7 @@ Shapes: B batch, C channels, T frames, H x W pixels at the current resolution.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Callable
 
 import torch
@@ -28,8 +33,10 @@ from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
+from . import video
 from .surface import DecodeSurface, DecoderTopology, Level, progress
 from .weights import WEIGHT_DTYPES, WeightsError, arch_int, arch_list, arch_number
+from .video import CACHE_T, FrameCache
 
 __all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH", "validate_arch"]
 
@@ -97,34 +104,7 @@ def validate_arch(arch: dict[str, Any]) -> None:
         raise WeightsError(f"QwenImageVAE cannot build {got}: it needs {want}")
 
 
-CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
-
-
-class FrameCache:
-    """What each causal layer carries from one chunk of frames to the next, keyed by the layer.
-
-    One cache serves one pass over one video (a decode, an encode, or one tile of them). A layer
-    that finds no entry is at the first frame: its past is zero padding.
-    """
-
-    def __init__(self) -> None:
-        self._state: dict[nn.Module, Any] = {}
-
-    def get(self, layer: nn.Module) -> Any:
-        return self._state.get(layer)
-
-    def set(self, layer: nn.Module, value: Any) -> None:
-        self._state[layer] = value
-
-
 _FIRST_FRAME_PASSED = "first-frame-passed"  # Resample state: the first frame skipped the time conv
-
-
-def _last_frames(past: torch.Tensor | None, x: torch.Tensor, n: int = CACHE_T) -> torch.Tensor:
-    """The last `n` frames of cat(past, x) along time, without building the whole concatenation."""
-    if x.shape[2] >= n or past is None:
-        return x[:, :, -n:].clone()
-    return torch.cat([past[:, :, -(n - x.shape[2]):], x], dim=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +117,9 @@ class CausalConv3d(nn.Conv3d):
 
     `forward(x)` takes a 4-D first frame (its past is zero padding: the 2-D conv with the last
     temporal tap), or a 5-D chunk of frames with a `FrameCache` holding the previous chunk's last
-    input frames (None at the first chunk).
+    input frames (None at the first chunk). `norm` (an `RMSNorm`, run with SiLU, adding `norm_bias`
+    first) is applied to x before the conv: with a cache its output goes straight into the conv's
+    frame window (qwenfast.vae.video), a whole pass fewer than normalising, then copying.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0) -> None:
@@ -150,23 +132,30 @@ class CausalConv3d(nn.Conv3d):
     def is_causal_in_time(self) -> bool:
         return self._pad[4] > 0
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None, with_bias: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None, with_bias: bool = True,
+                norm: "RMSNorm | None" = None, norm_bias: torch.Tensor | None = None) -> torch.Tensor:
         """`with_bias=False` leaves the bias out for the next fused op to add (saving a pass on CUDA)."""
         bias = self.bias if with_bias else None
         if x.dim() == 4:  # (B, C, H, W), a first frame
+            if norm is not None:
+                x = norm(x, silu=True, bias=norm_bias)
             if cache is not None and self.is_causal_in_time:
-                cache.set(self, x.unsqueeze(2).clone())
+                cache.set(self, video.first_frame_past(x))
             pw, _, ph = self._pad[:3]
             return F.conv2d(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
         # (B, C, T, H, W)
-        pad = list(self._pad)
         if cache is not None and self.is_causal_in_time:
-            past = cache.get(self)
-            cache.set(self, _last_frames(past, x))
-            if past is not None:
-                x = torch.cat([past, x], dim=2)
-                pad[4] -= past.shape[2]
-        return F.conv3d(F.pad(x, pad), self.weight, bias, self.stride, 0, self.dilation, self.groups)
+            if self.stride[0] != 1 or self.kernel_size[0] != 1 + CACHE_T:
+                raise ValueError(f"a cached causal conv needs {1 + CACHE_T} time taps at stride 1; "
+                                 f"got kernel {self.kernel_size}, stride {self.stride}")
+            produce = None if norm is None else (lambda out: norm(x, silu=True, bias=norm_bias, out=out))
+            return video.causal_window_conv(self, x, cache, bias, produce)
+        if norm is not None:
+            x = norm(x, silu=True, bias=norm_bias)
+        if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1):
+            return video.pointwise_conv3d(self, x, bias)
+        padded = F.pad(x, self._pad) if any(self._pad) else x  # (the encoder's strided time conv pads nothing)
+        return F.conv3d(padded, self.weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class RMSNorm(nn.Module):
@@ -181,9 +170,11 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
-    def forward(self, x: torch.Tensor, silu: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`bias`: the preceding conv's bias, left out of it and added here (one pass fewer on CUDA)."""
-        return rms_norm(x, self.gamma, silu=silu, bias=bias)  # one fused pass on CUDA
+    def forward(self, x: torch.Tensor, silu: bool = False, bias: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """`bias`: the preceding conv's bias, left out of it and added here (one pass fewer on CUDA);
+        `out`: where to write the result (a conv's frame window)."""
+        return rms_norm(x, self.gamma, silu=silu, bias=bias, out=out)  # one fused pass on CUDA
 
 
 class Upsample2x(nn.Module):
@@ -228,9 +219,8 @@ class Resample(nn.Module):
 
         if self.mode == "upsample3d" and cache is not None:
             x = self._time_upsample(x, cache)
-        b, c, t = x.shape[:3]
-        y = self.resample(x.transpose(1, 2).flatten(0, 1))  # (B·T, C', H', W')
-        y = y.unflatten(0, (b, t)).transpose(1, 2)  # (B, C', T, H', W')
+        y = self.resample(video.frames_as_images(x))  # (B·T, C', H', W'): a view when channels-last
+        y = video.images_as_frames(y, x.shape[0])  # (B, C', T, H', W')
         if self.mode == "downsample3d" and cache is not None:
             y = self._time_downsample(y, cache)
         return y
@@ -244,8 +234,11 @@ class Resample(nn.Module):
         # The time conv sees only frames after the first, zero-padded in front: its own cache slot
         # (the time_conv module) starts empty when the first frame passed.
         b, c, t, h, w = x.shape
-        y = self.time_conv(x, cache)  # (B, 2C, T, H, W)
-        return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        y = self.time_conv(x, cache)  # (B, 2C, T, H, W): channel k·C + c is frame 2t + k's channel c
+        out = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device,
+                          memory_format=video.video_layout(y.device))
+        out.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5))  # one pass, layout kept
+        return out
 
     def _time_downsample(self, y: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         last = cache.get(self)
@@ -271,11 +264,15 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         # Both convs run without their bias: conv1's is added inside norm2, conv2's with the shortcut,
-        # so no pass of its own is spent on either (same numbers; see ops/elementwise.py).
+        # so no pass of its own is spent on either (same numbers; see ops/elementwise.py). Each norm
+        # runs inside the conv that reads it, writing into its frame window (video.py).
         h = self.conv_shortcut(x)
-        x = self.conv1(self.norm1(x, silu=True), cache, with_bias=False)
-        x = self.norm2(x, silu=True, bias=self.conv1.bias)
-        x = self.conv2(self.dropout(x), cache, with_bias=False)
+        x = self.conv1(x, cache, with_bias=False, norm=self.norm1)
+        if self.dropout.training and self.dropout.p > 0:  # dropout sits between norm2 and conv2
+            x = self.dropout(self.norm2(x, silu=True, bias=self.conv1.bias))
+            x = self.conv2(x, cache, with_bias=False)
+        else:
+            x = self.conv2(x, cache, with_bias=False, norm=self.norm2, norm_bias=self.conv1.bias)
         return bias_residual_add(x, self.conv2.bias, h)
 
 
@@ -298,9 +295,8 @@ class AttentionBlock(nn.Module):
         n0..n1-1 (row-major pixels) of each frame attend, against all keys and values: their rows
         (B, n1 - n0, C), or (B, T, n1 - n0, C) for 5-D `x` (what one rank of a split attention computes)."""
         if x.dim() == 5:  # frame by frame: (B, C, T, H, W) → (B·T, C, H, W)
-            b, t = x.shape[0], x.shape[2]
-            y = self.forward(x.transpose(1, 2).flatten(0, 1), queries=queries)
-            return y.unflatten(0, (b, t)) if queries is not None else y.unflatten(0, (b, t)).transpose(1, 2)
+            y = self.forward(video.frames_as_images(x), queries=queries)
+            return y.unflatten(0, (x.shape[0], -1)) if queries is not None else video.images_as_frames(y, x.shape[0])
         n, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C); a view when channels_last
         weight, bias = self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias
@@ -366,7 +362,7 @@ class Encoder3d(nn.Module):
         for layer in self.down_blocks:
             x = layer(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(self.norm_out(x, silu=True), cache)
+        return self.conv_out(x, cache, norm=self.norm_out)
 
 
 class UpBlock(nn.Module):
@@ -429,7 +425,7 @@ class Decoder3d(nn.Module):
         """Up block `i` of the local part; the last one also runs the head (RMSNorm, SiLU, conv_out)."""
         x = self.up_blocks[i](x, cache)
         if i == len(self.up_blocks) - 1:
-            x = self.conv_out(self.norm_out(x, silu=True), cache)
+            x = self.conv_out(x, cache, norm=self.norm_out)  # the norm writes into conv_out's frame window
         return x
 
     def topology(self) -> DecoderTopology:
@@ -597,7 +593,8 @@ class QwenImageVAE(DecodeSurface):
         return z.to(device=self.device, dtype=self.dtype), image
 
     def stream(self, fn: Callable, x: torch.Tensor, desc: str) -> torch.Tensor:
-        """`fn(chunk, cache)` over the decoder's chunks of `x` (B, C, T, H, W): one frame at a time."""
+        """`fn(chunk, cache)` over the decoder's chunks of `x` (B, C, T, H, W): the first frame alone, then
+        `decode_chunk_frames` frames at a time, outputs written into one preallocated result."""
         return self._stream(fn, x, self._frame_chunks(x.shape[2]), desc)
 
     def frame_layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -605,6 +602,8 @@ class QwenImageVAE(DecodeSurface):
         per-pixel norms and the attention read each pixel's channels contiguously."""
         if x.is_cuda and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
+        if x.is_cuda and x.dim() == 5:  # a chunk of frames: channels-last 3-D (qwenfast.vae.video)
+            return x.contiguous(memory_format=torch.channels_last_3d)
         return x
 
     def decode_head(self, z: torch.Tensor) -> torch.Tensor:
@@ -652,29 +651,64 @@ class QwenImageVAE(DecodeSurface):
         def fn(chunk, cache):
             return self.quant_conv(self.encoder(chunk, cache))
 
-        chunks = self._frame_chunks(x.shape[2], first=1, size=self.temporal_compression_ratio)
+        size = self.encode_chunk_frames or self.temporal_compression_ratio
+        if size % self.temporal_compression_ratio:
+            raise ValueError(f"encode_chunk_frames must be a multiple of {self.temporal_compression_ratio}; got {size}")
+        chunks = self._frame_chunks(x.shape[2], first=1, size=size)
         return self._stream(fn, x, chunks, desc="encode")
 
     # -- internals ---------------------------------------------------------------------------------
     def _stream(self, fn: Callable, x: torch.Tensor, chunks: list[tuple[int, int]], desc: str) -> torch.Tensor:
-        """Run `fn(chunk, cache)` over the time chunks of `x` (B, C, T, H, W) and concatenate in time.
+        """Run `fn(chunk, cache)` over the time chunks of `x` (B, C, T, H, W), each output written
+        straight into its place in one preallocated result (no concatenation at the end).
 
         The first chunk must be the first frame alone: with the image fast path it runs as a 4-D
-        image, and an image (T = 1) keeps no frame cache at all.
+        image, and an image (T = 1) keeps no frame cache at all. Output frames are linear in input
+        frames after the first (decode: 4 per latent frame, encode: 1 per 4, the global part: 1), so
+        the second chunk's output gives the result's length; the result takes the first chunk's
+        memory format (channels-last 3-D inside the decoder on CUDA).
         """
         fast = self.vae_config.image_fast_path
         cache = FrameCache() if (x.shape[2] > 1 or not fast) else None
-        outs = []
-        for t0, t1 in progress(self.vae_config, chunks, desc=desc, total=len(chunks), min_items=2):
-            if t0 == 0 and fast:
-                outs.append(fn(x[:, :, 0], cache).unsqueeze(2))
-            else:
-                outs.append(fn(x[:, :, t0:t1], cache))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        out, first, written = None, None, 0
+        for i, (t0, t1) in enumerate(progress(self.vae_config, chunks, desc=desc, total=len(chunks), min_items=2)):
+            y = fn(x[:, :, 0], cache).unsqueeze(2) if (t0 == 0 and fast) else fn(x[:, :, t0:t1], cache)
+            if i == 0:
+                if len(chunks) == 1:
+                    return y
+                first, written = y, y.shape[2]
+                continue
+            if out is None:  # output frames per input frame, from the first chunk after the first
+                total = written + Fraction(y.shape[2], t1 - t0) * (x.shape[2] - chunks[0][1])
+                if total.denominator != 1:
+                    raise RuntimeError(f"{desc}: chunks {chunks} of {x.shape[2]} frames give a fractional output length")
+                layout = (torch.channels_last_3d if first.is_contiguous(memory_format=torch.channels_last_3d)
+                          and not first.is_contiguous() else torch.contiguous_format)
+                out = torch.empty((*y.shape[:2], int(total), *y.shape[3:]), dtype=y.dtype, device=y.device,
+                                  memory_format=layout)
+                out[:, :, :written].copy_(first)
+                first = None
+            if written + y.shape[2] > out.shape[2]:
+                raise RuntimeError(f"{desc}: chunk {(t0, t1)} overruns the {out.shape[2]} output frames")
+            out[:, :, written:written + y.shape[2]].copy_(y)
+            written += y.shape[2]
+            del y
+        if written != out.shape[2]:
+            raise RuntimeError(f"{desc}: wrote {written} of {out.shape[2]} output frames over chunks {chunks}")
+        return out
 
-    @staticmethod
-    def _frame_chunks(num_frames: int, first: int = 1, size: int = 1) -> list[tuple[int, int]]:
-        """[(0, first), then `size` frames at a time]: decode streams 1 frame at a time, encode 1 then 4."""
+    # Latent frames per decode step after the first frame, and pixel frames per encode step after the
+    # first (a multiple of the temporal compression; None: the compression, as diffusers). Any sizes
+    # give the same numbers (the frame cache carries exactly what the next chunk needs: tested);
+    # larger ones trade memory for fewer, larger convs.
+    decode_chunk_frames: int = 1
+    encode_chunk_frames: int | None = None
+
+    def _frame_chunks(self, num_frames: int, first: int = 1, size: int | None = None) -> list[tuple[int, int]]:
+        """[(0, first), then `size` frames at a time (default `decode_chunk_frames`)]."""
+        size = self.decode_chunk_frames if size is None else size
+        if size < 1:
+            raise ValueError(f"chunks need at least one frame; got size {size}")
         chunks = [(0, min(first, num_frames))]
         chunks += [(t, min(t + size, num_frames)) for t in range(first, num_frames, size)]
         return chunks

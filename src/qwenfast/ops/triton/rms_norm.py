@@ -106,16 +106,19 @@ def default_blocks(c: int, channels_contiguous: bool) -> tuple[int, int, int]:
 
 def rms_norm_fwd(
     x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None = None,
-    blocks: tuple[int, int, int] | None = None,
+    blocks: tuple[int, int, int] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x' / max(||x'||_channels, 1e-12) * sqrt(C) * gamma (then SiLU), x' = x (+ bias per channel),
-    in x's dtype and memory format.
+    in x's dtype and memory format, or written into `out` (x's shape and dtype, any strides whose
+    spatial dims nest: a slice of frames of a channels-last window, say) and returned.
 
     x (N, C, *spatial), gamma and bias (C,) contiguous. The caller (qwenfast.ops.rms_norm) has
     checked ranks, shapes and devices.
     """
     x = _nesting(x)
-    y = _empty_output(x)
+    if out is not None and merged_spatial_view(out) is None:  # strides the kernel cannot write: copy
+        return out.copy_(rms_norm_fwd(x, gamma, silu, bias, blocks))
+    y = _empty_output(x) if out is None else out
     xv, yv = merged_spatial_view(x), merged_spatial_view(y)
     n, c, s = xv.shape
     if y.numel() == 0:
@@ -147,9 +150,21 @@ def _(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | Non
     return _empty_output(_nesting(x))
 
 
+@torch.library.custom_op("qwenfast::rms_norm_out", mutates_args=("out",))
+def rms_norm_out_op(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None,
+                    out: torch.Tensor) -> None:
+    """`rms_norm` written into `out` (the video path's frame windows)."""
+    rms_norm_fwd(x, gamma, silu, bias=bias, out=out)
+
+
+@rms_norm_out_op.register_fake
+def _(x: torch.Tensor, gamma: torch.Tensor, silu: bool, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    return None
+
+
 def rms_norm_bytes(x: torch.Tensor) -> int:
     """The fewest bytes the op can move: read x once, write y once."""
     return 2 * x.numel() * x.element_size()
 
 
-__all__ = ["EPS", "default_blocks", "merged_spatial_view", "rms_norm_bytes", "rms_norm_fwd", "rms_norm_op"]
+__all__ = ["EPS", "default_blocks", "merged_spatial_view", "rms_norm_bytes", "rms_norm_fwd", "rms_norm_op", "rms_norm_out_op"]

@@ -1,0 +1,146 @@
+"""The video path's causal-conv machinery: a frame cache and frame windows instead of pad/cat copies.
+
+A causal conv with a 3-tap time kernel reads, for output frame t, input frames t-2, t-1, t. Over a
+chunk of T new frames it needs the chunk's last two predecessors (its *past*): zeros at the start of
+a video, else the last two input frames of the previous chunk. diffusers builds
+`F.pad(torch.cat([past, x]))` per conv per chunk: two copies of the whole chunk (plus its spatial
+padding) before the conv reads it. Here each conv reads one *window* (B, C, 2 + T, H, W):
+
+    window[:, :, :2]  = past            (a copy of 2 frames)
+    window[:, :, 2:]  = the new frames  (written there by whoever produces them: the RMS norm that
+                                         precedes every conv of a ResidualBlock writes its output
+                                         straight into the window, so the chunk is written once)
+    y = conv(window), spatial padding inside the conv (cuDNN pads for free)
+    past <- window[:, :, T:]             (a copy of 2 frames, into the cache's own buffer)
+
+Windows are allocated per call and freed after the conv: PyTorch's caching allocator hands back the
+same block next time, and at any moment only the windows of one conv are alive. On CUDA everything is
+channels-last 3-D ((B, T, H, W, C) in memory): the layout cuDNN's fast 3-D kernels and our per-pixel
+fused ops want, and the one whose frames flatten to a channels-last 4-D batch without a copy
+(`frames_as_images`).
+
+How the window is convolved is `WINDOW_CONV` (measured on the GPU, see benchmarks/bench_video.py):
+- "conv3d": one cuDNN 3-D conv over the window;
+- "taps2d": the three temporal taps as three 2-D convs over overlapping frame slices of the window
+  (B = 1), summed in place;
+- "stacked2d": the three frames stacked along channels (a copy), one 2-D conv with the weight
+  reshaped to (out, 3·in, kh, kw) (B = 1).
+All three are the same sums re-associated: exact to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "causal_window_conv", "first_frame_past",
+           "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
+
+CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
+
+WINDOW_CONV = "conv3d"  # "conv3d" | "taps2d" | "stacked2d": how a window is convolved (module doc)
+
+
+class FrameCache:
+    """What each causal layer carries from one chunk of frames to the next, keyed by the layer.
+
+    One cache serves one pass over one video (a decode, an encode, or one tile of them). A layer
+    that finds no entry is at the first frame: its past is zero padding. A causal conv's entry is
+    its past, (B, C, 2, H, W), updated in place chunk after chunk.
+    """
+
+    def __init__(self) -> None:
+        self._state: dict[nn.Module, Any] = {}
+
+    def get(self, layer: nn.Module) -> Any:
+        return self._state.get(layer)
+
+    def set(self, layer: nn.Module, value: Any) -> None:
+        self._state[layer] = value
+
+
+def video_layout(device: torch.device) -> torch.memory_format:
+    """The memory format of the video path's 5-D tensors: channels-last 3-D on CUDA (cuDNN's fast 3-D
+    kernels, per-pixel fused ops), contiguous elsewhere (the CPU's convs take both)."""
+    return torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+
+
+def first_frame_past(frame: torch.Tensor) -> torch.Tensor:
+    """The past a causal conv keeps after the first frame (B, C, H, W): (B, C, 2, H, W) = [0, frame]."""
+    b, c, h, w = frame.shape
+    past = torch.empty((b, c, CACHE_T, h, w), dtype=frame.dtype, device=frame.device,
+                       memory_format=video_layout(frame.device))
+    past[:, :, 0].zero_()
+    past[:, :, 1].copy_(frame)
+    return past
+
+
+def frames_as_images(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) → (B·T, C, H, W), frames batch-major; a view when x is channels-last 3-D."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def images_as_frames(y: torch.Tensor, b: int) -> torch.Tensor:
+    """(B·T, C, H, W) → (B, C, T, H, W); a channels-last y gives a channels-last 3-D view."""
+    return y.unflatten(0, (b, -1)).transpose(1, 2)
+
+
+def pointwise_conv3d(conv: nn.Conv3d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1x1 conv on (B, C, T, H, W) as the 1x1 2-D conv of its frames (cuDNN's best-tuned GEMM path)."""
+    y = F.conv2d(frames_as_images(x), conv.weight[:, :, 0], bias)
+    return images_as_frames(y, x.shape[0])
+
+
+def causal_window_conv(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache, bias: torch.Tensor | None,
+                       produce: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+    """`conv` (3 time taps, stride 1 in time, causal) over chunk `x` (B, C, T, H, W) after its past in
+    `cache`, which is updated. `produce(out)`, when given, writes the conv's input for `x` into `out`
+    (the window's new frames) instead of the window reading `x` itself (`x` then only gives the shape)."""
+    b, c, t, h, w = x.shape
+    window = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device,
+                         memory_format=video_layout(x.device))  # (B, C, 2 + T, H, W)
+    past = cache.get(conv)
+    if past is None:  # the start of the video (or of this conv's own stream): zero padding
+        window[:, :, :CACHE_T].zero_()
+    else:
+        window[:, :, :CACHE_T].copy_(past)
+    if produce is None:
+        window[:, :, CACHE_T:].copy_(x)
+    else:
+        produce(window[:, :, CACHE_T:])
+    y = _convolve_window(conv, window, bias)  # (B, O, T, H', W')
+    if past is None:
+        past = torch.empty_like(window[:, :, :CACHE_T], memory_format=video_layout(x.device))
+        cache.set(conv, past)
+    past.copy_(window[:, :, t:])
+    return y
+
+
+def _convolve_window(conv: nn.Conv3d, window: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, 2 + T, H, W) → (B, O, T, H', W'): the 3-tap time conv without time padding."""
+    kt, kh, kw = conv.kernel_size
+    ph, pw = conv._pad[2], conv._pad[0]  # the spatial padding (CausalConv3d keeps it in _pad)
+    mode = WINDOW_CONV
+    if mode == "conv3d" or window.shape[0] != 1 or kt != 3:
+        return F.conv3d(window, conv.weight, bias, conv.stride, (0, ph, pw), conv.dilation, conv.groups)
+    frames = window[0].transpose(0, 1)  # (2 + T, C, H, W); channels-last when the window is
+    t = frames.shape[0] - (kt - 1)
+    stride = conv.stride[1:]
+    if mode == "taps2d":
+        y = F.conv2d(frames[kt - 1:], conv.weight[:, :, kt - 1], bias, stride, (ph, pw))
+        for k in range(kt - 1):
+            y += F.conv2d(frames[k:k + t], conv.weight[:, :, k], None, stride, (ph, pw))
+    elif mode == "stacked2d":
+        c = frames.shape[1]
+        stacked = torch.empty((t, kt * c, *frames.shape[2:]), dtype=window.dtype, device=window.device,
+                              memory_format=torch.channels_last if window.is_cuda else torch.contiguous_format)
+        for k in range(kt):
+            stacked[:, k * c:(k + 1) * c].copy_(frames[k:k + t])
+        weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, kt·C, kh, kw), tap-major like `stacked`
+        y = F.conv2d(stacked, weight, bias, stride, (ph, pw))
+    else:
+        raise ValueError(f"WINDOW_CONV must be 'conv3d', 'taps2d' or 'stacked2d'; got {mode!r}")
+    return y.transpose(0, 1).unsqueeze(0)  # (1, O, T, H', W')
