@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the known ones become one line, the rest re-raised
         line = None if debug else one_line_error(e)
         if line is None:
+            e.__suppress_context__ = False  # a CLIError raised `from None`: show what it replaced
             raise
         print(f"qwenfast {args.command}: error: {line}", file=sys.stderr)
         return 2
