@@ -14,7 +14,8 @@ import importlib
 import os
 import sys
 
-from .common import one_line_error
+from . import common
+from .common import Reported, one_line_error
 
 SUBCOMMANDS = ("decode", "bench", "generate")
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("QWENFAST_DEBUG", "") not in ("", "0")
+    common.COMMAND = f"qwenfast {args.command}"
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
@@ -56,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwenfast {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the known ones become one line, the rest re-raised
+        if isinstance(e, Reported) and not debug:
+            return 2  # every rank has printed its line already
         line = None if debug else one_line_error(e)
         if line is None:
             e.__suppress_context__ = False  # a CLIError raised `from None`: show what it replaced
             raise
-        print(f"qwenfast {args.command}: error: {line}", file=sys.stderr)
+        common.report(line)
         return 2

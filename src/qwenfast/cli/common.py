@@ -171,12 +171,43 @@ def all_ranks_agree(stage: str):
         buf[0] = 1
         buf[1:1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
     messages = pg.ProcessGroupComm().all_gather(buf)
+    failed = [(rank, bytes(m[1:].cpu().tolist()).rstrip(b"\0").decode(errors="ignore"))
+              for rank, m in enumerate(messages) if m[0].item()]
+    if not failed:
+        return
+    # Every rank prints its line now, at the same moment: torchrun stops the other ranks as soon as
+    # one exits, so a line printed later (in `main`) could be lost.
     if error is not None:
-        raise error
-    for rank, m in enumerate(messages):
-        if m[0].item():
-            text = bytes(m[1:].cpu().tolist()).rstrip(b"\0").decode(errors="ignore")
-            raise CLIError(f"rank {rank} failed while {stage}: {text}")
+        line = one_line_error(error)
+        if line is None:  # a bug: its traceback is printed by `main`
+            raise error
+        _report_together(line)
+        raise Reported(line) from error
+    rank, text = failed[0]
+    line = f"rank {rank} failed while {stage}: {text}"
+    _report_together(line)
+    raise Reported(line)
+
+
+class Reported(CLIError):
+    """A `CLIError` whose line has been printed already (`main` only sets the exit status)."""
+
+
+COMMAND = "qwenfast"  # `main` sets "qwenfast decode", ...
+
+
+def report(line: str) -> None:
+    import sys
+
+    print(f"{COMMAND}: error: {line}", file=sys.stderr, flush=True)
+
+
+def _report_together(line: str) -> None:
+    """`report`, then a moment for the other ranks to print theirs before this one exits."""
+    import time
+
+    report(line)
+    time.sleep(0.5)
 
 
 def distributed(run):
