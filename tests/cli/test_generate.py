@@ -156,3 +156,63 @@ def test_generate_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
     expected = reference_image(tiny_model_dir, seed=7, steps=2, height=32, width=48)
     got = np.asarray(Image.open(out).convert("RGB"))
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_empty_component_folders_are_named(tmp_path, capsys):
+    model = qwen_image_dir(tmp_path)  # vae/, transformer/, scheduler/ all empty
+    err = fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
+    assert "the vae/ subfolder is empty" in err and "the transformer/ subfolder is empty" in err
+    (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+    (model / "vae" / "config.json").write_text("{}")
+    assert "vae/ holds no .safetensors weights" in fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
+
+
+def test_existing_output_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    out.write_bytes(b"keep me")
+    err = fails(capsys, "--model", str(tiny_model_dir), "-o", str(out), "--device", "cpu")
+    assert "exists; pass --overwrite" in err and out.read_bytes() == b"keep me"
+
+
+def test_generate_loads_the_vae_through_qwenfast_only(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from diffusers import AutoencoderKLQwenImage
+
+    def refuse(*a, **k):
+        raise AssertionError("diffusers' from_pretrained loaded the VAE (it may fall back to .bin pickles)")
+
+    monkeypatch.setattr(AutoencoderKLQwenImage, "from_pretrained", classmethod(refuse))
+    out = tmp_path / "cat.png"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "-o", str(out), "--steps", "1",
+                 "--height", "32", "--width", "32", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_vae_load_failure_is_told_by_every_rank(tiny_model_dir, tmp_path):
+    import shutil
+
+    from helpers import torchrun
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    done = torchrun(["generate", "--model", model, "--prompt", "a cat", "-o", tmp_path / "cat.png", "--steps", "1",
+                     "--height", "32", "--width", "32", "--device", "cpu"], timeout=240)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("qwenfast generate: error: ")]
+    assert len(ours) == 2 and all("the VAE: cannot read" in line for line in ours), done.stderr[-3000:]
+    assert "UnboundLocalError" not in done.stderr and "/qwenfast/" not in done.stderr
+    assert not (tmp_path / "cat.png").exists()
+
+
+def test_only_qwenfast_parallel_imports_torch_distributed():
+    # issue 10: the process group is handled in one place (qwenfast.parallel.group)
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src" / "qwenfast"
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "parallel" not in p.relative_to(src).parts[:1]
+                 and re.search(r"^\s*(import torch\.distributed|from torch\.distributed|from torch import distributed)",
+                               p.read_text(), re.M)]
+    assert offenders == []

@@ -43,9 +43,14 @@ def test_decode_bad_output_on_rank0_stops_every_rank(setup, tmp_path):
                      "--vae-config.use-parallel-decode"], timeout=240)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("qwenfast decode: error: ")]
-    assert len(ours) == 2  # one line from each rank
+    # one line from each rank; torchrun stops the other rank as soon as one exits, which now and then
+    # cuts rank 1 off before it prints (both print right after the agreement and wait 0.5 s)
+    assert 1 <= len(ours) <= 2, done.stderr[-3000:]
     assert any("cannot write to output directory" in line for line in ours)  # rank 0's own error
-    assert any("another rank failed while checking the inputs" in line for line in ours)  # rank 1
+    # rank 1, when it got to print, tells rank 0's own error, not only that some rank failed
+    assert all(line.startswith("qwenfast decode: error: cannot write to output directory") or
+               line.startswith("qwenfast decode: error: rank 0 failed while checking the inputs: cannot write to "
+                               "output directory") for line in ours)
     # torchrun's launcher prints its own traceback for failed children; none comes from our code
     assert "/qwenfast/" not in done.stderr
 

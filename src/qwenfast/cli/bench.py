@@ -13,7 +13,8 @@ from .common import (
     add_dtype_device_args,
     all_ranks_agree,
     distributed,
-    out_of_memory_hint,
+    out_of_memory_as_hint,
+    reading_error,
     resolve_device,
     resolve_dtype,
     vae_config_from_args,
@@ -79,7 +80,8 @@ def add_parser(sub) -> None:
                         "Qwen-Image-2.1 VAE: 16x, 64 latent channels, RGBA; images only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and latents (default 0)")
     p.add_argument("--json", default="qwenfast-bench.json", metavar="PATH",
-                   help="where to write the results (default: ./qwenfast-bench.json)")
+                   help="where to write the results (default: ./qwenfast-bench.json; replaced if it exists; "
+                        "checked before the benchmark starts)")
     add_dtype_device_args(p)
     VAEConfig.add_cli_args(p)
     p.set_defaults(handler=run)
@@ -114,8 +116,12 @@ def run(args) -> int:
 
 
 def _setup(args):
+    from pathlib import Path
+
     from .. import vae as models
+    from ..parallel import group as pg
     from ..vae.weights import WeightsError, vae_class_for
+    from . import media
 
     base_cfg = vae_config_from_args(args, progress_default=False)
     device = resolve_device(args.device)
@@ -130,6 +136,9 @@ def _setup(args):
         raise CLIError("--frames and --batch must be >= 1")
     repeats = args.repeats if args.repeats is not None else (5 if gpu else 2)
     warmup = args.warmup if args.warmup is not None else (2 if gpu else 0)
+    json_out = media.Output(Path(args.json), "json")
+    if pg.is_rank0():  # rank 0 writes the results: fail now, not after the benchmark
+        media.check_targets([json_out], overwrite=True)
 
     torch.manual_seed(args.seed)
     try:
@@ -137,24 +146,29 @@ def _setup(args):
         if args.frames > 1 and cls is models.QwenImage21VAE:
             raise CLIError("--frames: the Qwen-Image-2.1 VAE is an image model; use --frames 1")
         if args.vae:
-            vae = cls.from_pretrained(args.vae, dtype=dtype, device=device)
+            with out_of_memory_as_hint(f"loading --vae {args.vae}"):
+                vae = cls.from_pretrained(args.vae, dtype=dtype, device=device)
             weights = args.vae
         else:
             with torch.device(device):
                 vae = cls().to(dtype).eval().requires_grad_(False)
             weights = f"random (full-size {MODELS[args.model][1]} architecture)"
-    except (FileNotFoundError, WeightsError) as e:
-        raise CLIError(f"--vae {args.vae}: {e}") from None
+    except (OSError, WeightsError) as e:
+        raise CLIError(f"--vae {args.vae}: {reading_error(e)}") from None
     s = vae.spatial_compression_ratio
     bad = [f"{w}x{h}" for h, w in sizes if h % s or w % s]
     if bad:
         raise CLIError(f"--sizes: {', '.join(bad)} must be multiples of {s} (this VAE's compression)")
-    return vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup
+    return vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup, json_out
 
 
-def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup) -> int:
-    from ..benchmarking import PeakMemory, format_table, provenance, time_ms, write_json
+def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, warmup, json_out) -> int:
+    import json
+    from pathlib import Path
+
+    from ..benchmarking import PeakMemory, format_table, provenance, time_ms
     from ..parallel import group as pg
+    from . import media
 
     rank0 = pg.is_rank0()
     say = print if rank0 else (lambda *a, **k: None)
@@ -178,11 +192,8 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
                 with torch.inference_mode():
                     out = vae.decode(z)
 
-            try:
-                with PeakMemory(device) as peak:
-                    timing = time_ms(decode, device, repeats=repeats, warmup=warmup)
-            except torch.cuda.OutOfMemoryError as e:
-                raise out_of_memory_hint(e, f"benchmarking {mode} at {w}x{h}") from None
+            with out_of_memory_as_hint(f"benchmarking {mode} at {w}x{h}"), PeakMemory(device) as peak:
+                timing = time_ms(decode, device, repeats=repeats, warmup=warmup)
             if reference is None:
                 reference = out
             if mode not in modes:
@@ -206,7 +217,8 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
     info = provenance(device, dtype=str(dtype).replace("torch.", ""), weights=weights, batch=args.batch,
                       repeats=repeats, warmup=warmup, world_size=rows[0]["ranks"] if rows else 1,
                       vae_config=vars(base_cfg))
-    path = write_json(args.json, {"provenance": info, "results": rows})
+    text = json.dumps({"provenance": info, "results": rows}, indent=2, default=str) + "\n"
+    path, = media.write_all([json_out], [lambda tmp: Path(tmp).write_text(text)])
     print()
     print(format_table(rows, COLUMNS))
     print(f"\nMeasured on {info['device']} ({info['dtype']}, torch {info['torch']}), weights: {weights}; "

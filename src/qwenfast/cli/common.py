@@ -1,8 +1,10 @@
-"""Pieces shared by the subcommands: the error type, dtype and device parsing."""
+"""Pieces shared by the subcommands: the error type and its one-line report, dtype and device
+parsing, and failing together under torchrun."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -18,18 +20,35 @@ def add_dtype_device_args(parser, default_dtype: str | None = None) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=default_dtype,
                         help="compute dtype (default: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--device", default=None,
-                        help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+                        help="torch device, e.g. cuda, cuda:1, mps, cpu (default: cuda if available, else cpu)")
+
+
+def add_overwrite_arg(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files that exist (without it they are refused; "
+                             "an input file is never written over)")
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """The `--device`, checked to exist on this machine before anything is loaded on it."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise CLIError(f"--device {name!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {name}: MPS (Apple silicon) is not available on this machine")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            raise CLIError(f"--device {name}: {device.type} is not available on this machine")
     return device
 
 
@@ -52,28 +71,143 @@ def vae_config_from_args(args, progress_default: bool = True):
     return cfg
 
 
+# -- one line per failure -----------------------------------------------------------------------
+
+# How the CPU allocator and CUDA say "out of memory" (the CPU one is a plain RuntimeError).
+_OOM = re.compile(r"out of memory|not enough memory|DefaultCPUAllocator: can't allocate|Cannot allocate memory")
+# How a collective reports a rank that died or stopped answering (gloo, NCCL, the store).
+_LOST_RANK = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection refused|"
+                        r"NCCL (?:error|communicator was aborted)|Timed out|timed out|ProcessGroup\w*")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and bool(_OOM.search(str(e))))
+
+
 def out_of_memory_hint(e: BaseException, what: str) -> CLIError:
-    return CLIError(f"out of memory while {what} ({str(e).splitlines()[0]}); "
+    return CLIError(f"out of memory while {what} ({_first_line(e)}); "
                     "try --vae-config.use-tiling, a smaller size, or --dtype bf16")
 
 
 @contextlib.contextmanager
+def out_of_memory_as_hint(what: str):
+    """Out of memory (CPU or GPU) inside the block becomes one line naming `what` and the way out."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only out-of-memory errors are replaced
+        if is_out_of_memory(e):
+            raise out_of_memory_hint(e, what) from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    line = lines[0] if lines else type(e).__name__
+    return re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", line)  # gloo/c10d prefix "[pair.cc:534] "
+
+
+def is_lost_rank(e: BaseException) -> bool:
+    """A collective failed because another rank died or hung (not a bad input on this rank)."""
+    dist_error = any(c.__name__ == "DistError" for c in type(e).__mro__)  # torch.distributed's errors
+    return dist_error or (isinstance(e, RuntimeError) and bool(_LOST_RANK.search(_first_line(e))))
+
+
+def one_line_error(e: BaseException) -> str | None:
+    """The one line `main` prints for a failure it knows, or None for a bug (left as a traceback).
+    Known: CLIError, out of memory (CPU or GPU), another rank's failure (RemoteRankError), latents
+    that differ between ranks (LatentMismatchError), a lost rank (gloo/NCCL), a file-system error."""
+    from ..parallel.comm import RemoteRankError
+
+    if isinstance(e, CLIError):
+        return str(e)
+    if is_out_of_memory(e):
+        return out_of_memory_hint(e, "running").args[0]
+    if isinstance(e, RemoteRankError) or type(e).__name__ == "LatentMismatchError":
+        return _first_line(e)
+    if is_lost_rank(e):
+        return (f"lost contact with another rank ({_first_line(e)}); "
+                "it died or hung: its own error, if any, is printed there")
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    return None
+
+
+def reading_error(e: BaseException) -> str:
+    """What went wrong reading an input, in words: a file we may not read is "unreadable" (not
+    "No such file"), a missing one is named, anything else is its own message."""
+    if isinstance(e, PermissionError) and e.filename:
+        return f"{e.filename} is unreadable ({e.strerror})"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+# -- torchrun -----------------------------------------------------------------------------------
+
+_MESSAGE_BYTES = 1024  # one status byte + the failing rank's error line, UTF-8
+
+
+@contextlib.contextmanager
 def all_ranks_agree(stage: str):
-    """Under torchrun: when any rank raises inside the block, every rank raises (a `CLIError` on the
-    others), so that a bad input seen by one rank (rank 0's output directory, say) never leaves the
-    others waiting in a collective. Without a process group: just the block."""
+    """Under torchrun: when any rank raises inside the block, every rank raises — its own error where
+    it failed, a `CLIError` carrying the first failing rank's own line on the others — so that a bad
+    input seen by one rank (rank 0's output directory, say) never leaves the others waiting in a
+    collective, and every rank says what went wrong. One all-gather of a small byte tensor (no
+    pickling). Without a process group: just the block."""
     from ..parallel import group as pg
 
     if not pg.is_initialized():
         yield
         return
-    from ..parallel.comm import RemoteRankError
-
+    error = None
     try:
-        with pg.ProcessGroupComm().guard(stage):
-            yield
-    except RemoteRankError:
-        raise CLIError(f"another rank failed while {stage} (its error is printed there)") from None
+        yield
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
+        error = e
+    buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = (one_line_error(error) or f"{type(error).__name__}: {_first_line(error)}").encode()[:_MESSAGE_BYTES - 1]
+        buf[0] = 1
+        buf[1:1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    messages = pg.ProcessGroupComm().all_gather(buf)
+    failed = [(rank, bytes(m[1:].cpu().tolist()).rstrip(b"\0").decode(errors="ignore"))
+              for rank, m in enumerate(messages) if m[0].item()]
+    if not failed:
+        return
+    # Every rank prints its line now, at the same moment: torchrun stops the other ranks as soon as
+    # one exits, so a line printed later (in `main`) could be lost.
+    if error is not None:
+        line = one_line_error(error)
+        if line is None:  # a bug: its traceback is printed by `main`
+            raise error
+        _report_together(line)
+        raise Reported(line) from error
+    rank, text = failed[0]
+    line = f"rank {rank} failed while {stage}: {text}"
+    _report_together(line)
+    raise Reported(line)
+
+
+class Reported(CLIError):
+    """A `CLIError` whose line has been printed already (`main` only sets the exit status)."""
+
+
+COMMAND = "qwenfast"  # `main` sets "qwenfast decode", ...
+
+
+def report(line: str) -> None:
+    import sys
+
+    print(f"{COMMAND}: error: {line}", file=sys.stderr, flush=True)
+
+
+def _report_together(line: str) -> None:
+    """`report`, then a moment for the other ranks to print theirs before this one exits."""
+    import time
+
+    report(line)
+    time.sleep(0.5)
 
 
 def distributed(run):

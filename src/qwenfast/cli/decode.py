@@ -11,9 +11,11 @@ from ..config import VAEConfig
 from .common import (
     CLIError,
     add_dtype_device_args,
+    add_overwrite_arg,
     all_ranks_agree,
     distributed,
-    out_of_memory_hint,
+    out_of_memory_as_hint,
+    reading_error,
     resolve_device,
     resolve_dtype,
     vae_config_from_args,
@@ -44,8 +46,11 @@ def add_parser(sub) -> None:
     p.add_argument("latents", help="a .safetensors file of latents")
     p.add_argument("--vae", required=True, metavar="PATH",
                    help="a diffusers-format VAE directory, or a Qwen-Image model directory with vae/")
-    p.add_argument("-o", "--output", default="decoded", metavar="DIR",
-                   help="output directory (default: ./decoded); files are named after LATENTS")
+    p.add_argument("-o", "--output", default="decoded", metavar="OUT",
+                   help="output directory (default: ./decoded; made when the files are written), files named "
+                        "after LATENTS (NAME.png, NAME_000.png, ... NAME.mp4); or, for one image or video, "
+                        "the file itself: OUT.png, OUT.mp4 or OUT.gif")
+    add_overwrite_arg(p)
     add_dtype_device_args(p)
     p.add_argument("--normalized", action="store_true",
                    help="latents are normalised: decode latents * latents_std + latents_mean")
@@ -70,35 +75,26 @@ def run(args) -> int:
         cfg = vae_config_from_args(args, progress_default=pg.is_rank0())
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        out_dir = Path(args.output)
-        if pg.is_rank0():  # only rank 0 writes
-            media.check_writable(out_dir)
         try:
-            # the model (Qwen-Image or Qwen-Image-2.1 VAE) from config.json's _class_name
-            vae = vae_class_for(args.vae).from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
-        except (FileNotFoundError, WeightsError) as e:
-            raise CLIError(f"--vae {args.vae}: {e}") from None
+            with out_of_memory_as_hint(f"loading --vae {args.vae}"):
+                # the model (Qwen-Image or Qwen-Image-2.1 VAE) from config.json's _class_name
+                vae = vae_class_for(args.vae).from_pretrained(args.vae, vae_config=cfg, dtype=dtype, device=device)
+        except (OSError, WeightsError) as e:
+            raise CLIError(f"--vae {args.vae}: {reading_error(e)}") from None
         z = media.load_latents(args.latents, vae.z_dim, allow_nonfinite=args.allow_nonfinite)
         if args.normalized:
             z = denormalize(z, vae.config["latents_mean"], vae.config["latents_std"])
-    try:
-        with torch.inference_mode():
-            x = vae.decode(z.to(device=device, dtype=dtype))
-    except torch.cuda.OutOfMemoryError as e:
-        raise out_of_memory_hint(e, f"decoding {tuple(z.shape)}") from None
-    if x is None or not pg.is_rank0():  # every rank decoded (or helped to); rank 0 writes
-        return 0
-
-    stem = Path(args.latents).stem
-    written = []
-    for i, sample in enumerate(x):
-        name = stem if len(x) == 1 else f"{stem}_{i:03d}"
-        if sample.dim() == 3:  # (3, H, W), or (4, H, W): RGBA, alpha kept
-            written.append(media.save_image(media.to_uint8(sample), out_dir / f"{name}.png"))
-        elif sample.shape[1] == 1:  # a video latent of one frame is an image
-            written.append(media.save_image(media.to_uint8(sample[:, 0]), out_dir / f"{name}.png"))
-        else:
-            written.append(media.save_video(media.to_uint8(sample), out_dir / name))
-    for path in written:
-        print(path)
+        outputs = None
+        if pg.is_rank0():  # only rank 0 writes: its checks, before the (long) decode
+            outputs = media.plan_outputs(Path(args.latents), tuple(z.shape), Path(args.output))
+            media.check_targets(outputs, inputs=[Path(args.latents)], overwrite=args.overwrite)
+        z = z.to(device=device, dtype=dtype)
+    with out_of_memory_as_hint(f"decoding {tuple(z.shape)}"), torch.inference_mode():
+        x = vae.decode(z)
+    with all_ranks_agree("writing the outputs"):  # rank 0 writes; a failure there fails every rank
+        if outputs is not None and x is not None:
+            written = media.write_all(outputs, [media.writer(out, sample) for out, sample in zip(outputs, x)])
+            for path in written:
+                print(path)
     return 0
+

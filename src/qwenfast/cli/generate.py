@@ -1,20 +1,25 @@
 """`qwenfast generate`: text-to-image from a local diffusers-format Qwen-Image directory.
 
 The diffusers `QwenImagePipeline`, accelerated (`qwenfast.integrations.diffusers.accelerate`): fused
-DiT modulation and qwenfast's VAE with the `--vae-config.*` options. Under `torchrun`, rank 0 runs
-the text encoder and the denoising loop, broadcasts the latent (one source of truth), every rank
-joins the (parallel) decode, and rank 0 writes the image. Other ranks load the VAE only.
+DiT modulation and qwenfast's VAE with the `--vae-config.*` options. The VAE is loaded by qwenfast's
+own loader on every rank (safetensors only, keys and shapes checked; never diffusers' `from_pretrained`,
+which would fall back to a .bin pickle) and handed to the pipeline. Under `torchrun`, rank 0 runs the
+text encoder and the denoising loop, broadcasts the latent (one source of truth), every rank joins the
+(parallel) decode, and rank 0 writes the image. Every stage ends with the ranks agreeing whether one
+failed, so a failure anywhere is told by every rank, in one line, instead of leaving them waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-from datetime import timedelta
 from pathlib import Path
 
-from .common import CLIError, add_dtype_device_args
+from .common import CLIError, add_dtype_device_args, add_overwrite_arg
+
+# Rank 0 loads the pipeline and denoises while the others wait at the end of that stage: a long wait.
+FIRST_WAIT_S = 2 * 3600
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 PIPELINE_CLASS = "QwenImagePipeline"
 MULTIPLE = 16  # 8x VAE compression x 2x2 packing of the latent into tokens
@@ -34,6 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default: ' ')")
     p.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale; <= 1 turns CFG off (default: 4.0)")
     p.add_argument("-o", "--output", default="qwenfast.png", metavar="OUT", help="image file to write (default: qwenfast.png)")
+    add_overwrite_arg(p)
     p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the initial noise (default: 0)")
     p.add_argument("--height", type=int, default=1328, metavar="H", help=f"image height, a multiple of {MULTIPLE} (default: 1328)")
@@ -45,11 +51,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-# -- checks: cheap, identical on every rank, before anything is loaded or any collective ----------
+# -- checks: cheap, identical on every rank, before anything is loaded -------------------------
 
 
 def check_model_dir(path: str) -> Path:
-    """The directory must exist and hold a diffusers `QwenImagePipeline` (model_index.json)."""
+    """The directory must hold a diffusers `QwenImagePipeline` (model_index.json) whose component
+    folders are all there and not empty: each model's config.json and .safetensors weights, the
+    scheduler's scheduler_config.json, a tokenizer file."""
     model = Path(path)
     if not model.is_dir():
         raise CLIError(f"--model {path}: no such directory")
@@ -57,15 +65,45 @@ def check_model_dir(path: str) -> Path:
     if not index.is_file():
         raise CLIError(f"--model {path}: not a diffusers pipeline directory (no model_index.json)")
     try:
-        cls = json.loads(index.read_text()).get("_class_name")
+        entries = json.loads(index.read_text())
+        cls = entries.get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
         raise CLIError(f"--model {path}: model_index.json is not readable JSON ({e})") from None
     if cls != PIPELINE_CLASS:
         raise CLIError(f"--model {path}: a {cls or 'unnamed'} pipeline, not a {PIPELINE_CLASS} (text-to-image)")
-    for sub in ("vae", "transformer", "scheduler"):
-        if not (model / sub).is_dir():
-            raise CLIError(f"--model {path}: missing the {sub}/ subfolder")
+    components = {"vae": "AutoencoderKLQwenImage", "transformer": "QwenImageTransformer2DModel",
+                  "scheduler": "FlowMatchEulerDiscreteScheduler"}
+    for name, value in entries.items():  # "text_encoder": ["transformers", "Qwen2_5_VL..."]
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]:
+            components.setdefault(name, str(value[1]))
+    missing = [m for name, c in components.items() if (m := _missing_files(model / name, c))]
+    if missing:
+        raise CLIError(f"--model {path}: " + "; ".join(missing))
     return model
+
+
+def _missing_files(folder: Path, cls: str) -> str | None:
+    """What a component folder lacks, in words, or None."""
+    if not folder.is_dir():
+        return f"missing the {folder.name}/ subfolder"
+    try:
+        files = [p.name for p in folder.iterdir()]
+    except OSError as e:
+        return f"{folder.name}/ is unreadable ({e.strerror})"
+    if not files:
+        return f"the {folder.name}/ subfolder is empty (it should hold the {cls})"
+    if cls.endswith("Scheduler"):
+        need = ["scheduler_config.json"]
+    elif "Tokenizer" in cls or "Processor" in cls:
+        need = []
+    else:
+        need = ["config.json"]
+        if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+            others = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            hint = f" (found {', '.join(sorted(others))}: qwenfast loads safetensors only)" if others else ""
+            return f"{folder.name}/ holds no .safetensors weights for the {cls}{hint}"
+    absent = [f for f in need if f not in files]
+    return f"{folder.name}/ has no {', '.join(absent)}" if absent else None
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -76,114 +114,111 @@ def check_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise CLIError(f"--steps {args.steps}: must be at least 1")
     out = Path(args.output)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"):
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise CLIError(f"-o {args.output}: give an image file name (.png, .jpg, .webp, ...)")
     if not out.resolve().parent.is_dir():
         raise CLIError(f"-o {args.output}: directory {out.resolve().parent} does not exist")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import VAEConfig
+    from ..parallel import group as pg
 
-    check_args(args)
-    model = check_model_dir(args.model)
+    pg.init_from_env(timeout_s=FIRST_WAIT_S)
     try:
-        vae_config = VAEConfig.from_cli_args(args)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-
-    import torch
-
-    from .common import resolve_device, resolve_dtype
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(args.device)
-    if world > 1 and device.type == "cuda" and args.device is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = resolve_dtype(args.dtype, device)
-    rank = _init_distributed(world, device)
-    try:
-        return _generate(args, model, vae_config, device, dtype, rank, world)
+        return _generate(args)
     finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+        pg.destroy_if_owned()
 
 
-def _init_distributed(world: int, device) -> int:
-    if world <= 1:
-        return 0
+def _generate(args: argparse.Namespace) -> int:
     import torch
-    import torch.distributed as dist
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # Rank 0 denoises while the others wait at the first broadcast: allow a long first wait.
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
-    return dist.get_rank()
+    from ..integrations.diffusers import decode_packed_latents
+    from ..parallel import group as pg
+    from . import media
+    from .common import all_ranks_agree, out_of_memory_as_hint, resolve_device, resolve_dtype, vae_config_from_args
 
-
-def _generate(args, model: Path, vae_config, device, dtype, rank: int, world: int) -> int:
-    import torch
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
-
-    from ..integrations.diffusers import accelerate, decode_packed_latents, route_vae_decode
-
-    latents, failure = None, None
-    if rank == 0:
-        try:
-            pipe = QwenImagePipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
-            accelerate(pipe, vae_config=vae_config, fused_modulation=args.fused_modulation)
-            pipe.set_progress_bar_config(desc="denoising")  # diffusers' bar, one tick per step
-            vae = pipe.vae
-            latents = pipe(
-                prompt=args.prompt,
-                negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
-                true_cfg_scale=args.true_cfg_scale,
-                height=args.height, width=args.width, num_inference_steps=args.steps,
-                generator=torch.Generator(device=device).manual_seed(args.seed),
-                output_type="latent",
-            ).images  # packed (1, (h/2)(w/2), 4·z_dim)
-        except Exception as e:  # noqa: BLE001  (told to the other ranks below, then re-raised)
-            failure = e
-    else:
-        vae = AutoencoderKLQwenImage.from_pretrained(str(model), subfolder="vae", torch_dtype=dtype).to(device)
-        route_vae_decode(vae, vae_config)
-
-    if world > 1:  # every rank leaves here together: with the latent, or all raising
-        latents = _broadcast_latents(latents, failure, vae, args, device, dtype)
-    if failure is not None:
-        raise failure
-
-    with torch.no_grad():
+    rank0 = pg.is_rank0()
+    with all_ranks_agree("checking the options"):
+        check_args(args)
+        vae_config = vae_config_from_args(args, progress_default=rank0)
+        device = resolve_device(args.device)
+        if pg.get_world_size() > 1 and device.type == "cuda" and args.device is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # init_from_env set LOCAL_RANK's
+        dtype = resolve_dtype(args.dtype, device)
+        model = check_model_dir(args.model)
+        output = media.Output(Path(args.output), Path(args.output).suffix.lower()[1:])
+        if rank0:  # rank 0 writes the image
+            media.check_targets([output], overwrite=args.overwrite)
+    with all_ranks_agree("loading the VAE"), out_of_memory_as_hint("loading the VAE"):
+        vae = load_vae(model, vae_config, dtype, device)
+    latents = None
+    with all_ranks_agree("denoising"), out_of_memory_as_hint("denoising"):  # the others wait here
+        if rank0:
+            latents = _denoise(args, model, vae, vae_config, device, dtype)
+    if pg.get_world_size() > 1:  # rank 0's latent, one source of truth; shapes from the arguments
+        latents = pg.broadcast_tensor(latents if rank0 else torch.empty(_packed_shape(vae, args), dtype=dtype,
+                                                                        device=device))
+    with out_of_memory_as_hint(f"decoding {args.width}x{args.height}"), torch.no_grad():
         image = decode_packed_latents(vae, latents, args.height, args.width)
-    if rank == 0:
-        from PIL import Image
-
-        pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (3, H, W)
-        Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(args.output)
-        print(f"wrote {args.output} ({args.width}x{args.height}, {args.steps} steps, seed {args.seed})")
+    with all_ranks_agree("writing the image"):
+        if rank0:
+            media.write_all([output], [media.writer(output, image[0])])
+            print(f"wrote {args.output} ({args.width}x{args.height}, {args.steps} steps, seed {args.seed})")
     return 0
 
 
-def _broadcast_latents(latents, failure, vae, args, device, dtype):
-    """Rank 0's packed latent to every rank, after a status word, so that a failure on rank 0 ends
-    every rank instead of leaving them waiting. Shapes come from the arguments: tensors only."""
+def load_vae(model: Path, vae_config, dtype, device):
+    """The model's VAE through qwenfast's loader (safetensors only, checked), as the diffusers
+    `AutoencoderKLQwenImage` the pipeline expects, over the same tensors (no copy), its decode
+    routed to qwenfast's VAE with `vae_config`."""
     import torch
-    import torch.distributed as dist
+    from diffusers import AutoencoderKLQwenImage
 
-    ok = torch.tensor([0 if failure is not None else 1], device=device)
-    dist.broadcast(ok, src=0)
-    if not ok.item():
-        if failure is not None:
-            raise failure
-        raise RuntimeError("rank 0 failed before the decode; see its log")
+    from ..integrations.diffusers import route_vae_decode
+    from ..vae import QwenImageVAE
+    from ..vae.weights import WeightsError
+    from .common import reading_error
+
+    try:
+        ours = QwenImageVAE.from_pretrained(model / "vae", dtype=dtype, device=device)
+    except (OSError, WeightsError) as e:
+        raise CLIError(f"--model {model}: the VAE: {reading_error(e)}") from None
+    with torch.device("meta"):  # no init: every tensor comes from ours
+        vae = AutoencoderKLQwenImage(**ours.config)
+    vae.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    return route_vae_decode(vae.eval().requires_grad_(False), vae_config)
+
+
+def _packed_shape(vae, args) -> tuple[int, int, int]:
+    """(1, tokens, 4·z_dim): the pipeline's latent, 2x2-packed into tokens."""
     scale = 2 ** len(vae.temperal_downsample)
-    tokens = (args.height // (scale * 2)) * (args.width // (scale * 2))
-    shape = (1, tokens, 4 * vae.config.z_dim)
-    if latents is None:
-        latents = torch.empty(shape, device=device, dtype=dtype)
-    latents = latents.to(device=device, dtype=dtype).contiguous()
+    return 1, (args.height // (scale * 2)) * (args.width // (scale * 2)), 4 * vae.config.z_dim
+
+
+def _denoise(args, model: Path, vae, vae_config, device, dtype):
+    """Rank 0: the pipeline (text encoder, fused DiT, our VAE) up to the packed latent."""
+    import torch
+    from diffusers import QwenImagePipeline
+
+    from ..integrations.diffusers import accelerate
+
+    try:
+        pipe = QwenImagePipeline.from_pretrained(str(model), vae=vae, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--model {model}: {str(e).strip().splitlines()[0]}") from None
+    pipe = pipe.to(device)
+    accelerate(pipe, vae_config=vae_config, fused_modulation=args.fused_modulation)
+    pipe.set_progress_bar_config(desc="denoising")  # diffusers' bar, one tick per step
+    latents = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
+        true_cfg_scale=args.true_cfg_scale,
+        height=args.height, width=args.width, num_inference_steps=args.steps,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+        output_type="latent",
+    ).images  # packed (1, (h/2)(w/2), 4·z_dim)
+    shape = _packed_shape(vae, args)
     if tuple(latents.shape) != shape:
-        raise RuntimeError(f"rank 0's latent has shape {tuple(latents.shape)}, expected {shape}")
-    dist.broadcast(latents, src=0)
-    return latents
+        raise RuntimeError(f"the pipeline's latent has shape {tuple(latents.shape)}, expected {shape}")
+    return latents.to(device=device, dtype=dtype).contiguous()

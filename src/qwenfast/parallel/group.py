@@ -240,3 +240,15 @@ class ProcessGroupComm:
     def stats(self) -> dict[str, int]:
         return dict(bytes_sent=self.bytes_sent, bytes_received=self.bytes_received,
                     collectives=self.collectives, world_size=self.world_size)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int = 0, group: Any | None = None) -> torch.Tensor:
+    """Rank `src`'s `tensor` on every rank (every rank passes one of the same shape and dtype: its
+    values are ignored off `src`), returned on `tensor`'s device. Without a group: `tensor`."""
+    if not is_initialized():
+        return tensor
+    comm = ProcessGroupComm(group)
+    buf = tensor.to(comm.device).contiguous()
+    src_global = dist.get_global_rank(comm.group, src) if comm.group is not dist.group.WORLD else src
+    dist.broadcast(buf, src=src_global, group=comm.group)
+    return buf.to(tensor.device)
