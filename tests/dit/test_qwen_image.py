@@ -91,8 +91,8 @@ def backend(request, monkeypatch):
     launches.clear()
     if request.param == "triton":
         pytest.importorskip("triton")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # the models run on CPU tensors (a GPU machine too)
+            pytest.skip("the models run on CPU tensors: the kernels take those under TRITON_INTERPRET=1 only")
         from qwenfast.ops import custom_op
         from qwenfast.ops.triton import modulate as kernels
 

@@ -179,8 +179,8 @@ def test_out_writes_into_a_frame_window(impl, dtype):
     """`out=`: a chunk of frames normalised straight into the new-frame slots of a channels-last 3-D
     window (the video path's causal convs); the past slots are left alone."""
     x, gamma = make((2, 24, 3, 4, 5), torch.channels_last_3d, dtype, seed=11)
-    bias = torch.randn(24, generator=torch.Generator().manual_seed(12)).to(dtype)
-    window = torch.full((2, 24, 5, 4, 5), 7.0, dtype=dtype).to(memory_format=torch.channels_last_3d)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(12)).to(x.device, dtype)
+    window = torch.full((2, 24, 5, 4, 5), 7.0, dtype=dtype, device=x.device).to(memory_format=torch.channels_last_3d)
     fn = rms_norm_triton if impl == "triton" else rms_norm_native
     y = fn(x, gamma, silu=True, bias=bias, out=window[:, :, 2:])
     assert y.data_ptr() == window[:, :, 2:].data_ptr()
@@ -190,7 +190,7 @@ def test_out_writes_into_a_frame_window(impl, dtype):
 
 def test_out_with_strides_the_kernel_cannot_write():
     x, gamma = make((1, 8, 3, 4), torch.contiguous_format, torch.float32, seed=13)
-    out = torch.zeros(1, 8, 4, 3).transpose(2, 3)  # spatial dims that do not nest
+    out = torch.zeros(1, 8, 4, 3, device=x.device).transpose(2, 3)  # spatial dims that do not nest
     rms_norm_triton(x, gamma, out=out)
     torch.testing.assert_close(out, rms_norm_native(x, gamma))
 
