@@ -86,6 +86,12 @@ class VAEConfig:
     """For a single frame (T = 1): skip the frame cache and run every causal conv, whose past frames
     are all zero padding, as the equivalent 2D conv. Same numbers, a fraction of the work."""
 
+    cuda_graph: bool = False
+    """Replay the single-device decode as a CUDA graph, captured once per latent shape, dtype, device and
+    decode options (no launch gaps: 1024² 13.0 -> 12.4 ms on an H200, bit for bit the eager decode). The
+    graph keeps the decode's working memory between calls (at most two graphs; `vae.release_cuda_graphs()`
+    frees them). CUDA latents only (others decode eagerly); no effect with use_parallel_decode yet."""
+
     use_parallel_decode: bool = False
     """Spread the decode over the ranks of a torch.distributed process group (world by default).
     Off, or with one rank, decode is the single-device decode, bit for bit."""

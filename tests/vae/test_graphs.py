@@ -49,3 +49,39 @@ def test_replay_equals_eager_and_recaptures_on_new_shapes():
     assert not torch.equal(graphs(fn, x), out)
     graphs.release()
     assert len(graphs) == 0
+
+
+def _tiny(device):
+    from helpers import tiny_vae
+
+    return tiny_vae(dtype=torch.float32).to(device)
+
+
+def test_cuda_graph_option_decodes_eagerly_off_cuda():
+    from qwenfast import VAEConfig
+
+    vae = _tiny("cpu")
+    z = torch.randn(1, 4, 1, 5, 6, generator=torch.Generator().manual_seed(0))
+    plain = vae.decode(z)
+    vae.vae_config = VAEConfig(cuda_graph=True)
+    assert torch.equal(vae.decode(z), plain)
+    assert "_decode_graphs" not in vae.__dict__  # nothing captured, nothing held
+    vae.release_cuda_graphs()  # a no-op without graphs
+
+
+@CUDA
+def test_cuda_graph_decode_equals_eager_bit_for_bit():
+    from qwenfast import VAEConfig
+
+    vae = _tiny("cuda")
+    for tiling in (False, True):
+        for shape in [(1, 4, 1, 9, 7), (2, 4, 1, 6, 8), (1, 4, 1, 9, 7)]:
+            z = torch.randn(shape, device="cuda")
+            vae.vae_config = VAEConfig(use_tiling=tiling, exact_tile_sample_size=32)
+            with torch.no_grad():
+                eager = vae.decode(z[:, :, 0])
+                vae.vae_config = VAEConfig(use_tiling=tiling, exact_tile_sample_size=32, cuda_graph=True)
+                assert torch.equal(vae.decode(z[:, :, 0]), eager)
+    assert vae.__dict__["_decode_graphs"].captures == 4  # (2 shapes) x (2 configs); the repeat replays
+    vae.release_cuda_graphs()
+    assert "_decode_graphs" not in vae.__dict__

@@ -36,7 +36,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _logged: set = set()
 _HEADER_NAMES = ("ndim", "B", "C", "T", "h", "w", "dtype")
 # VAEConfig fields each rank may set for itself: they change neither the plan nor the collectives.
-_LOCAL_FIELDS = ("progress", "collective_timeout_s")
+_LOCAL_FIELDS = ("progress", "collective_timeout_s", "cuda_graph")  # cuda_graph: single-device only
 
 
 class LatentMismatchError(ValueError):

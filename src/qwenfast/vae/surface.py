@@ -23,6 +23,7 @@ from it. Tensors are `(B, C, T, H, W)` (an image is T = 1); results are unclampe
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -266,11 +267,30 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
             out = self._decode_with_parallel_dispatch(z)
         else:
             z, image = self.check_latent(z)
-            out = single_device_decode(self, z)
+            cfg = self.vae_config
+            if cfg.cuda_graph and z.is_cuda:  # the same decode, replayed from a graph of this shape and config
+                out = self._cuda_graphs()(lambda x: single_device_decode(self, x, cfg), z,
+                                          context=dataclasses.astuple(cfg))
+            else:
+                out = single_device_decode(self, z)
         if out is None:  # parallel decode with output on rank 0 only
             return None
         out = out.clamp_(-1.0, 1.0)
         return out[:, :, 0] if image else out
+
+    def _cuda_graphs(self):
+        graphs = self.__dict__.get("_decode_graphs")  # a plain attribute: not a module, not in the state dict
+        if graphs is None:
+            from .graphs import DecodeGraphs
+
+            graphs = self.__dict__["_decode_graphs"] = DecodeGraphs(max_graphs=2)
+        return graphs
+
+    def release_cuda_graphs(self) -> None:
+        """Free the CUDA graphs `VAEConfig.cuda_graph` captured (and the memory they hold)."""
+        graphs = self.__dict__.pop("_decode_graphs", None)
+        if graphs is not None:
+            graphs.release()
 
     def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bounded-memory decode of `z` (B, z_dim, T, h, w) in the configured flavour (unclamped)."""
