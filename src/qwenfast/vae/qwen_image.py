@@ -35,7 +35,7 @@ from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from . import video
 from .surface import DecodeSurface, DecoderTopology, Level, progress
-from .weights import WEIGHT_DTYPES, WeightsError, arch_int, arch_list, arch_number
+from .weights import WEIGHT_DTYPES, PretrainedVAE, WeightsError, arch_int, arch_list, arch_number
 from .video import CACHE_T, FrameCache
 
 __all__ = ["FrameCache", "QwenImageVAE", "DEFAULT_ARCH", "validate_arch"]
@@ -458,7 +458,7 @@ class Decoder3d(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class QwenImageVAE(DecodeSurface):
+class QwenImageVAE(DecodeSurface, PretrainedVAE):
     """The Qwen-Image VAE: weight-compatible with diffusers' `AutoencoderKLQwenImage`.
 
     `decode(z)` takes unscaled latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]` for images) and
@@ -506,30 +506,6 @@ class QwenImageVAE(DecodeSurface):
     def validate_arch(cls, arch: dict[str, Any]) -> None:
         """Raise WeightsError naming the first key of `arch` (a diffusers config) this model cannot build."""
         validate_arch(arch)
-
-    @classmethod
-    def from_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None, variant: str | None = None) -> "QwenImageVAE":
-        """Load a diffusers-format directory of an `AutoencoderKLQwenImage` or of an `AutoencoderKLWan`
-        with the Wan 2.1 config (config.json + safetensors, sharded or not), or a pipeline directory with
-        a `vae/` subfolder. Safetensors only.
-
-        `dtype`: None keeps the stored dtype (diffusers' `from_pretrained` loads fp32 unless told
-        otherwise). `device`: where the weights are loaded (default the CPU), checked before any file
-        is read. `variant`: e.g. "fp16" loads `diffusion_pytorch_model.fp16.safetensors` (or its
-        sharded index `diffusion_pytorch_model.safetensors.index.fp16.json`), as diffusers names them.
-        """
-        from .weights import load_pretrained
-
-        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device, variant=variant)
-
-    @classmethod
-    def from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None) -> "QwenImageVAE":
-        """The same weights, dtype and device as a diffusers `AutoencoderKLQwenImage`, or an
-        `AutoencoderKLWan` with the Wan 2.1 config."""
-        from .weights import load_from_diffusers
-
-        return load_from_diffusers(cls, module, vae_config=vae_config)
 
     @property
     def dtype(self) -> torch.dtype:

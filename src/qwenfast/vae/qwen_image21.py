@@ -35,6 +35,7 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
 from .qwen_image import AttentionBlock, RMSNorm, Upsample2x
 from .surface import DecodeSurface, DecoderTopology, Level
+from .weights import PretrainedVAE
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ def decoder_topology(decoder: Decoder) -> DecoderTopology:
 # --------------------------------------------------------------------------------------------------
 
 
-class QwenImage21VAE(DecodeSurface):
+class QwenImage21VAE(DecodeSurface, PretrainedVAE):
     """The Qwen-Image-2.1 VAE: weight-compatible with diffusers' `AutoencoderKLQwenImage21`.
 
     `decode(z)` takes unscaled latents `[B, z_dim, h, w]` (or `[B, z_dim, 1, h, w]`) and returns what
@@ -536,23 +537,7 @@ class QwenImage21VAE(DecodeSurface):
             if arch.get(key) is not None:
                 need(isinstance(arch[key], (list, tuple)), key, "must be a list of numbers")
 
-    # -- loading (weights.py) ----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> "QwenImage21VAE":
-        """Load a diffusers-format directory (config.json + safetensors, sharded or not), or a model
-        directory with a `vae/` subfolder. Safetensors only."""
-        from .weights import load_pretrained
-
-        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device)
-
-    @classmethod
-    def from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None) -> "QwenImage21VAE":
-        """The same weights, dtype and device as a diffusers `AutoencoderKLQwenImage21`."""
-        from .weights import load_from_diffusers
-
-        return load_from_diffusers(cls, module, vae_config=vae_config)
-
+    # -- loading: PretrainedVAE's from_pretrained / from_diffusers (weights.py) ---------------------
     @property
     def dtype(self) -> torch.dtype:
         return self.post_quant_conv.weight.dtype

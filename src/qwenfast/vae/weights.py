@@ -36,7 +36,7 @@ from ..config import VAEConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_pretrained", "load_from_diffusers", "resolve_vae_dir", "read_config", "read_arch_config",
-           "check_device", "vae_class_for", "WeightsError", "KNOWN_DIFFUSERS_CLASSES", "WEIGHT_DTYPES"]
+           "check_device", "vae_class_for", "PretrainedVAE", "WeightsError", "KNOWN_DIFFUSERS_CLASSES", "WEIGHT_DTYPES"]
 
 # Every diffusers VAE class of the family, what it is and the qwenfast class that loads it. A table
 # of names (not of classes), so that a directory is redirected correctly even where the class that
@@ -467,3 +467,27 @@ def load_from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = N
     _check_class_name(cls, name, f"the diffusers module", error=TypeError)
     arch = arch_from_config(cls, dict(module.config), f"the diffusers {name}")
     return _finish(_build(cls, arch, vae_config), dict(module.state_dict()), f"the diffusers {name}")
+
+
+class PretrainedVAE:
+    """`from_pretrained` and `from_diffusers` for every VAE class of the package: a class that declares
+    `diffusers_class_names`, `arch_keys` and `validate_arch` (the module docstring) inherits them."""
+
+    @classmethod
+    def from_pretrained(cls, path, vae_config: VAEConfig | None = None, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, variant: str | None = None):
+        """Load a diffusers-format directory of one of `cls.diffusers_class_names` (config.json +
+        safetensors, sharded or not), or a pipeline directory with a `vae/` subfolder. Safetensors only.
+
+        `dtype`: None keeps the stored dtype (diffusers' `from_pretrained` loads fp32 unless told
+        otherwise). `device`: where the weights are loaded (default the CPU), checked before any file
+        is read. `variant`: e.g. "fp16" loads `diffusion_pytorch_model.fp16.safetensors` (or its
+        sharded index `diffusion_pytorch_model.safetensors.index.fp16.json`), as diffusers names them.
+        """
+        return load_pretrained(cls, path, vae_config=vae_config, dtype=dtype, device=device, variant=variant)
+
+    @classmethod
+    def from_diffusers(cls, module: nn.Module, vae_config: VAEConfig | None = None):
+        """Our VAE over the same parameter tensors (no copy: same dtype and device) as a diffusers module
+        of one of `cls.diffusers_class_names`."""
+        return load_from_diffusers(cls, module, vae_config=vae_config)
