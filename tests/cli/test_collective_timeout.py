@@ -13,7 +13,7 @@ from qwenfast.parallel import group as pg
 def test_distributed_passes_the_collective_timeout(monkeypatch, given, expected):
     seen = {}
     monkeypatch.setattr(pg, "init_from_env", lambda **kw: seen.update(kw))
-    monkeypatch.setattr(pg, "destroy_if_owned", lambda: None)
+    monkeypatch.setattr(pg, "destroy_if_owned", lambda drain=False: None)
     assert distributed(lambda args: 0)(argparse.Namespace(**given)) == 0
     # a bad value is refused by the subcommand's own config check (one line); the group still starts
     assert seen == {"timeout_s": expected}

@@ -2,6 +2,7 @@
 and prints, parallel decode equals the single-device decode, and a bad input seen by one rank only
 (rank 0's output directory) stops every rank with a clear line instead of a hang."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -67,3 +68,22 @@ def test_bench_on_two_ranks_reports_per_rank(setup, tmp_path):
         assert (r["max_abs_diff"] is None) if r["mode"] == "untiled" else (r["max_abs_diff"] <= 1e-4)
     assert rows[1]["parallel_mode"] == "patch" and min(rows[1]["bytes_sent_per_rank"]) > 0
     assert done.stdout.count("median ms") == 1  # the table, from rank 0 only
+
+
+@pytest.mark.parametrize("raised,drains", [(None, True), ("reported", True), ("bug", False)])
+def test_owned_group_drains_only_when_every_rank_is_in_step(monkeypatch, raised, drains):
+    # The draining barrier before destroy (gloo workers drop their last tensors while Python is
+    # alive) runs when the block returned or raised Reported from an agreement, never after a
+    # failure that may have left the other ranks elsewhere (it would wait for them).
+    from qwenfast.cli import common
+    from qwenfast.parallel import group as pg
+
+    calls = []
+    monkeypatch.setattr(pg, "init_from_env", lambda timeout_s: None)
+    monkeypatch.setattr(pg, "destroy_if_owned", lambda drain=False: calls.append(drain))
+    error = {"reported": common.Reported("rank 1 failed"), "bug": ValueError("bug")}.get(raised)
+    with pytest.raises(type(error)) if error else contextlib.nullcontext():
+        with common.owned_group(5.0):
+            if error:
+                raise error
+    assert calls == [drains]

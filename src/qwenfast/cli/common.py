@@ -213,23 +213,39 @@ def _report_together(line: str) -> None:
 def distributed(run):
     """Wrap a subcommand: join torchrun's process group when WORLD_SIZE > 1 (and set this rank's
     CUDA device) with `--vae-config.collective-timeout-s` as its timeout, destroy it afterwards if
-    this call created it."""
+    this call created it (`owned_group`)."""
     import functools
 
     @functools.wraps(run)
     def wrapper(args):
         from ..config import VAEConfig
-        from ..parallel import group as pg
 
         given = vars(args).get("vae_config__collective_timeout_s", VAEConfig.collective_timeout_s)
         try:
             timeout_s = VAEConfig(collective_timeout_s=given).collective_timeout_s
         except ValueError:  # the subcommand's own config check refuses it (one line), after the group exists
             timeout_s = VAEConfig.collective_timeout_s
-        pg.init_from_env(timeout_s=timeout_s)
-        try:
+        with owned_group(timeout_s):
             return run(args)
-        finally:
-            pg.destroy_if_owned()
 
     return wrapper
+
+
+@contextlib.contextmanager
+def owned_group(timeout_s: float):
+    """Under torchrun: join the process group (collective timeout `timeout_s`) for the block and
+    destroy it after, if this created it. When the block ends with every rank in step (it returned,
+    or raised `Reported` from an agreement) the ranks first meet at a draining barrier (see
+    `destroy_if_owned`), so that no rank exits with gloo still releasing its last collective."""
+    from ..parallel import group as pg
+
+    pg.init_from_env(timeout_s=timeout_s)
+    in_step = False
+    try:
+        yield
+        in_step = True
+    except Reported:
+        in_step = True  # every rank raised from the same agreement (a bug's rank excepted: it left)
+        raise
+    finally:
+        pg.destroy_if_owned(drain=in_step)

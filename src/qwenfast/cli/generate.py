@@ -121,13 +121,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..parallel import group as pg
+    from .common import owned_group
 
-    pg.init_from_env(timeout_s=FIRST_WAIT_S)
-    try:
+    with owned_group(FIRST_WAIT_S):
         return _generate(args)
-    finally:
-        pg.destroy_if_owned()
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -57,10 +57,27 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> Any |
     return dist.group.WORLD
 
 
-def destroy_if_owned() -> None:
-    """Destroy the default group if `init_from_env` created it; leave a caller's group alone."""
+# How long the barrier of `destroy_if_owned(drain=True)` waits for the other ranks.
+DRAIN_TIMEOUT_S = 30.0
+
+
+def destroy_if_owned(drain: bool = False) -> None:
+    """Destroy the default group if `init_from_env` created it; leave a caller's group alone.
+
+    `drain=True` when every rank is known to reach this call (the command finished, or all ranks
+    raised from the same agreement): first a barrier, waited with the GIL released (at most
+    `DRAIN_TIMEOUT_S`; a rank that left already only ends it early). Why: a gloo worker thread drops
+    its reference to a collective's tensors just *after* `wait()` has returned on this thread, and
+    with PyTorch's PyObject preservation that drop takes the GIL. Exiting right after the last
+    collective lets a worker reach it while the interpreter finalizes: the worker is killed inside a
+    noexcept destructor and the process aborts ("terminate called without an active exception",
+    SIGABRT) after its work was done. The barrier gives the workers that moment while Python is alive.
+    """
     global _OWNED
     if _OWNED and is_initialized():
+        if drain:
+            with contextlib.suppress(RuntimeError):  # a peer gone or late: nothing to wait for
+                dist.barrier(async_op=True).wait(timeout=timedelta(seconds=DRAIN_TIMEOUT_S))
         dist.destroy_process_group()
     _OWNED = False
 
