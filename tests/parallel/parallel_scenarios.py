@@ -56,6 +56,28 @@ CASES = [
 ]
 
 
+def reference(vae, z: torch.Tensor, ref_kind: str, small_tiles: dict) -> torch.Tensor:
+    """What a parallel mode must equal: the single-device untiled decode, or single-device blend tiling."""
+    if ref_kind == "untiled":
+        vae.vae_config = VAEConfig()
+        return vae.decode_untiled(z)
+    vae.vae_config = VAEConfig(use_tiling=True, tiling="blend", **small_tiles)
+    return vae.tiled_decode(z)
+
+
+def parallel_result(vae, z: torch.Tensor, cfg: dict, ref: torch.Tensor, small_tiles: dict) -> dict:
+    """One parallel decode of `z` with `cfg` on this rank: its error, or (None, shape, stats, max|Δ| vs `ref`)."""
+    vae.vae_config = VAEConfig(use_parallel_decode=True, **{**small_tiles, **cfg})
+    try:
+        out = vae._decode_with_parallel_dispatch(z)
+    except Exception as e:  # noqa: BLE001 - reported, asserted by the parent
+        return dict(error=f"{type(e).__name__}: {e}")
+    stats = dict(vae.last_parallel_stats)
+    if out is None:
+        return dict(none=True, stats=stats)
+    return dict(none=False, shape=tuple(out.shape), stats=stats, max_abs=(out - ref).abs().max().item())
+
+
 def run_cases(rank: int, world: int) -> dict:
     vae = tiny_vae()
     assert vae.decode_margin == MARGIN
@@ -66,24 +88,8 @@ def run_cases(rank: int, world: int) -> dict:
             z = latent(shape).double()
             key = (shape, ref_kind)
             if key not in refs:
-                if ref_kind == "untiled":
-                    vae.vae_config = VAEConfig()
-                    refs[key] = vae.decode_untiled(z)
-                else:
-                    vae.vae_config = VAEConfig(use_tiling=True, tiling="blend", **SMALL_TILES)
-                    refs[key] = vae.tiled_decode(z)
-            vae.vae_config = VAEConfig(use_parallel_decode=True, **{**SMALL_TILES, **cfg})
-            try:
-                out = vae._decode_with_parallel_dispatch(z)
-            except Exception as e:  # noqa: BLE001 - reported, asserted by the parent
-                results[name] = dict(error=f"{type(e).__name__}: {e}")
-                continue
-            stats = dict(vae.last_parallel_stats)
-            if out is None:
-                results[name] = dict(none=True, stats=stats)
-            else:
-                results[name] = dict(none=False, shape=tuple(out.shape), stats=stats,
-                                     max_abs=(out - refs[key]).abs().max().item())
+                refs[key] = reference(vae, z, ref_kind, SMALL_TILES)
+            results[name] = parallel_result(vae, z, cfg, refs[key], SMALL_TILES)
         # The public API: decode() with parallel decode = decode() without, clamped, 4-D in and out.
         z = latent((1, 4, 13, 21), seed=2)
         vae.vae_config = VAEConfig()

@@ -8,6 +8,8 @@ import torch
 from qwenfast.config import VAEConfig
 from qwenfast.vae.qwen_image21 import QwenImage21VAE
 
+from parallel_scenarios import parallel_result, reference  # the same per-case steps as the Qwen-Image VAE
+
 ARCHS = {
     "tiny": dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                  temperal_downsample=[False, True, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
@@ -50,21 +52,7 @@ def run_cases(rank: int, world: int) -> dict:
         for name, arch, (b, h, w), cfg, ref_kind in CASES:
             vae = vaes[arch]
             z = torch.randn(b, vae.z_dim, 1, h, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-            if ref_kind == "untiled":
-                vae.vae_config = VAEConfig()
-                ref = vae.decode_untiled(z)
-            else:
-                vae.vae_config = VAEConfig(use_tiling=True, tiling="blend", **SMALL_TILES)
-                ref = vae.tiled_decode(z)
-            vae.vae_config = VAEConfig(use_parallel_decode=True, **{**SMALL_TILES, **cfg})
-            try:
-                out = vae._decode_with_parallel_dispatch(z)
-            except Exception as e:  # noqa: BLE001 - reported, asserted by the parent
-                results[name] = dict(error=f"{type(e).__name__}: {e}")
-                continue
-            stats = dict(vae.last_parallel_stats)
-            results[name] = dict(none=True, stats=stats) if out is None else dict(
-                none=False, stats=stats, shape=tuple(out.shape), max_abs=(out - ref).abs().max().item())
+            results[name] = parallel_result(vae, z, cfg, reference(vae, z, ref_kind, SMALL_TILES), SMALL_TILES)
         # the public API: decode() with parallel decode = decode() without, clamped, 4-D in and out
         vae = vaes["tiny"]
         z = torch.randn(1, vae.z_dim, 10, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

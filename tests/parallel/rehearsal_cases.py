@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qwenfast.config import VAEConfig
+from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.vae.qwen_image import QwenImageVAE
 
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, latents_mean=[0] * 4, latents_std=[1] * 4)
@@ -28,3 +30,17 @@ def tiny_vae() -> QwenImageVAE:
 def latent(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g)
+
+
+def stats_of_every_case(make_comm) -> dict:
+    """Per case: the output shape and the counters of a fresh `make_comm()` after one parallel decode
+    (a real group's comm in the spawned ranks, a RehearsalComm in the test: the same loop for both)."""
+    vae = tiny_vae()
+    out = {}
+    with torch.no_grad():
+        for name, shape, cfg in CASES:
+            vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+            comm = make_comm()
+            y = decode_parallel(vae, latent(shape), comm=comm)
+            out[name] = dict(shape=None if y is None else tuple(y.shape), **comm.stats())
+    return out

@@ -3,22 +3,10 @@ one-process rehearsal of the same rank (imported by file path in the spawned ran
 
 from __future__ import annotations
 
-import torch
-
-from qwenfast.config import VAEConfig
-from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.parallel.group import ProcessGroupComm
 
-from rehearsal_cases import CASES, tiny_vae, latent
+from rehearsal_cases import stats_of_every_case
 
 
 def real_stats(rank: int, world: int) -> dict:
-    vae = tiny_vae()
-    out = {}
-    with torch.no_grad():
-        for name, shape, cfg in CASES:
-            vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
-            comm = ProcessGroupComm()
-            y = decode_parallel(vae, latent(shape), comm=comm)
-            out[name] = dict(shape=None if y is None else tuple(y.shape), **comm.stats())
-    return out
+    return stats_of_every_case(ProcessGroupComm)

@@ -7,35 +7,20 @@ import os
 import sys
 
 import pytest
-import torch
 
 from parallel_harness import run_ranks
-from qwenfast.config import VAEConfig
-from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.parallel.rehearsal import RehearsalComm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from rehearsal_cases import CASES, latent, tiny_vae  # noqa: E402
-
-
-def rehearse(rank: int, world: int) -> dict:
-    vae = tiny_vae()
-    out = {}
-    with torch.no_grad():
-        for name, shape, cfg in CASES:
-            vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
-            comm = RehearsalComm(rank, world)
-            y = decode_parallel(vae, latent(shape), comm=comm)
-            out[name] = dict(shape=None if y is None else tuple(y.shape), **comm.stats())
-    return out
+from rehearsal_cases import CASES, stats_of_every_case  # noqa: E402
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_rehearsal_moves_the_bytes_of_the_real_group(world):
     real = run_ranks(world, f"{os.path.join(HERE, 'rehearsal_scenarios.py')}:real_stats")
     for rank in range(world):
-        rehearsed = rehearse(rank, world)
+        rehearsed = stats_of_every_case(lambda: RehearsalComm(rank, world))
         for name, *_ in CASES:
             assert rehearsed[name] == real[rank][name], (rank, name, rehearsed[name], real[rank][name])
 
