@@ -197,9 +197,24 @@ COMMAND = "qwenfast"  # `main` sets "qwenfast decode", ...
 
 
 def report(line: str) -> None:
+    """Print `COMMAND: error: line` on stderr in one write: under torchrun every rank shares one
+    stderr pipe, and `print` writes the text and its newline separately, so two ranks' lines could
+    run together. One `os.write` of at most PIPE_BUF (4096) bytes to a pipe is atomic."""
+    import io
+    import os
     import sys
 
-    print(f"{COMMAND}: error: {line}", file=sys.stderr, flush=True)
+    text = f"{COMMAND}: error: {line}\n"
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # a captured / replaced stderr
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = text.encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def _report_together(line: str) -> None:
