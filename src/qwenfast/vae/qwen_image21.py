@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
-from .qwen_image import AttentionBlock, RMSNorm, Upsample2x
+from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x
 from .surface import DecodeSurface, DecoderTopology, Level
 from .weights import PretrainedVAE
 
@@ -192,7 +192,7 @@ class Resample(nn.Module):
         self.dim, self.mode = dim, mode
         up_out = dim // 2 if upsample_out_dim is None else upsample_out_dim
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, up_out, 3, padding=1))
+            self.resample = UpsampleConv2x(dim, up_out)
         elif mode in ("downsample2d", "downsample3d"):
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         else:
