@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .common import CLIError, add_dtype_device_args, add_overwrite_arg
@@ -28,7 +28,8 @@ ALPHA_SUFFIXES = (".png", ".webp", ".tif", ".tiff")  # Pillow keeps RGBA's alpha
 
 @dataclass(frozen=True)
 class Model:
-    """What `generate` needs to know of one kind of model directory."""
+    """Every fact `generate` needs of one kind of model directory (one entry of `MODELS`): checks,
+    loading, the latent's shape between the ranks and the output's format follow from these alone."""
 
     name: str  # in messages and --help
     pipeline: str  # model_index.json's `_class_name`: the diffusers pipeline class that runs it
@@ -40,7 +41,6 @@ class Model:
     default_size: int
     default_steps: int
     default_true_cfg_scale: float
-    needs: tuple[str, ...] = field(default=())  # modules loading the pipeline needs beyond diffusers
 
 
 MODELS = {m.pipeline: m for m in (
@@ -51,13 +51,12 @@ MODELS = {m.pipeline: m for m in (
           vae="QwenImageVAE", multiple=16, latent_patch=2, channels=3,
           default_size=1328, default_steps=50, default_true_cfg_scale=4.0),
     # 16x VAE, unpatched tokens; the pipeline appends one mask slot per 2x2 group of latent pixels (and
-    # silently rounds other sizes down to 32): 32.
-    # Sampled without guidance by design; its Qwen3VLProcessor's video processor needs torchvision.
+    # silently rounds other sizes down to 32): 32. Sampled without guidance by design (diffusers' 1.0).
     Model("Qwen-Image-2.1", "QwenImage21Pipeline",
           {"vae": "AutoencoderKLQwenImage21", "transformer": "QwenImage21Transformer2DModel",
            "scheduler": "FlowMatchEulerDiscreteScheduler"},
           vae="QwenImage21VAE", multiple=32, latent_patch=1, channels=4,
-          default_size=1024, default_steps=40, default_true_cfg_scale=1.0, needs=("torchvision",)),
+          default_size=1024, default_steps=40, default_true_cfg_scale=1.0),
 )}
 
 
@@ -151,8 +150,9 @@ def check_components(path: Path, entries: dict, model: Model) -> None:
     they must hold) are all there and not empty: each model's config.json and .safetensors weights,
     the scheduler's scheduler_config.json, a tokenizer or processor file."""
     components = dict(model.components)
-    for name, value in entries.items():  # "text_encoder": ["transformers", "Qwen2_5_VL..."]
-        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]:
+    for name, value in entries.items():  # "text_encoder": ["transformers", "Qwen2_5_VL..."]; not "sample_sigmas": [1.0, 0.5]
+        if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, str) for v in value)):
             if name in components and value[1] != components[name]:
                 raise CLIError(f"--model {path}: model_index.json names a {value[1]} for {name}/; "
                                f"a {model.pipeline}'s {name} is a {components[name]}")
@@ -291,11 +291,8 @@ def _denoise(args, path: Path, model: Model, vae, vae_config, schedule: dict, de
     try:
         pipe = getattr(diffusers, model.pipeline).from_pretrained(str(path), vae=vae, torch_dtype=dtype,
                                                                   use_safetensors=True)
-    except Exception as e:  # noqa: BLE001 - what is known becomes one line, the rest is re-raised
-        error = _loading_error(path, model, e)
-        if error is None:
-            raise
-        raise error from None
+    except (OSError, ValueError) as e:  # e.g. "processor requires `torchvision`" (Qwen-Image-2.1's Qwen3VLProcessor)
+        raise CLIError(f"--model {path}: {str(e).strip().splitlines()[0]}") from None
     pipe = pipe.to(device)
     accelerate(pipe, vae_config=vae_config, fused_modulation=args.fused_modulation)
     pipe.set_progress_bar_config(desc="denoising")  # diffusers' bar, one tick per step
@@ -312,17 +309,3 @@ def _denoise(args, path: Path, model: Model, vae, vae_config, schedule: dict, de
         raise RuntimeError(f"the pipeline's latent has shape {tuple(latents.shape)}, expected {shape}")
     return latents.to(device=device, dtype=dtype).contiguous()
 
-
-def _loading_error(path: Path, model: Model, e: Exception) -> CLIError | None:
-    """The pipeline's loading failure as one line: a module the model needs is missing (a missing
-    torchvision breaks transformers' Qwen3VLProcessor in ways that do not say so), or a file error."""
-    import importlib.util
-
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    missing = [m for m in model.needs if importlib.util.find_spec(m) is None]
-    if missing:
-        return CLIError(f"--model {path}: loading the {model.pipeline} needs {' and '.join(missing)} "
-                        f"(pip install {' '.join(missing)}): {type(e).__name__}: {first}")
-    if isinstance(e, (OSError, ValueError)):
-        return CLIError(f"--model {path}: {first}")
-    return None  # a bug: its traceback
