@@ -117,9 +117,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(argv: list, nproc: int = 2, timeout: float = 300):
+def torchrun(argv: list, nproc: int = 2, timeout: float = 300, script=None):
     """`torchrun --nproc-per-node nproc -m qwenfast ARGV` on CPU ranks (gloo), on a free port; the
-    finished process (returncode, stdout, stderr). One thread per rank: the machine has two cores."""
+    finished process (returncode, stdout, stderr). One thread per rank: the machine has two cores.
+    `script`: a Python file that each rank runs instead of `-m qwenfast`."""
     import os
     import subprocess
     import sys
@@ -129,7 +130,8 @@ def torchrun(argv: list, nproc: int = 2, timeout: float = 300):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "qwenfast", *map(str, argv)]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           *(["-m", "qwenfast"] if script is None else [str(script)]), *map(str, argv)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -186,3 +188,81 @@ def assert_regional_compile_finds_blocks(model) -> None:
     assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
     for b in model.transformer_blocks:
         b._compiled_call_impl = None
+
+
+# -- a tiny Qwen-Image-2.1 text side (Qwen3-VL), built here: nothing is downloaded ------------------
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """The GPT-2 byte-to-unicode table as a vocabulary: with no merges, every byte is one token."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: i for i, c in enumerate(chars[b] for b in range(256))}
+
+
+@contextlib.contextmanager
+def text_only_qwen3vl():
+    """For the block: transformers' `Qwen3VLProcessor` can be built, saved and loaded with a bare
+    `VideoProcessorMixin` standing in for its video processor (the real one needs torchvision, which
+    the test machines lack; text-to-image never calls it). transformers checks a sub-processor's class
+    by a name it looks up on its own module, where this one is not exported: it is set there."""
+    from transformers import processing_utils, video_processing_utils
+
+    module, name = processing_utils.transformers_module, "VideoProcessorMixin"
+    missing = object()
+    previous = module.__dict__.get(name, missing)
+    setattr(module, name, video_processing_utils.VideoProcessorMixin)
+    try:
+        yield
+    finally:
+        if previous is missing:
+            delattr(module, name)
+        else:
+            setattr(module, name, previous)
+
+
+# Qwen3-VL's special tokens that the Qwen-Image-2.1 pipeline's prompt templates use.
+QWEN3VL_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                          "<|video_pad|>")
+
+
+def tiny_qwen3vl_processor():
+    """A Qwen3VLProcessor: a byte-level tokenizer with Qwen3-VL's special tokens, the image processor's
+    defaults, a chat template that renders `messages` as Qwen's `<|im_start|>role\\ntext<|im_end|>\\n`.
+    Build (and save, load) it inside `text_only_qwen3vl()`."""
+    import transformers
+    from transformers import video_processing_utils
+
+    tokenizer = transformers.Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN3VL_SPECIAL_TOKENS)})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{{ c['text'] }}"
+                "{% endfor %}<|im_end|>\n{% endfor %}")
+    return transformers.Qwen3VLProcessor(image_processor=transformers.Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+                                         video_processor=video_processing_utils.VideoProcessorMixin(),
+                                         chat_template=template)
+
+
+def tiny_qwen3vl_text_encoder(processor, hidden_size: int, seed: int = 0):
+    """A one-layer Qwen3VLForConditionalGeneration whose hidden states are `hidden_size` wide (the
+    DiT's `context_in_dim`), its token ids those of `processor`'s tokenizer."""
+    import transformers
+
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    config = transformers.Qwen3VLConfig(
+        text_config=dict(hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=12, intermediate_size=32, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=hidden_size, num_heads=2, intermediate_size=16,
+                           deepstack_visual_indexes=[0], num_position_embeddings=16),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    return transformers.Qwen3VLForConditionalGeneration(config).eval()

@@ -37,7 +37,7 @@ def test_directory_without_model_index(tmp_path, capsys):
 def test_other_pipeline_class(tmp_path, capsys):
     model = qwen_image_dir(tmp_path, cls="StableDiffusionPipeline")
     err = fails(capsys, "--model", str(model), "-o", str(tmp_path / "a.png"))
-    assert "StableDiffusionPipeline" in err and "QwenImagePipeline" in err
+    assert "StableDiffusionPipeline" in err and "QwenImagePipeline" in err and "QwenImage21Pipeline" in err
 
 
 def test_broken_model_index(tmp_path, capsys):
@@ -70,19 +70,6 @@ def test_bad_steps_output_and_vae_config(tmp_path, capsys):
 # -- end to end: a tiny random Qwen-Image directory written here (tokenizer and text encoder too) ---
 
 
-def _byte_level_vocab() -> dict[str, int]:
-    # The GPT-2 byte-to-unicode table: with no merges, every byte is one token.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: i for i, c in enumerate(chars[b] for b in range(256))}
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -96,7 +83,9 @@ def tiny_model_dir(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
     from test_diffusers import tiny_pipeline
 
-    tok = transformers.Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[])
+    from helpers import byte_level_vocab
+
+    tok = transformers.Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[])
     cfg = transformers.Qwen2_5_VLConfig(
         text_config=dict(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          intermediate_size=32, vocab_size=len(tok), max_position_embeddings=2048,

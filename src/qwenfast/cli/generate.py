@@ -1,8 +1,10 @@
-"""`qwenfast generate`: text-to-image from a local diffusers-format Qwen-Image directory.
+"""`qwenfast generate`: text-to-image from a local diffusers-format Qwen-Image or Qwen-Image-2.1 directory.
 
-The diffusers `QwenImagePipeline`, accelerated (`qwenfast.integrations.diffusers.accelerate`): fused
-DiT modulation and qwenfast's VAE with the `--vae-config.*` options. The VAE is loaded by qwenfast's
-own loader on every rank (safetensors only, keys and shapes checked; never diffusers' `from_pretrained`,
+The directory's kind is told by model_index.json's `_class_name` (`MODELS`: one entry per kind, every
+fact that differs between them in one place): diffusers' `QwenImagePipeline` (RGB) or
+`QwenImage21Pipeline` (RGBA), accelerated (`qwenfast.integrations.diffusers.accelerate`): fused DiT
+modulation and qwenfast's VAE with the `--vae-config.*` options. The VAE is loaded by qwenfast's own
+loader on every rank (safetensors only, keys and shapes checked; never diffusers' `from_pretrained`,
 which would fall back to a .bin pickle) and handed to the pipeline. Under `torchrun`, rank 0 runs the
 text encoder and the denoising loop, broadcasts the latent (one source of truth), every rank joins the
 (parallel) decode, and rank 0 writes the image. Every stage ends with the ranks agreeing whether one
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .common import CLIError, add_dtype_device_args, add_overwrite_arg
@@ -20,30 +23,75 @@ from .common import CLIError, add_dtype_device_args, add_overwrite_arg
 # Rank 0 loads the pipeline and denoises while the others wait at the end of that stage: a long wait.
 FIRST_WAIT_S = 2 * 3600
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+ALPHA_SUFFIXES = (".png", ".webp", ".tif", ".tiff")  # Pillow keeps RGBA's alpha in these (BMP drops it, JPEG fails)
 
-PIPELINE_CLASS = "QwenImagePipeline"
-MULTIPLE = 16  # 8x VAE compression x 2x2 packing of the latent into tokens
+
+@dataclass(frozen=True)
+class Model:
+    """Every fact `generate` needs of one kind of model directory (one entry of `MODELS`): checks,
+    loading, the latent's shape between the ranks and the output's format follow from these alone."""
+
+    name: str  # in messages and --help
+    pipeline: str  # model_index.json's `_class_name`: the diffusers pipeline class that runs it
+    components: dict[str, str]  # subfolder -> the class model_index.json must name for it
+    vae: str  # qwenfast.vae's class for vae/ (its diffusers class is components["vae"])
+    multiple: int  # height and width: multiples of this
+    latent_patch: int  # latent pixels per token side: 2 (2x2 packed into channels) or 1 (unpatched)
+    channels: int  # of the image: 3 (RGB) or 4 (RGBA)
+    default_size: int
+    default_steps: int
+    default_true_cfg_scale: float
+
+
+MODELS = {m.pipeline: m for m in (
+    # 8x VAE x 2x2 packing of the latent into tokens: 16 px per token side.
+    Model("Qwen-Image", "QwenImagePipeline",
+          {"vae": "AutoencoderKLQwenImage", "transformer": "QwenImageTransformer2DModel",
+           "scheduler": "FlowMatchEulerDiscreteScheduler"},
+          vae="QwenImageVAE", multiple=16, latent_patch=2, channels=3,
+          default_size=1328, default_steps=50, default_true_cfg_scale=4.0),
+    # 16x VAE, unpatched tokens; the pipeline appends one mask slot per 2x2 group of latent pixels (and
+    # silently rounds other sizes down to 32): 32. Sampled without guidance by design (diffusers' 1.0).
+    Model("Qwen-Image-2.1", "QwenImage21Pipeline",
+          {"vae": "AutoencoderKLQwenImage21", "transformer": "QwenImage21Transformer2DModel",
+           "scheduler": "FlowMatchEulerDiscreteScheduler"},
+          vae="QwenImage21VAE", multiple=32, latent_patch=1, channels=4,
+          default_size=1024, default_steps=40, default_true_cfg_scale=1.0),
+)}
+
+
+def _per_model(fact) -> str:
+    """`fact(model)` for every model, in words: "16 for Qwen-Image, 32 for Qwen-Image-2.1"."""
+    return ", ".join(f"{fact(m)} for {m.name}" for m in MODELS.values())
 
 
 def add_parser(subparsers) -> None:
     from ..config import VAEConfig
 
+    names = " or ".join(m.name for m in MODELS.values())
     p = subparsers.add_parser(
         "generate",
-        help="text-to-image with a local Qwen-Image model directory",
-        description="Text-to-image with a local diffusers-format Qwen-Image directory, on the fused DiT "
-                    "and qwenfast's VAE. Under torchrun every rank joins the decode; rank 0 writes the image.",
+        help=f"text-to-image with a local {names} model directory",
+        description=f"Text-to-image with a local diffusers-format {names} directory (told apart by model_index.json: "
+                    f"{' or '.join(MODELS)}), on the fused DiT and qwenfast's VAE. Qwen-Image-2.1 writes RGBA "
+                    "images (.png, .webp or .tif keep the alpha channel). Under torchrun every rank joins the "
+                    "decode; rank 0 writes the image.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format Qwen-Image directory (model_index.json)")
+    p.add_argument("--model", required=True, metavar="DIR", help=f"diffusers-format {names} directory (model_index.json)")
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default: ' ')")
-    p.add_argument("--true-cfg-scale", type=float, default=4.0, help="true CFG scale; <= 1 turns CFG off (default: 4.0)")
+    p.add_argument("--true-cfg-scale", type=float, default=None,
+                   help=f"true CFG scale; <= 1 turns CFG off (default: {_per_model(lambda m: m.default_true_cfg_scale)})")
     p.add_argument("-o", "--output", default="qwenfast.png", metavar="OUT", help="image file to write (default: qwenfast.png)")
     add_overwrite_arg(p)
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default: 50)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="denoising steps (default: the model's own schedule: its model_index.json sample_sigmas "
+                        f"if it has them, else {_per_model(lambda m: m.default_steps)})")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the initial noise (default: 0)")
-    p.add_argument("--height", type=int, default=1328, metavar="H", help=f"image height, a multiple of {MULTIPLE} (default: 1328)")
-    p.add_argument("--width", type=int, default=1328, metavar="W", help=f"image width, a multiple of {MULTIPLE} (default: 1328)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, default=None, metavar=side[0].upper(),
+                       help=f"image {side}, a multiple of {_per_model(lambda m: m.multiple)} "
+                            f"(default: {_per_model(lambda m: m.default_size)})")
     p.add_argument("--no-fused-modulation", dest="fused_modulation", action="store_false",
                    help="run diffusers' own DiT blocks (decode still on qwenfast's VAE)")
     add_dtype_device_args(p)
@@ -54,10 +102,8 @@ def add_parser(subparsers) -> None:
 # -- checks: cheap, identical on every rank, before anything is loaded -------------------------
 
 
-def check_model_dir(path: str) -> Path:
-    """The directory must hold a diffusers `QwenImagePipeline` (model_index.json) whose component
-    folders are all there and not empty: each model's config.json and .safetensors weights, the
-    scheduler's scheduler_config.json, a tokenizer file."""
+def read_model_index(path: str) -> tuple[Path, dict, Model]:
+    """The directory, its model_index.json and the kind of model it names (`MODELS`)."""
     model = Path(path)
     if not model.is_dir():
         raise CLIError(f"--model {path}: no such directory")
@@ -69,17 +115,51 @@ def check_model_dir(path: str) -> Path:
         cls = entries.get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
         raise CLIError(f"--model {path}: model_index.json is not readable JSON ({e})") from None
-    if cls != PIPELINE_CLASS:
-        raise CLIError(f"--model {path}: a {cls or 'unnamed'} pipeline, not a {PIPELINE_CLASS} (text-to-image)")
-    components = {"vae": "AutoencoderKLQwenImage", "transformer": "QwenImageTransformer2DModel",
-                  "scheduler": "FlowMatchEulerDiscreteScheduler"}
-    for name, value in entries.items():  # "text_encoder": ["transformers", "Qwen2_5_VL..."]
-        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1]:
+    if cls not in MODELS:
+        accepted = " or ".join(f"a {c} ({m.name} text-to-image)" for c, m in MODELS.items())
+        raise CLIError(f"--model {path}: a {cls or 'unnamed'} pipeline, not {accepted}")
+    return model, entries, MODELS[cls]
+
+
+def with_model_defaults(args: argparse.Namespace, model: Model) -> argparse.Namespace:
+    """`args` with the options left unset filled in from `model` (a copy; --steps stays None: see `_schedule`)."""
+    defaults = dict(height=model.default_size, width=model.default_size, true_cfg_scale=model.default_true_cfg_scale)
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in defaults.items() if getattr(args, k) is None}})
+
+
+def check_args(args: argparse.Namespace, model: Model) -> None:
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v <= 0 or v % model.multiple:
+            raise CLIError(f"--{name} {v}: must be a positive multiple of {model.multiple} for {model.name}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps {args.steps}: must be at least 1")
+    out = Path(args.output)
+    suffix = out.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise CLIError(f"-o {args.output}: give an image file name (.png, .jpg, .webp, ...)")
+    if model.channels == 4 and suffix not in ALPHA_SUFFIXES:
+        raise CLIError(f"-o {args.output}: {model.name} images are RGBA and {suffix} keeps no alpha channel; "
+                       f"give {', '.join(ALPHA_SUFFIXES)}")
+    if not out.resolve().parent.is_dir():
+        raise CLIError(f"-o {args.output}: directory {out.resolve().parent} does not exist")
+
+
+def check_components(path: Path, entries: dict, model: Model) -> None:
+    """The component folders model_index.json names (and `model.components`, named with the classes
+    they must hold) are all there and not empty: each model's config.json and .safetensors weights,
+    the scheduler's scheduler_config.json, a tokenizer or processor file."""
+    components = dict(model.components)
+    for name, value in entries.items():  # "text_encoder": ["transformers", "Qwen2_5_VL..."]; not "sample_sigmas": [1.0, 0.5]
+        if (not name.startswith("_") and isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, str) for v in value)):
+            if name in components and value[1] != components[name]:
+                raise CLIError(f"--model {path}: model_index.json names a {value[1]} for {name}/; "
+                               f"a {model.pipeline}'s {name} is a {components[name]}")
             components.setdefault(name, str(value[1]))
-    missing = [m for name, c in components.items() if (m := _missing_files(model / name, c))]
+    missing = [m for name, c in components.items() if (m := _missing_files(path / name, c))]
     if missing:
         raise CLIError(f"--model {path}: " + "; ".join(missing))
-    return model
 
 
 def _missing_files(folder: Path, cls: str) -> str | None:
@@ -106,20 +186,6 @@ def _missing_files(folder: Path, cls: str) -> str | None:
     return f"{folder.name}/ has no {', '.join(absent)}" if absent else None
 
 
-def check_args(args: argparse.Namespace) -> None:
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v <= 0 or v % MULTIPLE:
-            raise CLIError(f"--{name} {v}: must be a positive multiple of {MULTIPLE}")
-    if args.steps < 1:
-        raise CLIError(f"--steps {args.steps}: must be at least 1")
-    out = Path(args.output)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise CLIError(f"-o {args.output}: give an image file name (.png, .jpg, .webp, ...)")
-    if not out.resolve().parent.is_dir():
-        raise CLIError(f"-o {args.output}: directory {out.resolve().parent} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
     from .common import owned_group
 
@@ -137,73 +203,96 @@ def _generate(args: argparse.Namespace) -> int:
 
     rank0 = pg.is_rank0()
     with all_ranks_agree("checking the options"):
-        check_args(args)
+        path, entries, model = read_model_index(args.model)
+        args = with_model_defaults(args, model)
+        check_args(args, model)
         vae_config = vae_config_from_args(args, progress_default=rank0)
         device = resolve_device(args.device)
         if pg.get_world_size() > 1 and device.type == "cuda" and args.device is None:
             device = torch.device("cuda", torch.cuda.current_device())  # init_from_env set LOCAL_RANK's
         dtype = resolve_dtype(args.dtype, device)
-        model = check_model_dir(args.model)
+        check_components(path, entries, model)
+        schedule, steps = _schedule(args, entries, model)
         output = media.Output(Path(args.output), Path(args.output).suffix.lower()[1:])
         if rank0:  # rank 0 writes the image
             media.check_targets([output], overwrite=args.overwrite)
     with all_ranks_agree("loading the VAE"), out_of_memory_as_hint("loading the VAE"):
-        vae = load_vae(model, vae_config, dtype, device)
+        vae = load_vae(path, model, vae_config, dtype, device)
     latents = None
     with all_ranks_agree("denoising"), out_of_memory_as_hint("denoising"):  # the others wait here
         if rank0:
-            latents = _denoise(args, model, vae, vae_config, device, dtype)
+            latents = _denoise(args, path, model, vae, vae_config, schedule, device, dtype)
     if pg.get_world_size() > 1:  # rank 0's latent, one source of truth; shapes from the arguments
-        latents = pg.broadcast_tensor(latents if rank0 else torch.empty(_packed_shape(vae, args), dtype=dtype,
+        latents = pg.broadcast_tensor(latents if rank0 else torch.empty(_packed_shape(vae, model, args), dtype=dtype,
                                                                         device=device))
     with out_of_memory_as_hint(f"decoding {args.width}x{args.height}"), torch.no_grad():
-        image = decode_packed_latents(vae, latents, args.height, args.width)
+        image = decode_packed_latents(vae, latents, args.height, args.width)  # (1, model.channels, H, W)
     with all_ranks_agree("writing the image"):
         if rank0:
-            media.write_all([output], [media.writer(output, image[0])])
-            print(f"wrote {args.output} ({args.width}x{args.height}, {args.steps} steps, seed {args.seed})")
+            media.write_all([output], [media.writer(output, image[0])])  # RGBA keeps its alpha channel
+            print(f"wrote {args.output} ({args.width}x{args.height}, {steps} steps, seed {args.seed})")
     return 0
 
 
-def load_vae(model: Path, vae_config, dtype, device):
-    """The model's VAE through qwenfast's loader (safetensors only, checked), as the diffusers
-    `AutoencoderKLQwenImage` the pipeline expects, over the same tensors (no copy), its decode
-    routed to qwenfast's VAE with `vae_config`."""
-    import torch
-    from diffusers import AutoencoderKLQwenImage
+def _schedule(args: argparse.Namespace, entries: dict, model: Model) -> tuple[dict, int]:
+    """The pipeline call's schedule arguments and the number of steps they give. A pipeline whose
+    model_index.json has `sample_sigmas` (Qwen-Image-2.1's may) runs those and ignores
+    `num_inference_steps`: kept when --steps is not given; for --steps N, N steps on the linear grid
+    the pipeline uses without them."""
+    configured = entries.get("sample_sigmas")
+    if args.steps is None and configured:
+        return {}, len(configured)
+    steps = args.steps or model.default_steps
+    if not configured:
+        return {"num_inference_steps": steps}, steps
+    import numpy as np
 
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps).tolist()}, steps
+
+
+def load_vae(path: Path, model: Model, vae_config, dtype, device):
+    """The model's VAE through qwenfast's loader (safetensors only, checked), as the diffusers VAE the
+    pipeline expects, over the same tensors (no copy), its decode routed to qwenfast's VAE with
+    `vae_config`."""
+    import diffusers
+    import torch
+
+    from .. import vae as qwenfast_vae
     from ..integrations.diffusers import route_vae_decode
-    from ..vae import QwenImageVAE
     from ..vae.weights import WeightsError
     from .common import reading_error
 
     try:
-        ours = QwenImageVAE.from_pretrained(model / "vae", dtype=dtype, device=device)
+        ours = getattr(qwenfast_vae, model.vae).from_pretrained(path / "vae", dtype=dtype, device=device)
     except (OSError, WeightsError) as e:
-        raise CLIError(f"--model {model}: the VAE: {reading_error(e)}") from None
+        raise CLIError(f"--model {path}: the VAE: {reading_error(e)}") from None
     with torch.device("meta"):  # no init: every tensor comes from ours
-        vae = AutoencoderKLQwenImage(**ours.config)
+        vae = getattr(diffusers, model.components["vae"])(**ours.config)
     vae.load_state_dict(ours.state_dict(), strict=True, assign=True)
     return route_vae_decode(vae.eval().requires_grad_(False), vae_config)
 
 
-def _packed_shape(vae, args) -> tuple[int, int, int]:
-    """(1, tokens, 4·z_dim): the pipeline's latent, 2x2-packed into tokens."""
-    scale = 2 ** len(vae.temperal_downsample)
-    return 1, (args.height // (scale * 2)) * (args.width // (scale * 2)), 4 * vae.config.z_dim
+def _packed_shape(vae, model: Model, args) -> tuple[int, int, int]:
+    """(1, tokens, latent_patch²·z_dim): the pipeline's latent, packed into tokens of
+    latent_patch x latent_patch latent pixels."""
+    from ..integrations.diffusers import qwenfast_vae
+
+    side = qwenfast_vae(vae).spatial_compression_ratio * model.latent_patch  # pixels per token side
+    return 1, (args.height // side) * (args.width // side), model.latent_patch ** 2 * vae.config.z_dim
 
 
-def _denoise(args, model: Path, vae, vae_config, device, dtype):
+def _denoise(args, path: Path, model: Model, vae, vae_config, schedule: dict, device, dtype):
     """Rank 0: the pipeline (text encoder, fused DiT, our VAE) up to the packed latent."""
+    import diffusers
     import torch
-    from diffusers import QwenImagePipeline
 
     from ..integrations.diffusers import accelerate
 
     try:
-        pipe = QwenImagePipeline.from_pretrained(str(model), vae=vae, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--model {model}: {str(e).strip().splitlines()[0]}") from None
+        pipe = getattr(diffusers, model.pipeline).from_pretrained(str(path), vae=vae, torch_dtype=dtype,
+                                                                  use_safetensors=True)
+    except (OSError, ValueError) as e:  # e.g. "processor requires `torchvision`" (Qwen-Image-2.1's Qwen3VLProcessor)
+        raise CLIError(f"--model {path}: {str(e).strip().splitlines()[0]}") from None
     pipe = pipe.to(device)
     accelerate(pipe, vae_config=vae_config, fused_modulation=args.fused_modulation)
     pipe.set_progress_bar_config(desc="denoising")  # diffusers' bar, one tick per step
@@ -211,11 +300,12 @@ def _denoise(args, model: Path, vae, vae_config, device, dtype):
         prompt=args.prompt,
         negative_prompt=args.negative_prompt if args.true_cfg_scale > 1 else None,
         true_cfg_scale=args.true_cfg_scale,
-        height=args.height, width=args.width, num_inference_steps=args.steps,
+        height=args.height, width=args.width, **schedule,
         generator=torch.Generator(device=device).manual_seed(args.seed),
         output_type="latent",
-    ).images  # packed (1, (h/2)(w/2), 4·z_dim)
-    shape = _packed_shape(vae, args)
+    ).images  # packed (1, tokens, latent_patch²·z_dim)
+    shape = _packed_shape(vae, model, args)
     if tuple(latents.shape) != shape:
         raise RuntimeError(f"the pipeline's latent has shape {tuple(latents.shape)}, expected {shape}")
     return latents.to(device=device, dtype=dtype).contiguous()
+
