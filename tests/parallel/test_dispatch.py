@@ -93,7 +93,8 @@ def test_count_differing_is_bitwise(dtype):
 
 def test_decode_config_codes_cover_every_shared_field():
     names, codes = decode_config_codes(VAEConfig())
-    shared = [f.name for f in dataclasses.fields(VAEConfig) if f.name not in ("progress", "collective_timeout_s", "cuda_graph")]
+    local = ("progress", "collective_timeout_s", "cuda_graph", "cuda_graph_capture_call")
+    shared = [f.name for f in dataclasses.fields(VAEConfig) if f.name not in local]
     assert list(names) == shared and codes.shape == (len(shared),)
     for f in dataclasses.fields(VAEConfig):  # every str field is a choice, so that it has a number
         if isinstance(f.default, str):
@@ -102,4 +103,5 @@ def test_decode_config_codes_cover_every_shared_field():
                    dict(tiling="blend"), dict(tile_margin=13), dict(tile_margin=0), dict(use_tiling=True)):
         changed = decode_config_codes(VAEConfig(**change))[1]
         assert [n for n, a, b in zip(names, codes.tolist(), changed.tolist()) if a != b] == list(change), change
-    assert torch.equal(decode_config_codes(VAEConfig(progress=True, collective_timeout_s=1.0, cuda_graph=True))[1], codes)
+    assert torch.equal(decode_config_codes(VAEConfig(progress=True, collective_timeout_s=1.0, cuda_graph=True,
+                                                 cuda_graph_capture_call=2))[1], codes)

@@ -18,16 +18,9 @@ import torch
 
 from . import plan
 from .attention import tail_on_region
+from .plan import bands_allow_level  # noqa: F401 - pure planning, kept importable here
 
 __all__ = ["bands_allow_level", "decode_band_with_level_halos", "exchange_rows"]
-
-
-def bands_allow_level(bands: list[plan.Tile | None], halos: list[tuple[int, int]]) -> bool:
-    """Whether every band is a full-width band thick enough that each halo comes from the next band alone."""
-    if any(b is None for b in bands) or len({(b.x0, b.x1) for b in bands}) != 1:
-        return False
-    thinnest = min(b.y1 - b.y0 for b in bands)
-    return all(thinnest * scale >= rows for scale, rows in halos)
 
 
 def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: int, comm,
