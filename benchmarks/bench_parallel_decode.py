@@ -44,7 +44,7 @@ from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.vae.qwen_image import QwenImageVAE
 
 PARALLEL_MODES = {
-    "patch": dict(parallel_decode_mode="patch"),
+    "patch": dict(parallel_decode_mode="patch", patch_halo="mid"),  # explicit: the default "auto" is one of these two
     "patch (level)": dict(parallel_decode_mode="patch", patch_halo="level"),
     "tiled (exact)": dict(parallel_decode_mode="tiled", tiling="exact"),
     "tiled (blend)": dict(parallel_decode_mode="tiled", tiling="blend"),

@@ -97,7 +97,7 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     if comm is None:
         if not is_initialized() or get_world_size(vae.process_group) == 1:
             z, _ = vae.check_latent(z)
-            return single_device_decode(vae, z, cfg)
+            return vae.run_graphed(lambda x: single_device_decode(vae, x, cfg), z, cfg=cfg)
         comm = ProcessGroupComm(vae.process_group, timeout_s=cfg.collective_timeout_s)
 
     z, min_free = _agree_on_header(vae, z, comm)

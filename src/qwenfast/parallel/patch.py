@@ -40,8 +40,8 @@ def parallel_patch_decode(vae, z: torch.Tensor, comm, cfg: VAEConfig) -> torch.T
 def level_decode_over_ranks(vae, z: torch.Tensor, comm, cfg: VAEConfig, bands: list[plan.Tile],
                             halos: list[tuple[int, int]]) -> torch.Tensor | None:
     """`patch` with `patch_halo="level"`: one band per rank, halo rows exchanged at each level."""
-    x = split_attention(vae, z, comm)  # (B, C_mid, T, h, w) on every rank
-    core = halo.decode_band_with_level_halos(vae, x, bands[comm.rank], z.shape[-2], comm, halos)
+    x = split_attention(vae, z, comm, cfg)  # (B, C_mid, T, h, w) on every rank
+    core = halo.decode_band_with_level_halos(vae, x, bands[comm.rank], z.shape[-2], comm, halos, cfg)
     del x
     shapes = piece_shapes(vae, z, [(b.y0, b.y1, b.x0, b.x1) for b in bands])
     assignment = [[r] for r in range(comm.world_size)]
