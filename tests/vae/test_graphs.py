@@ -227,6 +227,10 @@ def test_vae_decode_with_repeat_policy_captures_from_the_second_call():
     for _ in range(2):
         assert torch.equal(vae.decode(z), plain)  # bit for bit the eager decode
     assert (graphs.captures, graphs.replays) == (1, 2)
+    moved = next(vae.parameters())
+    moved.data = moved.data.clone()  # weights at another address (as `.to()` or an offload hook leaves them)
+    assert torch.equal(vae.decode(z), plain)
+    assert (graphs.captures, graphs.replays, graphs.eager_calls) == (1, 2, 2)  # not a replay of the old graph
     vae.release_cuda_graphs()
     assert "_decode_graphs" not in vae.__dict__ and len(graphs) == 0
 
@@ -271,3 +275,21 @@ def test_parallel_segments_replay_equal_eager_per_rank_with_collectives_outside(
         return
     assert graphs.captures == segments * world  # one graph per segment and rank: ranks never share one
     assert graphs.replays == 2 * segments * world and len(graphs) == segments * world
+
+
+def test_accelerate_policy_is_graphs_when_shapes_repeat():
+    """`accelerate(pipe)` (its `when_shapes_repeat`): graphs from the second decode of a shape, over the
+    given config; a config with graphs on is kept; re-calling with None keeps a routed VAE's config."""
+    from qwenfast import VAEConfig
+    from qwenfast.integrations.diffusers import when_shapes_repeat
+
+    plain = torch.nn.Module()
+    assert when_shapes_repeat(None, plain) == VAEConfig(cuda_graph=True, cuda_graph_capture_call=2)
+    tiled = when_shapes_repeat(VAEConfig(use_tiling=True), plain)
+    assert (tiled.use_tiling, tiled.cuda_graph, tiled.cuda_graph_capture_call) == (True, True, 2)
+    mine = VAEConfig(cuda_graph=True)
+    assert when_shapes_repeat(mine, plain) is mine  # capture on the first call, as asked
+    routed = torch.nn.Module()
+    routed.__dict__["_qwenfast_vae"] = object()
+    assert when_shapes_repeat(None, routed) is None
+    assert VAEConfig().cuda_graph is False  # direct VAE use: eager unless asked

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -298,7 +299,10 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
             graphs = self.__dict__[attr] = DecodeGraphs(max_graphs=max_graphs)
         if not graphs.applies(x):
             return fn(x)
-        return graphs(fn, x, context=(kind, *dataclasses.astuple(cfg), *context),
+        # A graph reads the weights at the addresses it was captured with: weights moved since (`.to()`,
+        # an offload hook) make another signature, never a replay over freed memory.
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
+        return graphs(fn, x, context=(kind, *dataclasses.astuple(cfg), weights, *context),
                       capture_call=cfg.cuda_graph_capture_call)
 
     def release_cuda_graphs(self) -> None:
