@@ -293,3 +293,31 @@ def test_accelerate_policy_is_graphs_when_shapes_repeat():
     routed.__dict__["_qwenfast_vae"] = object()
     assert when_shapes_repeat(None, routed) is None
     assert VAEConfig().cuda_graph is False  # direct VAE use: eager unless asked
+
+
+@CUDA
+@pytest.mark.parametrize("shape,fields", [
+    ((1, 4, 1, 30, 9), dict(parallel_decode_mode="patch", patch_halo="mid")),
+    ((2, 4, 1, 13, 21), dict(parallel_decode_mode="tiled", exact_tile_sample_size=64)),
+    ((1, 4, 3, 24, 6), dict(parallel_decode_mode="patch", patch_halo="level")),
+])
+def test_parallel_segments_replayed_on_cuda_equal_eager_bit_for_bit(shape, fields):
+    """Real CUDA graphs of each rehearsed rank's segments (capture from the second call, as accelerate
+    does): every replay equals the rank's eager share bit for bit."""
+    from qwenfast import VAEConfig
+    from qwenfast.parallel.dispatch import decode_parallel
+    from qwenfast.parallel.rehearsal import RehearsalComm
+
+    vae, world = _tiny("cuda"), 3
+    z = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        for r in range(world):
+            vae.vae_config = VAEConfig(use_parallel_decode=True, **fields)
+            eager = decode_parallel(vae, z, comm=RehearsalComm(r, world, "cuda"))
+            vae.vae_config = VAEConfig(use_parallel_decode=True, cuda_graph=True, cuda_graph_capture_call=2, **fields)
+            for _ in range(3):  # eager, captured and replayed, replayed
+                assert torch.equal(decode_parallel(vae, z, comm=RehearsalComm(r, world, "cuda")), eager), r
+    graphs = vae.__dict__["_segment_graphs"]
+    assert graphs.captures == 2 * world and graphs.eager_calls == 2 * world
+    vae.release_cuda_graphs()
+    assert "_segment_graphs" not in vae.__dict__
