@@ -18,8 +18,9 @@ Rank 0 writes JSON + markdown with provenance to --out.
 
 `--rehearse N ...` (one process, one GPU, no torchrun): for each N, runs the share of every rank r < N
 of every mode through `qwenfast.parallel.rehearsal.RehearsalComm` (collectives keep their shapes and
-byte counts, move no data), times each rank's compute (eager; with `--graphs` also as a CUDA graph of
-the strategy), and prints per mode and size the slowest rank's compute, the imbalance (slowest /
+byte counts, move no data), times each rank's compute (eager; with `--graphs` also with
+VAEConfig.cuda_graph, each segment between collectives a CUDA graph, checked bit for bit against the
+eager share), and prints per mode and size the slowest rank's compute, the imbalance (slowest /
 mean), the redundant work (sum of rank times / single-GPU time), each rank's peak and bytes, and a
 PREDICTED speed-up = single-GPU untiled time / (slowest rank's compute + its bytes / --link-gbps).
 The link bandwidth is an assumption (stated in the output): NVLink 4 moves 450 GB/s per direction
@@ -44,7 +45,7 @@ from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.vae.qwen_image import QwenImageVAE
 
 PARALLEL_MODES = {
-    "patch": dict(parallel_decode_mode="patch"),
+    "patch": dict(parallel_decode_mode="patch", patch_halo="mid"),  # explicit: the default "auto" is one of these two
     "patch (level)": dict(parallel_decode_mode="patch", patch_halo="level"),
     "tiled (exact)": dict(parallel_decode_mode="tiled", tiling="exact"),
     "tiled (blend)": dict(parallel_decode_mode="tiled", tiling="blend"),
@@ -65,7 +66,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--commit", default=None, help="git commit (when the checkout has no .git)")
     p.add_argument("--rehearse", type=int, nargs="*", default=None, metavar="N",
                    help="one GPU: rehearse N ranks (each rank's share timed alone) and predict the speed-up")
-    p.add_argument("--graphs", action="store_true", help="--rehearse: also time each share as a CUDA graph")
+    p.add_argument("--graphs", action="store_true",
+                   help="also run every parallel mode with VAEConfig.cuda_graph (each rank's segments between "
+                        "collectives as CUDA graphs), checked bit for bit against the eager run")
     p.add_argument("--link-gbps", type=float, default=360.0,
                    help="--rehearse: assumed per-GPU collective bandwidth, GB/s (default: 80%% of NVLink 4's 450)")
     return p.parse_args()
@@ -84,7 +87,7 @@ def make_comm():
     return pg.ProcessGroupComm()
 
 
-CUDA = torch.cuda.is_available()  # a CPU run (gloo) checks the script, not the speed
+CUDA = torch.cuda.is_available()  # a CPU run (gloo) checks the script, not the speed (--graphs: eager there)
 
 
 def sync() -> None:
@@ -124,8 +127,7 @@ def all_values(x: float, comm) -> list[float]:
 
 
 def barrier(comm) -> None:
-    if comm is not None:
-        pg.barrier(comm.group)
+    pg.barrier(getattr(comm, "group", None))  # none without a group (a SingleRankComm has none)
 
 
 def time_decode(fn, reps: int, comm, everyone: bool) -> tuple[float, list[float], object]:
@@ -185,7 +187,8 @@ def provenance(args, comm) -> dict:
     return benchmarking.provenance(gpus=comm.world_size if comm else 1, **extra)
 
 
-def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device) -> list[dict]:
+def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device,
+               graphs: bool = False) -> list[dict]:
     rank0 = comm is None or comm.rank == 0
     z = latent(h, w, t, device, vae.dtype)
     rows = []
@@ -203,7 +206,11 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
                      peak_gib=peak[:1], max_abs=(out - ref).abs().max().item() if rank0 else None,
                      bytes_sent=[0], bytes_received=[0]))
     del out
-    for name, cfg in modes.items():
+    runs = [(name, cfg) for name, cfg in modes.items()]
+    if graphs:  # each mode again with its segments as CUDA graphs, collectives outside (a CPU decodes eagerly)
+        runs += [(f"{name} +graphs", dict(cfg, cuda_graph=True)) for name, cfg in modes.items()]
+    eager_out = {}
+    for name, cfg in runs:
         vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
 
         def fn():
@@ -223,6 +230,12 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
                    bytes_received=all_values(stats.get("bytes_received", 0), comm))
         if name == "tiled (exact)":
             row["speedup_vs_single_tiled"] = ms_tiled1 / ms
+        if cfg.get("cuda_graph"):  # bit for bit the eager run of the same mode, on every rank
+            base = eager_out.pop(name[:-len(" +graphs")], None)
+            row["graph_equal_eager"] = all_max(float(not (out is None and base is None or torch.equal(out, base))), comm) == 0
+            vae.release_cuda_graphs()
+        elif graphs:
+            eager_out[name] = out
         rows.append(row)
         del out
     del ref, z
@@ -248,7 +261,10 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
         sent = ", ".join(f"{b / 2**20:.1f}" for b in r["bytes_sent"])
         mad = "" if r["max_abs"] is None else f"{r['max_abs']:.2e}"
         sp = f"{r['speedup']:.2f}" + (f" ({r['speedup_vs_single_tiled']:.2f} vs tiled)" if "speedup_vs_single_tiled" in r else "")
-        lines.append(f"| {r['case']} | {r['mode']} | {r.get('ran', '')} | {r['ms']:.1f} | {sp} | {peaks} | {mad} | {sent} |")
+        ran = r.get("ran", "") or ""
+        if "graph_equal_eager" in r:
+            ran += ", bit for bit = eager" if r["graph_equal_eager"] else ", DIFFERS FROM EAGER"
+        lines.append(f"| {r['case']} | {r['mode']} | {ran} | {r['ms']:.1f} | {sp} | {peaks} | {mad} | {sent} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +272,6 @@ def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: 
                   graphs: bool, link_gbps: float) -> list[dict]:
     """Every rank's share of every mode, timed alone on this device (see the module docstring)."""
     from qwenfast.parallel.rehearsal import RehearsalComm
-    from qwenfast.vae.graphs import DecodeGraphs
 
     z = latent(h, w, t, device, vae.dtype)
     zin = z[:, :, 0] if t == 1 else z
@@ -283,16 +298,21 @@ def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: 
                     ms = benchmarking.time_ms(lambda: share(z), device, repeats=reps)["median_ms"]
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if CUDA else 0.0
                 sent, received = comm.bytes_sent / (reps + 1), comm.bytes_received / (reps + 1)
-                ms_graph = None
-                if graphs and CUDA:
-                    strategy = (vae.parallel_patch_decode if cfg["parallel_decode_mode"] == "patch"
-                                else vae.parallel_tiled_decode)
-                    cache = DecodeGraphs(max_graphs=1)
+                ms_graph = graph_equal = None
+                if graphs:  # VAEConfig.cuda_graph: the rank's segments as graphs, collectives outside (CPU: eager)
                     with torch.no_grad():
-                        ms_graph = benchmarking.time_ms(lambda: cache(lambda x: strategy(x, RehearsalComm(r, n, device)), z),
-                                                        device, repeats=reps)["median_ms"]
-                    cache.release()
-                ranks.append(dict(rank=r, ms=ms, ms_graph=ms_graph, peak_gib=peak, bytes_sent=sent, bytes_received=received))
+                        eager = decode_parallel(vae, z, comm=RehearsalComm(r, n, device))
+                        vae.vae_config = VAEConfig(use_parallel_decode=True, cuda_graph=True, **cfg)
+                        ms_graph = benchmarking.time_ms(lambda: decode_parallel(vae, z, comm=RehearsalComm(r, n, device)),
+                                                        device, repeats=reps)["median_ms"]  # the warm-up captures
+                        graph_equal = torch.equal(decode_parallel(vae, z, comm=RehearsalComm(r, n, device)), eager)
+                    del eager
+                    vae.release_cuda_graphs()
+                    vae.vae_config = VAEConfig(use_parallel_decode=True, **cfg)
+                    if not graph_equal:
+                        print(f"MISMATCH: {label} N={n} {name} rank {r}: graph replay != eager share", flush=True)
+                ranks.append(dict(rank=r, ms=ms, ms_graph=ms_graph, graph_equal_eager=graph_equal, peak_gib=peak,
+                                  bytes_sent=sent, bytes_received=received))
             slowest = max(ranks, key=lambda x: x["ms"])
             moved = max(max(x["bytes_sent"], x["bytes_received"]) for x in ranks)
             link_ms = moved / (link_gbps * 1e9) * 1e3
@@ -300,7 +320,7 @@ def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: 
                        imbalance=slowest["ms"] / (sum(x["ms"] for x in ranks) / n),
                        redundancy=sum(x["ms"] for x in ranks) / single, link_ms=link_ms,
                        predicted_speedup=single / (slowest["ms"] + link_ms), ranks=ranks, link_gbps=link_gbps)
-            if graphs and CUDA:
+            if graphs:
                 slow_g = max(x["ms_graph"] for x in ranks)
                 row.update(slowest_graph_ms=slow_g, predicted_speedup_graph=single / (slow_g + link_ms))
             rows.append(row)
@@ -329,6 +349,12 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
                      f"{'' if g is None else f'{g:.1f}'} | {r['imbalance']:.2f} | {r['redundancy']:.2f} | "
                      f"{r['link_ms']:.2f} | {peak:.2f} | {sent:.1f} | {r['predicted_speedup']:.2f} | "
                      f"{r['predicted_speedup'] / r['world']:.2f} |")
+    shares = [(r, x) for r in rows for x in r["ranks"] if x.get("graph_equal_eager") is not None]
+    if shares:
+        bad = [f"{r['case']} {r['mode']} N={r['world']} rank {x['rank']}" for r, x in shares if not x["graph_equal_eager"]]
+        lines += ["", "graph ms: VAEConfig.cuda_graph (each rank's segments between collectives as CUDA graphs). Graph "
+                      f"replay bit for bit equal to the eager share: {len(shares) - len(bad)} of {len(shares)} rank shares"
+                      + (f"; DIFFERENT: {'; '.join(bad)}" if bad else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -355,7 +381,7 @@ def main() -> int:
     if args.video_frames:
         cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
     for label, h, w, t, reps in cases:
-        rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device)
+        rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device, args.graphs)
         if rank0:
             r = rows[-1]
             print(f"{label}: " + ", ".join(f"{x['mode']} {x['ms']:.1f} ms" for x in rows if x["case"] == label), flush=True)

@@ -18,7 +18,7 @@ __all__ = ["VAEConfig", "parse_bool"]
 PARALLEL_DECODE_MODES = ("tiled", "patch", "auto")
 TILING_FLAVOURS = ("exact", "blend")
 PARALLEL_OUTPUTS = ("all", "rank0")
-PATCH_HALOS = ("mid", "level")
+PATCH_HALOS = ("auto", "mid", "level")
 
 _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
@@ -87,10 +87,19 @@ class VAEConfig:
     are all zero padding, as the equivalent 2D conv. Same numbers, a fraction of the work."""
 
     cuda_graph: bool = False
-    """Replay the single-device decode as a CUDA graph, captured once per latent shape, dtype, device and
-    decode options (no launch gaps: 1024² 13.0 -> 12.4 ms on an H200, bit for bit the eager decode). The
-    graph keeps the decode's working memory between calls (at most two graphs; `vae.release_cuda_graphs()`
-    frees them). CUDA latents only (others decode eagerly); no effect with use_parallel_decode yet."""
+    """Replay the decode as a CUDA graph, captured per latent shape, dtype, device and decode options (no
+    launch gaps: 1024² 13.0 -> 12.4 ms on an H200, bit for bit the eager decode). On one device the whole
+    decode is one graph; in the parallel modes each rank captures its compute between collectives
+    (the collectives run outside the graphs, so NCCL and gloo work alike). A graph keeps its working
+    memory between calls (at most two whole decodes, or four parallel segments;
+    `vae.release_cuda_graphs()` frees them). CUDA latents only (others decode eagerly). Off by default;
+    `qwenfast bench` and `accelerate(pipe)` turn it on, capturing from the second call of a signature
+    (`cuda_graph_capture_call=2`)."""
+
+    cuda_graph_capture_call: int = 1
+    """With `cuda_graph`: capture on the N-th call of the same (shape, dtype, device, options); the calls
+    before it decode eagerly. 1 captures on the first call; 2 only when a shape repeats, so a one-off
+    decode never pays the capture (a warm-up, the capture, a replay) nor holds graph memory."""
 
     use_parallel_decode: bool = False
     """Spread the decode over the ranks of a torch.distributed process group (world by default).
@@ -103,10 +112,12 @@ class VAEConfig:
     parallel_output: str = "all"
     """Where the parallel decode's output goes: `all` ranks, or `rank0` only (others get None)."""
 
-    patch_halo: str = "mid"
+    patch_halo: str = "auto"
     """`patch` decode, how neighbour data is fetched: `mid` = one exchange of the mid-block output
     with a margin >= the receptive field (no messages until the gather); `level` = an exchange at
-    each resolution level with a narrower margin (less redundant compute, more messages)."""
+    each resolution level with a narrower margin (less redundant compute, more messages); `auto`
+    (default) = `level` for video latents (T > 1), `mid` for images, as the one-GPU rehearsal
+    predicted fastest (`parallel.plan.choose_patch_halo`, docs/parallel.md)."""
 
     progress: bool = False
     """Show a progress bar over frames and tiles."""

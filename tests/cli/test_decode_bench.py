@@ -163,6 +163,66 @@ def test_bench_prints_table_and_writes_json(vae_dir, tmp_path, capsys):
     assert "median ms" in stdout and "qwenfast decode" in stdout
 
 
+def bench_args(*argv):
+    import argparse
+
+    from qwenfast.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    return parser.parse_args(["bench", *argv])
+
+
+@pytest.mark.parametrize("argv,gpu,expect", [
+    ([], True, True),                                         # a GPU: graphs by default
+    ([], False, False),                                       # a CPU: eager
+    (["--no-cuda-graph"], True, False),
+    (["--vae-config.cuda-graph", "false"], True, False),      # explicit: as given
+    (["--vae-config.cuda-graph"], False, True),               # (a CPU then decodes eagerly and says so)
+    (["--no-cuda-graph", "--vae-config.cuda-graph", "false"], True, False),
+])
+def test_bench_turns_cuda_graphs_on_by_default_only_on_a_gpu(argv, gpu, expect):
+    from qwenfast import VAEConfig
+    from qwenfast.cli.bench import bench_cuda_graph
+
+    args = bench_args(*argv)
+    assert bench_cuda_graph(VAEConfig.from_cli_args(args), args, gpu).cuda_graph is expect
+    assert VAEConfig().cuda_graph is False  # direct VAE use: off
+
+
+def test_bench_no_cuda_graph_contradicting_the_config_flag_is_refused(capsys):
+    code, _, err = run_cli(capsys, "bench", "--no-cuda-graph", "--vae-config.cuda-graph", "true")
+    assert code == 2 and "--no-cuda-graph contradicts --vae-config.cuda-graph true" in err
+
+
+@pytest.mark.parametrize("flag", [[], ["--vae-config.cuda-graph"]])
+def test_bench_on_a_cpu_decodes_eagerly_and_says_so(vae_dir, tmp_path, capsys, flag):
+    _, path = vae_dir
+    out = tmp_path / "b.json"
+    code, stdout, err = run_cli(capsys, "bench", "--vae", path, "--sizes", "32", "--modes", "untiled",
+                                "--repeats", "1", "--device", "cpu", "--json", out, *flag)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert [(r["graph"], r["cuda_graph"]) for r in result["results"]] == [("off", False)]
+    assert result["provenance"]["cuda_graph"] is False
+    header = next(line for line in stdout.splitlines() if "median ms" in line)
+    assert header.split()[:4] == ["size", "T", "mode", "graph"] and "eager decodes" in stdout
+    assert ("CUDA graphs need a GPU: decoding eagerly on cpu" in stdout) == bool(flag)
+
+
+@pytest.mark.parametrize("halo", ["auto", "mid", "level"])
+def test_patch_halo_flag_takes_every_value(halo):
+    from qwenfast import VAEConfig
+
+    assert VAEConfig.from_cli_args(bench_args("--vae-config.patch-halo", halo)).patch_halo == halo
+
+
+def test_patch_halo_flag_refuses_other_values(capsys):
+    with pytest.raises(SystemExit):
+        bench_args("--vae-config.patch-halo", "wide")
+    assert "invalid choice: 'wide'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--sizes", "100"], "multiples of 8"),
     (["--sizes", "abc"], "is not N or WxH"),

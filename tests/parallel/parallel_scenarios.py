@@ -40,7 +40,7 @@ CASES = [
     ("tiled exact 9x7 rank0", (1, 4, 1, 9, 7), dict(parallel_decode_mode="tiled", parallel_output="rank0"), "untiled"),
     ("tiled blend 9x15 rank0", (1, 4, 1, 9, 15),
      dict(parallel_decode_mode="tiled", tiling="blend", parallel_output="rank0"), "blend"),
-    ("patch video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch"), "untiled"),
+    ("patch video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch", patch_halo="mid"), "untiled"),
     ("tiled exact video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled"), "untiled"),
     ("tiled blend video T3 6x9", (1, 4, 3, 6, 9), dict(parallel_decode_mode="tiled", tiling="blend"), "blend"),
     ("patch level 40x9 B2", (2, 4, 1, 40, 9), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),

@@ -18,7 +18,7 @@ CASES = [
     ("tiled blend rank0", (1, 4, 1, 9, 15), dict(parallel_decode_mode="tiled", tiling="blend", parallel_output="rank0",
                                                 tile_sample_min_height=64, tile_sample_min_width=64,
                                                 tile_sample_stride_height=48, tile_sample_stride_width=48)),
-    ("patch video", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch")),
+    ("patch video", (1, 4, 3, 6, 9), dict(parallel_decode_mode="patch", patch_halo="mid")),
 ]
 
 

@@ -93,7 +93,8 @@ def test_count_differing_is_bitwise(dtype):
 
 def test_decode_config_codes_cover_every_shared_field():
     names, codes = decode_config_codes(VAEConfig())
-    shared = [f.name for f in dataclasses.fields(VAEConfig) if f.name not in ("progress", "collective_timeout_s", "cuda_graph")]
+    local = ("progress", "collective_timeout_s", "cuda_graph", "cuda_graph_capture_call")
+    shared = [f.name for f in dataclasses.fields(VAEConfig) if f.name not in local]
     assert list(names) == shared and codes.shape == (len(shared),)
     for f in dataclasses.fields(VAEConfig):  # every str field is a choice, so that it has a number
         if isinstance(f.default, str):
@@ -102,4 +103,23 @@ def test_decode_config_codes_cover_every_shared_field():
                    dict(tiling="blend"), dict(tile_margin=13), dict(tile_margin=0), dict(use_tiling=True)):
         changed = decode_config_codes(VAEConfig(**change))[1]
         assert [n for n, a, b in zip(names, codes.tolist(), changed.tolist()) if a != b] == list(change), change
-    assert torch.equal(decode_config_codes(VAEConfig(progress=True, collective_timeout_s=1.0, cuda_graph=True))[1], codes)
+    assert torch.equal(decode_config_codes(VAEConfig(progress=True, collective_timeout_s=1.0, cuda_graph=True,
+                                                 cuda_graph_capture_call=2))[1], codes)
+
+
+@pytest.mark.parametrize("shape,runs", [((1, 4, 3, 24, 6), "level"), ((1, 4, 1, 24, 6), "mid")])
+def test_patch_halo_auto_runs_level_for_video_and_mid_for_images(vae, shape, runs):
+    """The default `patch_halo="auto"` takes the path of `level` for a video latent and of `mid` for an
+    image: the same collectives, rank by rank (3 rehearsed ranks), as that halo set explicitly, and not
+    those of the other (level exchanges rows at every level, mid sends nothing until the gather)."""
+    from qwenfast.parallel.rehearsal import RehearsalComm
+
+    z, other = latent(shape), {"level": "mid", "mid": "level"}[runs]
+    counts = {}
+    with torch.no_grad():
+        for halo in ("auto", runs, other):
+            vae.vae_config = VAEConfig(use_parallel_decode=True, parallel_decode_mode="patch", patch_halo=halo)
+            counts[halo] = [decode_parallel(vae, z, comm=(c := RehearsalComm(r, 3))) is not None and c.stats()
+                            for r in range(3)]
+    assert VAEConfig().patch_halo == "auto"
+    assert counts["auto"] == counts[runs] != counts[other]

@@ -34,6 +34,10 @@ modes:
               parallel decode over the ranks of `torchrun --nproc-per-node N -m qwenfast bench ...`
               (with one process: the single-device decode). Time = the slowest rank; peak memory
               and bytes sent are listed per rank.
+
+On a GPU every decode runs as a CUDA graph (VAEConfig.cuda_graph: captured in the warm-up, replayed in the
+timed runs; in the parallel modes each rank's compute between collectives); --no-cuda-graph times the
+eager decode. On a CPU decodes run eagerly. The table's "graph" column and the JSON say which ran.
 """
 
 EPILOG = """\
@@ -41,6 +45,7 @@ examples:
   qwenfast bench                                   # CPU: 256² and 512² in about a minute
   qwenfast bench --sizes 1328,2048,1664x928 --modes untiled,exact --dtype bf16
   qwenfast bench --frames 5 --sizes 480x832        # a video latent
+  qwenfast bench --sizes 1024,1328 --no-cuda-graph # eager decodes on a GPU (launch gaps included)
   qwenfast bench --model qwenimage21 --sizes 1024,1328,2048 --dtype bf16   # the Qwen-Image-2.1 VAE
   torchrun --nproc-per-node 4 -m qwenfast bench --sizes 2048,4096 --modes untiled,patch,tiled,auto
 """
@@ -56,7 +61,8 @@ MODES: dict[str, dict] = {
     "auto": dict(use_parallel_decode=True, parallel_decode_mode="auto"),
 }
 
-COLUMNS = [("size", "size", ""), ("frames", "T", "d"), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
+COLUMNS = [("size", "size", ""), ("frames", "T", "d"), ("mode", "mode", ""), ("graph", "graph", ""),
+           ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("max_abs_diff", "max|Δ| vs untiled", ".2e"),
            ("ranks", "ranks", "d"), ("mib_sent", "MiB sent/rank", ".1f")]
 
@@ -79,6 +85,8 @@ def add_parser(sub) -> None:
                    help="the architecture of the random weights: qwenimage (default) or qwenimage21 (the "
                         "Qwen-Image-2.1 VAE: 16x, 64 latent channels, RGBA; images only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and latents (default 0)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on a GPU, time eager decodes (default there: CUDA-graph replays, VAEConfig.cuda_graph)")
     p.add_argument("--json", default="qwenfast-bench.json", metavar="PATH",
                    help="where to write the results (default: ./qwenfast-bench.json; replaced if it exists; "
                         "checked before the benchmark starts)")
@@ -108,6 +116,17 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def bench_cuda_graph(cfg: VAEConfig, args, gpu: bool) -> VAEConfig:
+    """bench's decode config: CUDA graphs on by default on a GPU (every shape repeats: warm-up, then the
+    timed runs), off with --no-cuda-graph; an explicit --vae-config.cuda-graph is kept as given."""
+    given = "vae_config__cuda_graph" in vars(args)
+    if args.no_cuda_graph and given and cfg.cuda_graph:
+        raise CLIError("--no-cuda-graph contradicts --vae-config.cuda-graph true; give one of them")
+    if args.no_cuda_graph:
+        return cfg.replace(cuda_graph=False)
+    return cfg if given else cfg.replace(cuda_graph=gpu)
+
+
 @distributed
 def run(args) -> int:
     with all_ranks_agree("checking the options"):
@@ -127,6 +146,7 @@ def _setup(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     gpu = device.type == "cuda"
+    base_cfg = bench_cuda_graph(base_cfg, args, gpu)
     sizes = parse_sizes(args.sizes or ("1024,1328,2048" if gpu else "256,512"))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -175,6 +195,9 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
     mean = torch.tensor(vae.config["latents_mean"], device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config["latents_std"], device=device).view(1, -1, 1, 1, 1)
 
+    graph = "on" if base_cfg.cuda_graph and device.type == "cuda" else "off"  # CPU tensors decode eagerly
+    if base_cfg.cuda_graph and device.type != "cuda":
+        say(f"  CUDA graphs need a GPU: decoding eagerly on {device}")
     rows = []
     for h, w in sizes:
         gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -194,6 +217,7 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
 
             with out_of_memory_as_hint(f"benchmarking {mode} at {w}x{h}"), PeakMemory(device) as peak:
                 timing = time_ms(decode, device, repeats=repeats, warmup=warmup)
+            vae.release_cuda_graphs()  # one mode's graphs must not hold memory through the next
             if reference is None:
                 reference = out
             if mode not in modes:
@@ -205,26 +229,29 @@ def _bench(args, vae, weights, base_cfg, device, dtype, sizes, modes, repeats, w
             # one gather: every rank's time, peak and bytes (time of a parallel decode = the slowest rank)
             ranks = pg.gather_floats([timing["median_ms"], peak.gib, float(stats.get("bytes_sent", 0))])
             row = dict(size=f"{w}x{h}", height=h, width=w, frames=args.frames, batch=args.batch, mode=mode,
+                       graph=graph, cuda_graph=graph == "on",
                        ranks=len(ranks), peak_gib=max(r[1] for r in ranks), peak_gib_per_rank=[r[1] for r in ranks],
                        peak_kind=peak.kind, max_abs_diff=diff, mib_sent=max(r[2] for r in ranks) / 2**20,
                        bytes_sent_per_rank=[int(r[2]) for r in ranks], parallel_mode=stats.get("mode"), **timing)
             row["median_ms"] = max(r[0] for r in ranks)
             rows.append(row)
-            say(f"  {w}x{h} T={args.frames} {mode:<10} {row['median_ms']:9.1f} ms  peak {row['peak_gib']:6.2f} GiB"
+            say(f"  {w}x{h} T={args.frames} {mode:<10} graph {graph:<3} {row['median_ms']:9.1f} ms  peak {row['peak_gib']:6.2f} GiB"
                 f"  max|Δ| {'(reference)' if out is reference else f'{diff:.2e}'}", flush=True)
         del reference, out, z
 
     if not rank0:
         return 0
     info = provenance(device, dtype=str(dtype).replace("torch.", ""), weights=weights, batch=args.batch,
-                      repeats=repeats, warmup=warmup, world_size=rows[0]["ranks"] if rows else 1,
+                      repeats=repeats, warmup=warmup, world_size=rows[0]["ranks"] if rows else 1, cuda_graph=graph == "on",
                       vae_config=vars(base_cfg))
     text = json.dumps({"provenance": info, "results": rows}, indent=2, default=str) + "\n"
     path, = media.write_all([json_out], [lambda tmp: Path(tmp).write_text(text)])
     print()
     print(format_table(rows, COLUMNS))
     print(f"\nMeasured on {info['device']} ({info['dtype']}, torch {info['torch']}), weights: {weights}; "
-          f"peak = {rows[0]['peak_kind'] if rows else '-'}. JSON: {path}")
+          f"peak = {rows[0]['peak_kind'] if rows else '-'}; "
+          + ("CUDA-graph replays (--no-cuda-graph: eager)" if graph == "on" else "eager decodes")
+          + f". JSON: {path}")
     print("To decode real latents with downloaded weights (e.g. `huggingface-cli download Qwen/Qwen-Image "
           "--include 'vae/*' --local-dir Qwen-Image`):\n"
           "  qwenfast decode latents.safetensors --vae Qwen-Image -o out/   "

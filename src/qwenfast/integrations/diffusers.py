@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import VAEConfig
 
-__all__ = ["accelerate", "route_vae_decode", "qwenfast_vae", "qwenfast_vae_class", "decode_packed_latents",
+__all__ = ["accelerate", "when_shapes_repeat", "route_vae_decode", "qwenfast_vae", "qwenfast_vae_class", "decode_packed_latents",
            "PIPELINE_CLASSES", "VAE_CLASSES"]
 
 # The pipelines whose transformer `qwenfast.dit.fuse_modulation` takes and whose VAE (one of
@@ -40,24 +40,40 @@ VAE_CLASSES = {
 _ROUTED = "_qwenfast_vae"  # instance attribute on the diffusers VAE: our VAE, out of the module tree
 
 
-def accelerate(pipe, vae_config: VAEConfig | None = None, fused_modulation: bool = True):
+def accelerate(pipe, vae_config: VAEConfig | None = None, fused_modulation: bool = True, cuda_graph: bool = True):
     """Turn a diffusers `QwenImagePipeline`, `QwenImageEditPipeline`, `QwenImageEditPlusPipeline` or
     `QwenImage21Pipeline` into one whose decode runs on qwenfast's VAE (with `vae_config`) and whose
     transformer runs fused modulation blocks. In place; returns `pipe` (the VAE is routed first: if
     that fails, nothing has changed). Calling it again only updates the `VAEConfig` (and fuses if
-    asked). Call before `torch.compile(pipe.transformer)` or `compile_repeated_blocks()`."""
+    asked). Call before `torch.compile(pipe.transformer)` or `compile_repeated_blocks()`.
+    `cuda_graph`: decode CUDA latents as CUDA graphs once a shape repeats (`when_shapes_repeat`); False
+    leaves `vae_config.cuda_graph` as given."""
     name = type(pipe).__name__
     if not any(c.__name__ in PIPELINE_CLASSES for c in type(pipe).__mro__):
         raise TypeError(f"accelerate expects one of {', '.join(PIPELINE_CLASSES)}; got {name}")
     for component in ("vae", "transformer"):
         if getattr(pipe, component, None) is None:
             raise ValueError(f"accelerate: the {name} has no {component}")
-    route_vae_decode(pipe.vae, vae_config)
+    route_vae_decode(pipe.vae, when_shapes_repeat(vae_config, pipe.vae) if cuda_graph else vae_config)
     if fused_modulation:
         from ..dit import fuse_modulation
 
         fuse_modulation(pipe.transformer)
     return pipe
+
+
+def when_shapes_repeat(vae_config: VAEConfig | None, vae: nn.Module) -> VAEConfig | None:
+    """`vae_config` (default `VAEConfig()`) with CUDA-graph decode from the second decode of a shape
+    (`cuda_graph=True, cuda_graph_capture_call=2`): a pipeline decodes once per call, so a size used
+    once never pays the capture nor holds graph memory, and a served size replays from its second call.
+    A config with `cuda_graph` already on is kept; None for a VAE already routed keeps its config."""
+    if vae_config is None:
+        if vae.__dict__.get(_ROUTED) is not None:
+            return None
+        vae_config = VAEConfig()
+    if not isinstance(vae_config, VAEConfig):
+        return vae_config  # route_vae_decode refuses it, in one line
+    return vae_config if vae_config.cuda_graph else vae_config.replace(cuda_graph=True, cuda_graph_capture_call=2)
 
 
 def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.Module:

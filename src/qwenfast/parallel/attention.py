@@ -24,19 +24,22 @@ from . import plan
 __all__ = ["split_attention", "tail_on_region"]
 
 
-def split_attention(vae, z: torch.Tensor, comm) -> torch.Tensor:
+def split_attention(vae, z: torch.Tensor, comm, cfg=None) -> torch.Tensor:
     """Latent `z` (B, z, T, h, w), the same on every rank → the attention block's output
-    (B, C_mid, T, h, w) on every rank, each rank having computed the queries of its share of tokens."""
+    (B, C_mid, T, h, w) on every rank, each rank having computed the queries of its share of tokens.
+    The share (everything before the all-gather) runs through `vae.run_graphed` (a CUDA graph with
+    `cfg.cuda_graph`; `cfg` defaults to `vae.vae_config`)."""
+    b, t, (h, w) = z.shape[0], z.shape[2], z.shape[-2:]
+    shares = plan.split_evenly(h * w, comm.world_size)
+    (n0, n1), most = shares[comm.rank], max(m1 - m0 for m0, m1 in shares)
+
+    def share(z: torch.Tensor) -> torch.Tensor:  # no collective in here: it may be a CUDA graph
+        o = vae.attend(vae.decode_head(z), queries=(n0, n1))  # (B, T, n, C): this rank's token rows
+        return F.pad(o, (0, 0, 0, most - (n1 - n0))).reshape(-1)  # (B·T·most·C,): equal size on every rank
+
     with comm.guard("global part"):
-        a = vae.decode_head(z)  # (B, C, T, h, w)
-        b, c, t, h, w = a.shape
-        shares = plan.split_evenly(h * w, comm.world_size)
-        n0, n1 = shares[comm.rank]
-        o = vae.attend(a, queries=(n0, n1))  # (B, T, n, C): this rank's token rows
-        del a
-        most = max(m1 - m0 for m0, m1 in shares)
-        buf = F.pad(o, (0, 0, 0, most - (n1 - n0))).reshape(-1)  # (B·T·most·C,): equal size on every rank
-        del o
+        buf = vae.run_graphed(share, z, context=("global part", comm.rank, comm.world_size), cfg=cfg, kind="segment")
+    c = buf.numel() // (b * t * most)
     parts = comm.all_gather(buf)
     o = torch.cat([p.view(b, t, most, c)[:, :, :m1 - m0] for p, (m0, m1) in zip(parts, shares)], dim=2)  # (B, T, N, C)
     return o.permute(0, 3, 1, 2).unflatten(3, (h, w))  # (B, C, T, h, w)

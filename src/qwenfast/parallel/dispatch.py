@@ -36,7 +36,8 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _logged: set = set()
 _HEADER_NAMES = ("ndim", "B", "C", "T", "h", "w", "dtype")
 # VAEConfig fields each rank may set for itself: they change neither the plan nor the collectives.
-_LOCAL_FIELDS = ("progress", "collective_timeout_s", "cuda_graph")  # cuda_graph: single-device only
+# cuda_graph*: each rank captures only its own compute between collectives, so ranks may differ.
+_LOCAL_FIELDS = ("progress", "collective_timeout_s", "cuda_graph", "cuda_graph_capture_call")
 
 
 class LatentMismatchError(ValueError):
@@ -96,7 +97,7 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     if comm is None:
         if not is_initialized() or get_world_size(vae.process_group) == 1:
             z, _ = vae.check_latent(z)
-            return single_device_decode(vae, z, cfg)
+            return vae.run_graphed(lambda x: single_device_decode(vae, x, cfg), z, cfg=cfg)
         comm = ProcessGroupComm(vae.process_group, timeout_s=cfg.collective_timeout_s)
 
     z, min_free = _agree_on_header(vae, z, comm)
@@ -106,7 +107,8 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     if mode == "auto":
         choice = plan.choose_decode(z.shape[-2], z.shape[-1], z.shape[2], comm.world_size, z.dtype,
                                     None if min_free == float("inf") else min_free,
-                                    margin=tile_margin(vae, cfg), batch=z.shape[0])
+                                    margin=tile_margin(vae, cfg), batch=z.shape[0], halo=cfg.patch_halo,
+                                    topology=vae.topology)
         _log_once(choice, tuple(z.shape), comm)
         mode = choice.mode
     vae.last_parallel_stats = None

@@ -18,24 +18,19 @@ import torch
 
 from . import plan
 from .attention import tail_on_region
+from .plan import bands_allow_level  # noqa: F401 - pure planning, kept importable here
 
 __all__ = ["bands_allow_level", "decode_band_with_level_halos", "exchange_rows"]
 
 
-def bands_allow_level(bands: list[plan.Tile | None], halos: list[tuple[int, int]]) -> bool:
-    """Whether every band is a full-width band thick enough that each halo comes from the next band alone."""
-    if any(b is None for b in bands) or len({(b.x0, b.x1) for b in bands}) != 1:
-        return False
-    thinnest = min(b.y1 - b.y0 for b in bands)
-    return all(thinnest * scale >= rows for scale, rows in halos)
-
-
 def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: int, comm,
-                                 halos: list[tuple[int, int]]) -> torch.Tensor:
+                                 halos: list[tuple[int, int]], cfg=None) -> torch.Tensor:
     """The attention output `x` (B, C, T, h, w) → this rank's band of pixels (B, C_out, T', s·rows, s·w).
 
     Every rank of `comm` holds one band (rank order = top to bottom); `halos` from
     `vae.topology.level_halos()`. The levels run through `vae.decode_level` inside one `vae.stream`.
+    The mid block's tail runs through `vae.run_graphed` (a CUDA graph with `cfg.cuda_graph`); the levels
+    run eagerly: an exchange sits between every two of them, inside the stream's frame loop.
     """
     levels = vae.topology.levels
     first = halos[0][1]
@@ -43,7 +38,8 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
     reach = vae.topology.tail_reach()
     need = plan.Tile(y0, y1, band.x0, band.x1, max(0, y0 - reach), min(height, y1 + reach), band.x0, band.x1)
     with comm.guard("mid tail"):
-        h0 = tail_on_region(vae, x, need)  # (B, C, T, rows + halo, w): the mid-block output
+        h0 = vae.run_graphed(lambda x: tail_on_region(vae, x, need), x,  # (B, C, T, rows + halo, w): the mid-block output
+                             context=("mid tail", comm.rank, comm.world_size, need), cfg=cfg, kind="segment")
     above, below = comm.rank > 0, comm.rank < comm.world_size - 1
 
     def fn(chunk: torch.Tensor, cache) -> torch.Tensor:

@@ -9,13 +9,14 @@ single-device tiling, and is re-exported here. Architecture numbers come in as a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..vae.tiles import Tile, blend_tile_grid, exact_tiles, grid_tiles, split_evenly
 
 __all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
            "bounding_window", "balance_lpt", "exact_tile_cost", "blend_tile_cost", "CostModel",
-           "DecodeChoice", "choose_decode", "patch_halo_costs"]
+           "DecodeChoice", "choose_decode", "patch_halo_costs", "choose_patch_halo", "bands_allow_level",
+           "level_bands"]
 
 
 def exact_tiles_for_ranks(height: int, width: int, core: int, margin: int, world: int) -> list[Tile]:
@@ -85,6 +86,45 @@ def balance_lpt(costs: list[float], parts: int) -> list[list[int]]:
         loads[b] += costs[i]
         bins[b].append(i)
     return [sorted(b) for b in bins]
+
+
+def bands_allow_level(bands: list[Tile | None], halos: list[tuple[int, int]]) -> bool:
+    """Whether every band is a full-width band thick enough that each of `patch_halo="level"`'s halos
+    (`(scale, rows)` per level, `DecoderTopology.level_halos()`) comes from the next band alone."""
+    if any(b is None for b in bands) or len({(b.x0, b.x1) for b in bands}) != 1:
+        return False
+    thinnest = min(b.y1 - b.y0 for b in bands)
+    return all(thinnest * scale >= rows for scale, rows in halos)
+
+
+def level_bands(height: int, width: int, world: int, halos: list[tuple[int, int]]) -> list[Tile] | None:
+    """The full-width bands, one per rank, of `patch_halo="level"`; None where they cannot carry the level
+    halos (fewer rows than ranks, or a band thinner than a halo): `patch` then decodes as `mid`."""
+    if height < world:
+        return None
+    bands = grid_tiles(height, width, world, 1, 0)
+    return bands if bands_allow_level(bands, halos) else None
+
+
+def choose_patch_halo(frames: int, halo: str = "auto") -> str:
+    """`VAEConfig.patch_halo` resolved for a latent of `frames` latent frames: an explicit `"mid"` or
+    `"level"` as given; `"auto"` → `"level"` for video (frames > 1), `"mid"` for images.
+
+    The rule is the one-GPU rehearsal's (benchmarks/results/parallel_rehearsal_h200.md, predicted
+    speed-up / N at N = 2 / 4 / 8). 81x720p video: `level` 0.96 / 0.83 / 0.68, `mid` 0.77 / 0.46 /
+    0.43 (thin bands of a 90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Images:
+    `mid` 0.97 / 0.89 / 0.81 against `level` 0.81 / 0.79 / 0.74 at 4096², 0.89 / 0.70 / 0.48 against
+    0.66 / 0.60 / 0.45 at 2048², 0.79 / 0.38 / 0.24 against 0.45 / 0.39 / 0.22 at 1328² (one near-tie
+    at N = 4). The FLOP count (`patch_halo_costs`) ranks `level` first for images too: what it does
+    not count (per-level exchanges, crops and stage syncs of a single frame) is what decides there,
+    so the rule follows the measurement, not the count."""
+    if halo not in ("auto", "mid", "level"):
+        raise ValueError(f"patch_halo must be 'auto', 'mid' or 'level'; got {halo!r}")
+    if frames < 1:
+        raise ValueError(f"choose_patch_halo needs frames >= 1; got {frames}")
+    if halo != "auto":
+        return halo
+    return "level" if frames > 1 else "mid"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +226,15 @@ class CostModel:
     act_bytes_per_px_per_byte: float = 700.0  # live activation bytes per output px, per dtype byte
     fp32_slowdown: float = 4.0
     min_speedup: float = 1.25  # below this, `auto` decodes on every rank alone (no communication)
+    # `auto` takes exact `tiled` over `patch` when its estimated time is at least `tiled_gain` lower, on
+    # at most `tiled_max_world` ranks. The one-GPU rehearsal (docs/parallel.md) predicted `tiled` faster
+    # at 1328² and 2048² on 4 ranks (2x2 tiles against 4 bands with 13-row margins: 1.86x against
+    # 1.52x, 3.18x against 2.79x; this model: 2.64x / 2.33x, 3.25x / 3.03x) and a tie at 4096² on 8
+    # (6.47x / 6.45x; model 7.03x / 6.94x, under the gain). On 8 ranks at 1328² and 2048² its eager
+    # shares were slower (1.15x / 3.11x against 1.92x / 3.82x) though faster as CUDA graphs (7.1 / 13.3
+    # ms against 7.9 / 14.7 ms per rank): `patch` keeps N > 4 until a multi-GPU run decides.
+    tiled_gain: float = 0.05
+    tiled_max_world: int = 4
     tile_sizes: tuple[int, ...] = (1024, 768, 512, 256)  # exact tile cores to try, output px
     scale: int = 8
 
@@ -204,15 +253,20 @@ class DecodeChoice:
 
 
 def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_bytes: float | None,
-                  margin: int = 13, batch: int = 1, model: CostModel = CostModel()) -> DecodeChoice:
+                  margin: int = 13, batch: int = 1, model: CostModel = CostModel(), halo: str = "auto",
+                  topology=None) -> DecodeChoice:
     """`auto`: from the latent shape `(frames, height, width)` and batch, the world size, the dtype and
     the smallest free memory over ranks (None: unknown, assume it fits), the strategy and its
-    parameters. Replicated single-device decode when the estimated parallel speed-up is under
-    `model.min_speedup` (and it fits); `patch` when its per-rank peak fits; `tiled` (the largest exact
-    tile that fits) otherwise."""
+    parameters. `patch` is estimated with the halo it will use (`choose_patch_halo(frames, halo)`;
+    `level` needs the decoder's `topology`, a `qwenfast.vae.surface.DecoderTopology`, for its halo
+    rows: without one it is estimated as `mid`), exact `tiled` with the largest tile that fits.
+    Replicated single-device decode when the better estimated parallel speed-up is under
+    `model.min_speedup` (and it fits); else `patch` when its per-rank peak fits, unless `tiled` is
+    estimated `model.tiled_gain` faster on at most `model.tiled_max_world` ranks; `tiled` otherwise."""
     if min(height, width, frames, world, batch) < 1:
         raise ValueError(f"choose_decode needs positive sizes; got {height}x{width}, frames={frames}, "
                          f"world={world}, batch={batch}")
+    halo = choose_patch_halo(frames, halo)
     nbytes = _dtype_bytes(dtype)
     rate = 1.0 if nbytes <= 2 else model.fp32_slowdown
     s2 = model.scale ** 2
@@ -228,6 +282,12 @@ def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_
 
     t_global = batch * frames * n * model.global_flop_per_latent_px * rate / model.conv_flop_per_s
     t_attn = batch * frames * 4.0 * n * n * model.mid_channels * rate / model.attention_flop_per_s
+    comm_bytes = batch * frames * n * model.mid_channels * nbytes + out_bytes  # attention out + output
+
+    def t_rank(area: float) -> float:
+        """A parallel decode whose slowest rank runs the local part over `area` latent px (both modes
+        split the attention's queries over every rank and gather its output and the pixels once)."""
+        return t_local(area) + t_global + t_attn / world + comm_bytes / model.link_bytes_per_s + model.fixed_s
 
     def peak(window_area: float) -> float:
         return batch * window_area * s2 * chunk_frames * model.act_bytes_per_px_per_byte * nbytes + mid_bytes + 2 * out_bytes
@@ -238,30 +298,37 @@ def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_
     def fits(b: float) -> bool:
         return free_bytes is None or b <= free_bytes
 
-    def tiled_choice(why: str) -> DecodeChoice:
+    def tiled_choice() -> tuple[DecodeChoice, bool]:
+        """Exact tiles of the largest size whose peak fits (else the smallest), and whether it fits."""
         for size in model.tile_sizes:
             tiles = exact_tiles_for_ranks(height, width, max(1, size // model.scale), margin, world)
             loads = [sum(exact_tile_cost(tiles[i]) for i in b) for b in balance_lpt([exact_tile_cost(t) for t in tiles], world)]
             p = peak(max(t.window_area for t in tiles))
             if fits(p) or size == model.tile_sizes[-1]:
-                comm = out_bytes / model.link_bytes_per_s
-                t = t_local(max(loads)) + t_global + t_attn / world + comm + model.fixed_s
-                return DecodeChoice("tiled", margin, size, t_single / t, p, why)
+                return DecodeChoice("tiled", margin, size, t_single / t_rank(max(loads)), p), fits(p)
         raise AssertionError("unreachable")
 
     if world == 1:
         return DecodeChoice("replicated", margin, None, 1.0, single_peak, "one rank")
-    regions = [r for r in patch_regions(height, width, world, margin) if r is not None]
-    patch_peak = peak(max(r.window_area for r in regions))
-    comm_bytes = batch * frames * n * model.mid_channels * nbytes + out_bytes  # attention out + output
-    t_patch = (t_local(max(r.window_area for r in regions)) + t_global + t_attn / len(regions)
-               + comm_bytes / model.link_bytes_per_s + model.fixed_s)
-    speedup = t_single / t_patch
-    if speedup < model.min_speedup and fits(single_peak):
+    bands = level_bands(height, width, world, topology.level_halos()) if halo == "level" and topology else None
+    if bands is not None:  # the ideal band's work times level's redundancy (its halo rows at each level)
+        area = n / world * patch_halo_costs(height, width, world, "level", topology, margin, nbytes)["redundancy"]
+    else:  # mid (or level on bands too thin for it): the largest region's window
+        halo = "mid"
+        area = max(r.window_area for r in patch_regions(height, width, world, margin) if r is not None)
+    patch = DecodeChoice("patch", margin, None, t_single / t_rank(area), peak(area))
+    tiled, tiled_fits = tiled_choice()
+    if fits(patch.est_peak_bytes):
+        faster = (world <= model.tiled_max_world and tiled_fits
+                  and 1 / tiled.est_speedup <= (1 - model.tiled_gain) / patch.est_speedup)
+        best, why = ((tiled, f"exact tiles of {tiled.tile_sample_size} px estimated {tiled.est_speedup:.2f}x, "
+                             f"patch ({halo}) {patch.est_speedup:.2f}x") if faster else
+                     (patch, f"patch ({halo}) fits ({patch.est_peak_bytes / 2**30:.2f} GiB per rank), estimated "
+                             f"speed-up {patch.est_speedup:.2f}"))
+    else:
+        best, why = tiled, (f"patch needs {patch.est_peak_bytes / 2**30:.2f} GiB per rank, more than the "
+                            f"{(free_bytes or 0) / 2**30:.2f} GiB free")
+    if best.est_speedup < model.min_speedup and fits(single_peak):
         return DecodeChoice("replicated", margin, None, 1.0, single_peak,
-                            f"estimated patch speed-up {speedup:.2f} < {model.min_speedup}")
-    if fits(patch_peak):
-        return DecodeChoice("patch", margin, None, speedup, patch_peak,
-                            f"patch fits ({patch_peak / 2**30:.2f} GiB per rank), estimated speed-up {speedup:.2f}")
-    return tiled_choice(f"patch needs {patch_peak / 2**30:.2f} GiB per rank, more than the "
-                        f"{(free_bytes or 0) / 2**30:.2f} GiB free")
+                            f"estimated {best.mode} speed-up {best.est_speedup:.2f} < {model.min_speedup}")
+    return replace(best, reason=why)

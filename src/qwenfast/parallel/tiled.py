@@ -52,13 +52,16 @@ def exact_decode_over_ranks(vae, z: torch.Tensor, comm, cfg: VAEConfig, tiles: l
     """
     height, width = z.shape[-2:]
     mine = [tiles[i] for i in assignment[comm.rank]]
-    x = split_attention(vae, z, comm)  # (B, C_mid, T, h, w), after the attention block
+    x = split_attention(vae, z, comm, cfg)  # (B, C_mid, T, h, w), after the attention block
+    need = plan.bounding_window(mine, vae.topology.tail_reach(), height, width)
+
+    def local(x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # no collective in here: it may be a CUDA graph
+        h = tail_on_region(vae, x, need)  # mid-block output on need's core box
+        return tuple(tiling.decode_exact_tiles(vae, h, mine, origin=(need.y0, need.x0), cfg=cfg))
+
     with comm.guard("local part"):
-        cores = []
-        need = plan.bounding_window(mine, vae.topology.tail_reach(), height, width)
-        if need is not None:
-            h = tail_on_region(vae, x, need)  # mid-block output on need's core box
-            cores = tiling.decode_exact_tiles(vae, h, mine, origin=(need.y0, need.x0), cfg=cfg)
+        cores = [] if need is None else list(vae.run_graphed(
+            local, x, context=("local part", comm.rank, comm.world_size, tuple(mine)), cfg=cfg, kind="segment"))
         del x
     shapes = piece_shapes(vae, z, [(t.y0, t.y1, t.x0, t.x1) for t in tiles])
     cores = gather_pieces(cores, assignment, shapes, z, comm, cfg.parallel_output)
@@ -83,5 +86,5 @@ def replicated_decode(vae, z: torch.Tensor, comm, cfg: VAEConfig) -> torch.Tenso
     out = None
     with comm.guard("replicated decode"):
         if cfg.parallel_output == "all" or comm.rank == 0:
-            out = tiling.single_device_decode(vae, z, cfg)
+            out = vae.run_graphed(lambda x: tiling.single_device_decode(vae, x, cfg), z, cfg=cfg)
     return out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -268,29 +269,48 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
         else:
             z, image = self.check_latent(z)
             cfg = self.vae_config
-            if cfg.cuda_graph and z.is_cuda:  # the same decode, replayed from a graph of this shape and config
-                out = self._cuda_graphs()(lambda x: single_device_decode(self, x, cfg), z,
-                                          context=dataclasses.astuple(cfg))
-            else:
-                out = single_device_decode(self, z)
+            out = self.run_graphed(lambda x: single_device_decode(self, x, cfg), z, cfg=cfg)
         if out is None:  # parallel decode with output on rank 0 only
             return None
         out = out.clamp_(-1.0, 1.0)
         return out[:, :, 0] if image else out
 
-    def _cuda_graphs(self):
-        graphs = self.__dict__.get("_decode_graphs")  # a plain attribute: not a module, not in the state dict
+    # CUDA graphs held per kind: whole single-device decodes, or the parallel strategies' segments (two
+    # per decode: a rank's global part, its local part), each kind bounded (`DecodeGraphs.max_graphs`).
+    _GRAPH_KINDS = {"decode": ("_decode_graphs", 2), "segment": ("_segment_graphs", 4)}
+
+    def run_graphed(self, fn: Callable, x: torch.Tensor, context: tuple = (), cfg: VAEConfig | None = None,
+                    kind: str = "decode"):
+        """`fn(x)`, replayed from a CUDA graph when `cfg.cuda_graph` is on (default `vae_config`) and `x` is
+        on CUDA, captured on the `cfg.cuda_graph_capture_call`-th call with the same signature (x's shape,
+        dtype, device and strides, the config, `context`); eagerly otherwise. The single-device decode
+        (`kind="decode"`) and each rank's compute between two collectives of a parallel decode
+        (`kind="segment"`: `fn` must not call a collective) go through it. Same numbers either way."""
+        cfg = cfg or self.vae_config
+        if not cfg.cuda_graph:
+            return fn(x)
+        attr, max_graphs = self._GRAPH_KINDS[kind]
+        graphs = self.__dict__.get(attr)  # a plain attribute: not a module, not in the state dict
         if graphs is None:
+            if not x.is_cuda:
+                return fn(x)  # nothing to capture on this device: nothing created, nothing held
             from .graphs import DecodeGraphs
 
-            graphs = self.__dict__["_decode_graphs"] = DecodeGraphs(max_graphs=2)
-        return graphs
+            graphs = self.__dict__[attr] = DecodeGraphs(max_graphs=max_graphs)
+        if not graphs.applies(x):
+            return fn(x)
+        # A graph reads the weights at the addresses it was captured with: weights moved since (`.to()`,
+        # an offload hook) make another signature, never a replay over freed memory.
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
+        return graphs(fn, x, context=(kind, *dataclasses.astuple(cfg), weights, *context),
+                      capture_call=cfg.cuda_graph_capture_call)
 
     def release_cuda_graphs(self) -> None:
         """Free the CUDA graphs `VAEConfig.cuda_graph` captured (and the memory they hold)."""
-        graphs = self.__dict__.pop("_decode_graphs", None)
-        if graphs is not None:
-            graphs.release()
+        for attr, _ in self._GRAPH_KINDS.values():
+            graphs = self.__dict__.pop(attr, None)
+            if graphs is not None:
+                graphs.release()
 
     def tiled_decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bounded-memory decode of `z` (B, z_dim, T, h, w) in the configured flavour (unclamped)."""
