@@ -1,23 +1,30 @@
-"""One call that makes a diffusers Qwen-Image pipeline fast: `accelerate(pipe)`.
+"""One call that makes a diffusers Qwen-Image (or Wan 2.1 video) pipeline fast: `accelerate(pipe)`.
 
 What changes, and what does not:
 - `pipe.transformer`: every block's modulation runs on the fused ops (`qwenfast.dit.fuse_modulation`:
   the Qwen-Image DiT or the Qwen-Image-2.1 DiT), in place; parameters, module tree and state dict are
   untouched.
 - `pipe.vae` stays diffusers' object (`AutoencoderKLQwenImage`, or `AutoencoderKLQwenImage21` for
-  Qwen-Image-2.1): its config, `encode` (the edit pipelines' `vae.encode(image).latent_dist`),
+  Qwen-Image-2.1): its config, `encode` (the edit pipelines' `vae.encode(image).latent_dist`; Wan: below),
   `dtype`, `.to()`, offload hooks and `save_pretrained` are diffusers' own. Only its `decode` is
   routed, for that one object, to qwenfast's VAE of the same design (`qwenfast_vae_class`) built over
   the *same* parameter tensors (no copy) with the given `VAEConfig`, so tiled and parallel decode
   (every rank calling the pipeline under torchrun) apply.
   `pipe.vae.enable_tiling()` still works: with no tiling asked for in the `VAEConfig`, it decodes
   with diffusers' own blended tiles and tile sizes, so the output is what diffusers would give.
+- Wan pipelines (`WanPipeline`, `WanImageToVideoPipeline`; `AutoencoderKLWan` with the Wan 2.1
+  config, which is the Qwen-Image VAE): only the VAE is routed — `decode`, and `encode` too (the
+  image-to-video conditioning, `retrieve_latents(vae.encode(video), sample_mode="argmax")`), which
+  returns diffusers' own `AutoencoderKLOutput` around the posterior qwenfast's VAE computes, so
+  `latent_dist.mode()` and `latent_dist.sample(generator)` are what diffusers' give. The Wan
+  transformer is left as it is: qwenfast has no fused blocks for it.
 
 The pipeline's call signature and outputs are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -25,16 +32,21 @@ from torch import nn
 
 from ..config import VAEConfig
 
-__all__ = ["accelerate", "when_shapes_repeat", "route_vae_decode", "qwenfast_vae", "qwenfast_vae_class", "decode_packed_latents",
-           "PIPELINE_CLASSES", "VAE_CLASSES"]
+__all__ = ["accelerate", "when_shapes_repeat", "route_vae_decode", "qwenfast_vae", "qwenfast_vae_class",
+           "decode_packed_latents", "PIPELINE_CLASSES", "VAE_ONLY_PIPELINE_CLASSES", "VAE_CLASSES"]
 
 # The pipelines whose transformer `qwenfast.dit.fuse_modulation` takes and whose VAE (one of
 # VAE_CLASSES) they decode through `self.vae.decode(latents, return_dict=False)[0]`.
 PIPELINE_CLASSES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImage21Pipeline")
+# The pipelines of which only the VAE is routed (decode and encode): the Wan 2.1 video pipelines (and
+# Wan 2.2 A14B's, which use the Wan 2.1 VAE). Their transformer (WanTransformer3DModel) is not fused.
+VAE_ONLY_PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 # diffusers' VAE class -> qwenfast's VAE of the same design (module, class), imported on use.
+# AutoencoderKLWan only with the Wan 2.1 config: QwenImageVAE refuses Wan 2.2's (naming the keys).
 VAE_CLASSES = {
     "AutoencoderKLQwenImage": ("qwenfast.vae", "QwenImageVAE"),
     "AutoencoderKLQwenImage21": ("qwenfast.vae.qwen_image21", "QwenImage21VAE"),
+    "AutoencoderKLWan": ("qwenfast.vae", "QwenImageVAE"),
 }
 
 _ROUTED = "_qwenfast_vae"  # instance attribute on the diffusers VAE: our VAE, out of the module tree
@@ -47,15 +59,23 @@ def accelerate(pipe, vae_config: VAEConfig | None = None, fused_modulation: bool
     that fails, nothing has changed). Calling it again only updates the `VAEConfig` (and fuses if
     asked). Call before `torch.compile(pipe.transformer)` or `compile_repeated_blocks()`.
     `cuda_graph`: decode CUDA latents as CUDA graphs once a shape repeats (`when_shapes_repeat`); False
-    leaves `vae_config.cuda_graph` as given."""
+    leaves `vae_config.cuda_graph` as given.
+
+    A `WanPipeline` or `WanImageToVideoPipeline` (Wan 2.1 VAE) gets its VAE routed only, decode and
+    encode; `fused_modulation` does not apply to it (it is for the Qwen-Image DiTs) and its
+    transformer(s) are left untouched. A Wan 2.2 VAE (TI2V-5B) is refused."""
     name = type(pipe).__name__
-    if not any(c.__name__ in PIPELINE_CLASSES for c in type(pipe).__mro__):
-        raise TypeError(f"accelerate expects one of {', '.join(PIPELINE_CLASSES)}; got {name}")
-    for component in ("vae", "transformer"):
+    mro = [c.__name__ for c in type(pipe).__mro__]
+    vae_only = any(c in VAE_ONLY_PIPELINE_CLASSES for c in mro)
+    if not vae_only and not any(c in PIPELINE_CLASSES for c in mro):
+        raise TypeError(f"accelerate expects one of {', '.join(PIPELINE_CLASSES + VAE_ONLY_PIPELINE_CLASSES)}; "
+                        f"got {name}")
+    for component in ("vae",) if vae_only else ("vae", "transformer"):
         if getattr(pipe, component, None) is None:
             raise ValueError(f"accelerate: the {name} has no {component}")
-    route_vae_decode(pipe.vae, when_shapes_repeat(vae_config, pipe.vae) if cuda_graph else vae_config)
-    if fused_modulation:
+    route_vae_decode(pipe.vae, when_shapes_repeat(vae_config, pipe.vae) if cuda_graph else vae_config,
+                     encode=vae_only)
+    if fused_modulation and not vae_only:
         from ..dit import fuse_modulation
 
         fuse_modulation(pipe.transformer)
@@ -76,9 +96,11 @@ def when_shapes_repeat(vae_config: VAEConfig | None, vae: nn.Module) -> VAEConfi
     return vae_config if vae_config.cuda_graph else vae_config.replace(cuda_graph=True, cuda_graph_capture_call=2)
 
 
-def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.Module:
+def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None, encode: bool = False) -> nn.Module:
     """Route `vae.decode` (a diffusers VAE of `VAE_CLASSES`) to qwenfast's VAE of the same design,
-    sharing its parameters. Only this object changes (an instance attribute shadows the class's method)."""
+    sharing its parameters; with `encode=True` also `vae.encode` (a Qwen-Image / Wan 2.1 VAE: its
+    posterior, in diffusers' `AutoencoderKLOutput`). Only this object changes (instance attributes
+    shadow the class's methods)."""
     if vae_config is not None and not isinstance(vae_config, VAEConfig):
         raise TypeError(f"vae_config must be a qwenfast.VAEConfig or None; got {type(vae_config).__name__}")
     ours = vae.__dict__.get(_ROUTED)
@@ -88,6 +110,11 @@ def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None) -> nn.
         object.__setattr__(vae, "decode", _routed_decode(vae))
     elif vae_config is not None:
         ours.vae_config = vae_config
+    if encode and "encode" not in vae.__dict__:
+        if not hasattr(ours, "encode_moments"):
+            raise TypeError(f"qwenfast's {type(ours).__name__} has no posterior encode to route a diffusers "
+                            f"{type(vae).__name__}.encode to")
+        object.__setattr__(vae, "encode", _routed_encode(vae))
     return vae
 
 
@@ -146,24 +173,47 @@ def _effective_config(vae: nn.Module, config: VAEConfig) -> VAEConfig:
     return config
 
 
+@contextlib.contextmanager
+def _running(vae: nn.Module):
+    """qwenfast's VAE behind `vae` for one call: moved in first by model CPU offload's hook (if any),
+    as diffusers' `apply_forward_hook` does, and with diffusers' `enable_tiling()` honoured."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
+    ours = qwenfast_vae(vae)
+    config = ours.vae_config
+    ours.vae_config = _effective_config(vae, config)
+    try:
+        yield ours
+    finally:
+        ours.vae_config = config
+
+
 def _routed_decode(vae: nn.Module):
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     def decode(z: torch.Tensor, return_dict: bool = True) -> Any:
         """diffusers' `decode(z, return_dict)` on qwenfast's VAE (see qwenfast.integrations.diffusers)."""
-        hook = getattr(vae, "_hf_hook", None)  # model CPU offload: move the VAE in first, as diffusers does
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(vae)
-        ours = qwenfast_vae(vae)
-        config = ours.vae_config
-        ours.vae_config = _effective_config(vae, config)
-        try:
+        with _running(vae) as ours:
             sample = ours.decode(z)
-        finally:
-            ours.vae_config = config
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     return decode
+
+
+def _routed_encode(vae: nn.Module):
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        """diffusers' `encode(x, return_dict)` on qwenfast's VAE: diffusers' own
+        `DiagonalGaussianDistribution` (its logvar clamp, `mode()`, `sample(generator)`) over the
+        moments qwenfast's VAE computes; blended tiles when tiling is asked for, as diffusers' encode."""
+        with _running(vae) as ours:
+            posterior = DiagonalGaussianDistribution(ours.encode_moments(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    return encode
 
 
 def decode_packed_latents(vae: nn.Module, latents: torch.Tensor, height: int, width: int) -> torch.Tensor | None:

@@ -591,6 +591,12 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, T, H, W]` (T = 1 + 4k) or `[B, 3, H, W]` in [-1, 1] → posterior mean
         `[B, z_dim, 1 + k, H/8, W/8]` (or 4-D), as diffusers' `encode(x).latent_dist.mode()`."""
+        return self.encode_moments(x)[:, : self.z_dim]
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """As `encode`, but the whole posterior: moments `[B, 2·z_dim, 1 + k, H/8, W/8]` (or 4-D), the
+        mean then the log-variance, unclamped — what diffusers wraps in `DiagonalGaussianDistribution`
+        (`qwenfast.integrations.diffusers` does, for a routed `encode`)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"encode expects a torch.Tensor; got {type(x).__name__}")
         if x.dtype not in COMPUTE_DTYPES:
@@ -613,8 +619,7 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
             moments = self.tiled_encode(x)
         else:
             moments = self.encode_untiled(x)
-        mean = moments[:, : self.z_dim]
-        return mean[:, :, 0] if image else mean
+        return moments[:, :, 0] if image else moments
 
     def num_output_frames(self, num_latent_frames: int) -> int:
         return 1 + self.temporal_compression_ratio * (num_latent_frames - 1)
