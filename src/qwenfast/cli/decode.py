@@ -24,7 +24,9 @@ from .common import (
 DESCRIPTION = """\
 Decode Qwen-Image latents to images (PNG, one per batch entry) or videos (MP4, or GIF when no video
 encoder is installed). The VAE's kind is read from its config.json: a Qwen-Image-2.1 VAE
-(AutoencoderKLQwenImage21, 64 latent channels, RGBA) writes RGBA PNGs.
+(AutoencoderKLQwenImage21, 64 latent channels, RGBA) writes RGBA PNGs; a Wan 2.1 VAE
+(AutoencoderKLWan, e.g. a Wan2.1-T2V model's vae/) is the Qwen-Image VAE and decodes Wan video
+latents (Wan 2.2's 48-channel VAE is refused).
 
 LATENTS is a .safetensors file holding the tensor named `latents` (or a single tensor), unscaled as
 diffusers' vae.decode takes it: [B, 16, T, h, w] or [B, 16, h, w]. Pass --normalized for latents still
