@@ -27,9 +27,14 @@ from diffusers import (  # noqa: E402
 from PIL import Image  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
-from helpers import TINY, _perturb_gammas, count_calls, max_diff  # noqa: E402
+from helpers import TINY, _perturb_gammas, count_calls, diffusers_vae21, max_diff  # noqa: E402
 from qwenfast import QwenImageVAE, VAEConfig  # noqa: E402
-from qwenfast.integrations.diffusers import accelerate, qwenfast_vae, route_vae_decode  # noqa: E402
+from qwenfast.integrations.diffusers import (  # noqa: E402
+    accelerate,
+    decode_packed_latents,
+    qwenfast_vae,
+    route_vae_decode,
+)
 from qwenfast.vae.weights import WeightsError  # noqa: E402
 
 TOL = 1e-5
@@ -172,3 +177,12 @@ def test_wan22_vae_is_refused_in_one_line_and_nothing_changes():
 def test_accelerate_names_the_wan_pipelines_it_takes():
     with pytest.raises(TypeError, match="WanPipeline, WanImageToVideoPipeline; got Linear"):
         accelerate(torch.nn.Linear(2, 2))
+
+
+def test_encode_route_refused_where_qwenfast_has_no_posterior_and_wan_latents_are_not_packed():
+    vae21 = diffusers_vae21()
+    with pytest.raises(TypeError, match="QwenImage21VAE has no posterior encode"):
+        route_vae_decode(vae21, encode=True)
+    assert "decode" not in vae21.__dict__  # refused before anything changed
+    with pytest.raises(TypeError, match=r"latents \(1, 4, 3, 2, 4\) are not packed"):
+        decode_packed_latents(tiny_wan_vae(), torch.zeros(1, 4, 3, 2, 4), H, W)

@@ -104,16 +104,17 @@ def route_vae_decode(vae: nn.Module, vae_config: VAEConfig | None = None, encode
     if vae_config is not None and not isinstance(vae_config, VAEConfig):
         raise TypeError(f"vae_config must be a qwenfast.VAEConfig or None; got {type(vae_config).__name__}")
     ours = vae.__dict__.get(_ROUTED)
+    cls = qwenfast_vae_class(vae) if ours is None else type(ours)
+    if encode and not hasattr(cls, "encode_moments"):  # refused before anything changes
+        raise TypeError(f"qwenfast's {cls.__name__} has no posterior encode to route a diffusers "
+                        f"{type(vae).__name__}.encode to")
     if ours is None:
-        ours = _share_parameters(qwenfast_vae_class(vae).from_diffusers(vae, vae_config=vae_config), vae)
+        ours = _share_parameters(cls.from_diffusers(vae, vae_config=vae_config), vae)
         object.__setattr__(vae, _ROUTED, ours)  # not a submodule: the state dict stays diffusers'
         object.__setattr__(vae, "decode", _routed_decode(vae))
     elif vae_config is not None:
         ours.vae_config = vae_config
     if encode and "encode" not in vae.__dict__:
-        if not hasattr(ours, "encode_moments"):
-            raise TypeError(f"qwenfast's {type(ours).__name__} has no posterior encode to route a diffusers "
-                            f"{type(vae).__name__}.encode to")
         object.__setattr__(vae, "encode", _routed_encode(vae))
     return vae
 
@@ -221,7 +222,10 @@ def decode_packed_latents(vae: nn.Module, latents: torch.Tensor, height: int, wi
     unpacked, de-normalised by the VAE's latents_mean/std → decoded image `[B, C, height, width]` in
     [-1, 1] (None on ranks that get no output of a parallel decode). Qwen-Image: `[B, (h/2)(w/2),
     4·z_dim]` (2x2 packing), RGB. Qwen-Image-2.1 (`AutoencoderKLQwenImage21`): `[B, h·w, z_dim]`
-    (unpatched, 16x), RGBA."""
+    (unpatched, 16x), RGBA. (Wan latents are not packed: `vae.decode(latents * std + mean)`.)"""
+    if any(c.__name__ == "AutoencoderKLWan" for c in type(vae).__mro__):
+        raise TypeError(f"decode_packed_latents: a Wan pipeline's latents {tuple(latents.shape)} are not packed; "
+                        "decode them with pipe.vae.decode(latents * std + mean) (latents_std/mean of pipe.vae.config)")
     cfg = vae.config
     mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
     std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
