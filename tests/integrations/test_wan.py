@@ -120,10 +120,13 @@ def test_t2v_same_video_untiled_and_tiled(calls):
     pipe = t2v_pipeline()
     expected = t2v(pipe)
     assert expected.shape == (1, FRAMES, 3, H, W) and expected.std() > 0.05
-    weights = {n: p for n, p in pipe.transformer.named_parameters()}
+    modules = [(n, type(m), m.forward) for n, m in pipe.transformer.named_modules()]
+    weights = dict(pipe.transformer.named_parameters())
     assert accelerate(pipe) is pipe  # fused_modulation=True: not for Wan, and no failure
     assert type(pipe.vae) is AutoencoderKLWan  # diffusers' object: config, save, hooks stay its own
-    assert {n: p for n, p in pipe.transformer.named_parameters()} == weights  # the transformer untouched
+    # the transformer untouched: the same modules, classes, forwards and Parameter objects
+    assert [(n, type(m), m.forward) for n, m in pipe.transformer.named_modules()] == modules
+    assert all(p is weights[n] for n, p in pipe.transformer.named_parameters())
     assert max_diff(t2v(pipe), expected) <= TOL
     # the VAEConfig reaches the routed decode: exact tiling (16 px tile centres, two tiles a frame)
     accelerate(pipe, vae_config=VAEConfig(use_tiling=True, exact_tile_sample_size=16))
