@@ -11,6 +11,7 @@ import torch
 
 from helpers import ARCHS, TINY, diffusers_vae, max_diff, pair
 from qwenfast import QwenImageVAE, VAEConfig
+from qwenfast.vae.qwen_image import WAN21_KEYS
 from qwenfast.vae.weights import WeightsError
 
 
@@ -558,3 +559,15 @@ def test_wan_keys_other_than_wan21s_are_refused_by_name(tmp_path, edit, match):
     _edit_config(tmp_path, **edit)
     with pytest.raises(WeightsError, match=match):
         QwenImageVAE.from_pretrained(tmp_path)
+
+
+@torch.no_grad()
+def test_wan21_config_without_the_wan22_keys_loads(tmp_path):
+    """The released Wan 2.1 vae/config.json (written by diffusers 0.33) has none of the keys that came
+    with Wan 2.2 (decoder_base_dim, is_residual, in/out_channels, patch_size, scale_factor_*): it loads."""
+    ref = _wan()
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in WAN21_KEYS}))
+    z = torch.randn(1, 4, 2, 3, 4, generator=torch.Generator().manual_seed(0))
+    assert max_diff(QwenImageVAE.from_pretrained(tmp_path).decode(z), ref.decode(z).sample) <= 1e-5
