@@ -29,7 +29,7 @@ TILES = dict(exact_tile_sample_size=TILE)
 SHAPES = {"T2": (1, 4, 2, 14, 13), "T3": (1, 4, 3, 14, 11), "T3 small": (1, 4, 3, 6, 6)}
 MODES = {
     "tiled exact": dict(parallel_decode_mode="tiled"),
-    "patch mid": dict(parallel_decode_mode="patch"),
+    "patch mid": dict(parallel_decode_mode="patch", patch_halo="mid"),  # (explicit: "auto" picks level for video)
     "patch level": dict(parallel_decode_mode="patch", patch_halo="level"),
 }
 # (name, shape key, config, mutation): every mode at both lengths, then the mutations it must catch
