@@ -124,6 +124,8 @@ def test_t2v_same_video_untiled_and_tiled(calls):
     weights = dict(pipe.transformer.named_parameters())
     assert accelerate(pipe) is pipe  # fused_modulation=True: not for Wan, and no failure
     assert type(pipe.vae) is AutoencoderKLWan  # diffusers' object: config, save, hooks stay its own
+    # no CUDA graphs for the video pipelines (seconds per decode; a graph would hold its working set)
+    assert qwenfast_vae(pipe.vae).vae_config.cuda_graph is False
     # the transformer untouched: the same modules, classes, forwards and Parameter objects
     assert [(n, type(m), m.forward) for n, m in pipe.transformer.named_modules()] == modules
     assert all(p is weights[n] for n, p in pipe.transformer.named_parameters())
