@@ -35,11 +35,12 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
 from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x
 from .surface import DecodeSurface, DecoderTopology, Level
+from .tiles import grid_tiles
 from .weights import PretrainedVAE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QwenImage21VAE", "DEFAULT_ARCH"]
+__all__ = ["QwenImage21VAE", "DEFAULT_ARCH", "LOCAL_BAND_BYTES", "LOCAL_HOLD_BYTES", "local_plan"]
 
 # The architecture of the released Qwen-Image-2.1 VAE: diffusers' defaults of AutoencoderKLQwenImage21,
 # and the one list of the config keys this model reads.
@@ -220,12 +221,14 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = Conv(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        # conv1's bias is added inside norm2, conv2's with the shortcut: no pass of their own.
+        # conv1's bias is added inside norm2, conv2's with the shortcut: no pass of their own. The
+        # shortcut runs after conv1, when norm1's output is already freed: at the widest ResBlock of a
+        # level (in != out) one tensor fewer is live at conv1 (same ops on the same inputs: same numbers).
+        y = self.conv1(self.norm1(x, silu=True), with_bias=False)
         h = self.conv_shortcut(x)
-        x = self.conv1(self.norm1(x, silu=True), with_bias=False)
-        x = self.norm2(x, silu=True, bias=self.conv1.bias)
-        x = self.conv2(self.dropout(x), with_bias=False)
-        return bias_residual_add(x, self.conv2.bias, h)
+        y = self.norm2(y, silu=True, bias=self.conv1.bias)
+        y = self.conv2(self.dropout(y), with_bias=False)
+        return bias_residual_add(y, self.conv2.bias, h)
 
 
 class MidBlock(nn.Module):
@@ -449,6 +452,60 @@ def decoder_topology(decoder: Decoder) -> DecoderTopology:
     return DecoderTopology(tail_convs=len(_convs3x3(decoder.mid_block.resnets[-1])), levels=tuple(levels))
 
 
+# The image local part runs in stages, each ending at a level output it can hold whole (at most
+# LOCAL_HOLD_BYTES); a stage whose activations would pass LOCAL_BAND_BYTES runs in row bands, each with
+# the stage's receptive field as margin (`local_plan`). Module settings, not knobs: chosen with
+# benchmarks/memory_model.py (predicted peaks and FLOP overhead per size in the module doc there).
+LOCAL_BAND_BYTES = 384 << 20
+LOCAL_HOLD_BYTES = 1280 << 20
+
+
+def level_activation_bytes(levels, batch: int, height: int, width: int, elem: int) -> list[tuple[int, int]]:
+    """Per level of `levels` (consecutive topology levels) for a (batch, ., height, width) input of the
+    first: (its largest activation, its output) in bytes; activations are the conv inputs and outputs
+    at each resolution the level runs at."""
+    out, f, px = [], 1, batch * height * width * elem
+    for lv in levels:
+        ch = lv._channels()
+        g = 2 * f if lv.upsample else f
+        at_in = max((max(c) for c in ch[:lv.convs]), default=0) * f * f
+        at_up = max((max(c) for c in ch[lv.convs:]), default=0) * g * g
+        out.append((max(at_in, at_up) * px, ch[-1][1] * g * g * px))
+        f = g
+    return out
+
+
+def local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int, band_bytes: int | None = None,
+               hold_bytes: int | None = None) -> list[tuple[int, int, list]]:
+    """How the local part runs on a frame of `shape` (B, C, h, w), elements of `elem` bytes: stages
+    `(first level, end level, bands)`. A stage ends after a level whose output is at most `hold_bytes`
+    (it is then held whole); `bands` is [] when the stage's largest activation is at most `band_bytes`,
+    else row bands of the stage's input (`Tile`s of full width, window = core + the stage's receptive
+    field, clipped), as few as keep a band's largest activation within `band_bytes` (a core at least
+    twice the margin: never more than 2x the stage's work). Pure: shapes in, plan out."""
+    band_bytes = LOCAL_BAND_BYTES if band_bytes is None else band_bytes
+    hold_bytes = LOCAL_HOLD_BYTES if hold_bytes is None else hold_bytes
+    b, _, h, w = shape
+    levels = topology.levels
+    sizes = level_activation_bytes(levels, b, h, w, elem)
+    ends = [i + 1 for i, (_, held) in enumerate(sizes[:-1]) if held <= hold_bytes] + [len(levels)]
+    plan, first, scale = [], 0, 1
+    for end in ends:
+        stage = levels[first:end]
+        bands = []
+        if max(size for size, _ in sizes[first:end]) > band_bytes:
+            rows, cols = h * scale, w * scale  # the stage's input
+            per_row = max(size for size, _ in level_activation_bytes(stage, b, 1, cols, elem))
+            margin = DecoderTopology(tail_convs=0, levels=stage).receptive_field()
+            core = max(2 * margin, 1, band_bytes // per_row - 2 * margin)
+            if -(-rows // core) > 1:
+                bands = grid_tiles(rows, cols, -(-rows // core), 1, margin)
+        plan.append((first, end, bands))
+        scale *= 2 ** sum(lv.upsample for lv in stage)
+        first = end
+    return plan
+
+
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
@@ -664,13 +721,35 @@ class QwenImage21VAE(DecodeSurface, PretrainedVAE):
 
     def decode_local(self, h: torch.Tensor) -> torch.Tensor:
         """Mid-block output (B, C_mid, T, h, w) (or a window of it) → pixels (B, out_channels, T, s·h, s·w),
-        unclamped."""
-        def fn(x, cache):
-            for i in range(len(self.decoder.up_blocks)):
-                x = self.decode_level(i, x, cache)
-            return x
+        unclamped. Large frames run in stages and row bands (`local_plan`), each band with the margin of
+        its stage's receptive field: exact as exact tiling is (the same sums, re-associated at most),
+        in a fraction of the memory."""
+        return self.stream(lambda x, cache: self.decode_levels(x), h, desc="decode (local)")
 
-        return self.stream(fn, h, desc="decode (local)")
+    def decode_levels(self, x: torch.Tensor, band_bytes: int | None = None,
+                      hold_bytes: int | None = None) -> torch.Tensor:
+        """The local part on one 4-D frame x (B, C_mid, h, w) → (B, out_channels, s·h, s·w), stage by
+        stage (`local_plan`): a banded stage decodes each band's window and writes its core rows into
+        the stage's output."""
+        for first, end, bands in local_plan(self.topology, tuple(x.shape), x.element_size(), band_bytes, hold_bytes):
+            if not bands:
+                for i in range(first, end):
+                    x = self.decode_level(i, x)
+                continue
+            out = None
+            for tile in bands:
+                y = x[:, :, tile.wy0:tile.wy1]
+                for i in range(first, end):
+                    y = self.decode_level(i, y)
+                f = y.shape[2] // (tile.wy1 - tile.wy0)  # output rows per input row of the stage
+                if out is None:  # in the layout decode_level gives (channels-last on CUDA, the last level contiguous)
+                    cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+                    out = torch.empty((y.shape[0], y.shape[1], x.shape[2] * f, y.shape[3]), dtype=y.dtype, device=y.device,
+                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+                out[:, :, tile.y0 * f:tile.y1 * f] = y[:, :, (tile.y0 - tile.wy0) * f:(tile.y1 - tile.wy0) * f]
+                del y
+            x = out
+        return x
 
     def decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
         """(B, z, T, h, w) → pixels (B, out_channels, T, s·h, s·w), unclamped."""
