@@ -76,12 +76,29 @@ def _sdpa_as_on_h200(original: Callable) -> Callable:
         if fused and torch.backends.cuda.mem_efficient_sdp_enabled() and d % 8 == 0:
             return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, 0.0, is_causal,
                                                                           scale=scale)[0]
-        if torch.backends.cuda.math_sdp_enabled():
-            return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, attn_mask, dropout_p, is_causal,
-                                                                     scale=scale)[0]
+        if torch.backends.cuda.math_sdp_enabled() and attn_mask is None and not is_causal:
+            return _math_sdpa_as_on_cuda(q, k, v, scale)
         raise RuntimeError("No available kernel. Aborting execution.")
 
     return sdpa
+
+
+def _math_sdpa_as_on_cuda(q, k, v, scale=None):
+    """SDPA's math backend step by step, as its C++ composite runs on CUDA (the meta kernel is one op
+    and would hide its temporaries): fp16/bf16 inputs upcast to fp32 unless allowed otherwise, q and k
+    each scaled by sqrt(scale), the fp32 scores, their softmax, the output, and the attention weights
+    rounded back (the op returns them; SDPA drops them)."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16) and not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed():
+        q, k, v = q.float(), k.float(), v.float()
+    root = (q.shape[-1] ** -0.5 if scale is None else scale) ** 0.5
+    scores = torch.matmul(q * root, k.transpose(-2, -1) * root)
+    del q, k
+    weights = torch.softmax(scores, dim=-1)
+    del scores
+    out = torch.matmul(weights, v).to(dtype)
+    weights.to(dtype)
+    return out
 
 
 _CONVS = (torch.ops.aten.convolution, torch.ops.aten.conv2d, torch.ops.aten.conv3d)
