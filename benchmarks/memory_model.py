@@ -31,21 +31,32 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qwenfast import QwenImage21VAE, QwenImageVAE, VAEConfig  # noqa: E402
+import qwenfast  # noqa: E402
+from qwenfast import QwenImageVAE, VAEConfig  # noqa: E402
 from qwenfast.benchmarking import LiveMemory, format_table, provenance, write_json  # noqa: E402
 
 GIB = 2**30
-# What the H200 peaks hold beyond the live tensors, fitted: every measured peak below is the predicted
-# live peak plus ~3.1x (2-D convs, the 2.1 VAE, 6 points within 3%) or ~2.3x (3-D convs, the video
-# path, 2 points) the input of the largest 3x3 conv: what cuDNN asks for as workspace
-# (cudnn.benchmark on, its trial runs inside the measured window). A fit, not a measurement.
-WORKSPACE_PER_INPUT = {4: 3.1, 5: 2.3}
+# What the H200 peaks hold beyond the live tensors, fitted per model: each measured peak is the
+# predicted live peak plus k x the input of the largest 3x3 conv (the max over convs of live + output +
+# k x input), most likely cuDNN workspace (cudnn.benchmark on, its trial runs inside the measured
+# window). k = 3.1 fits all 8 points of the 2.1 VAE (ours before the banded local part, and
+# diffusers'; within 2%); k = 1.7 the 4 of the Qwen-Image VAE's image decode (each point alone: 1.6-1.8;
+# its convs are narrower). A fit, not a measurement: bench_vae21.py's
+# "steady peak" and --memory-snapshot settle it. None for the video path: its one measurement (11.47
+# GiB) is of an older path than the one predicted here.
+WORKSPACE_PER_INPUT = {"vae21": 3.1, "diffusers21": 3.1, "image": 1.7, "video": None}
 # Peaks measured on one H200 (bf16, max_memory_allocated after reset: weights and inputs included).
 MEASURED_GIB = {
     ("vae21", 1024, "untiled"): 4.07, ("vae21", 1328, "untiled"): 6.39, ("vae21", 2048, "untiled"): 14.27,
     ("vae21", 1024, "exact"): 2.37, ("vae21", 1328, "exact"): 3.15, ("vae21", 2048, "exact"): 3.60,
-    ("video", 720, "untiled"): 11.47, ("video", 720, "exact"): 7.12,
 }
+# The old video path (main at 60b746b, before the streamed one): not what runs now, shown for reference.
+MEASURED_OLD_VIDEO_GIB = {("video", 720, "untiled"): 11.47, ("video", 720, "exact"): 7.12}
+# Validation points on other paths, same H200 runs: the Qwen-Image VAE's image decode (bench_vae.py,
+# vae_after_refactor_h200.json, commit 3401347: the image path that runs now) and diffusers' 2.1 decode.
+MEASURED_GIB.update({("image", 1328, "untiled"): 2.53, ("image", 1328, "exact"): 1.07,
+                     ("image", 2048, "untiled"): 5.66, ("image", 2048, "exact"): 2.03,
+                     ("diffusers21", 1024, "untiled"): 7.48, ("diffusers21", 1328, "untiled"): 12.19})
 TARGET_GIB = {("vae21", 1328, "untiled"): 4.0, ("vae21", 2048, "untiled"): 8.0, ("vae21", 2048, "exact"): 2.0}
 VIDEO_TARGET_BEYOND_OUT_GIB = 3.0  # issue 12: 81 x 720p untiled, peak beyond the output tensor
 
@@ -118,11 +129,20 @@ def cuda_strides(func, args, kwargs, out):
 
 @contextlib.contextmanager
 def cuda_like() -> Iterator[None]:
-    """Within: meta tensors take the decisions and allocations of CUDA tensors (module doc)."""
-    from qwenfast.ops import custom_op
-    from qwenfast.ops.triton import rms_norm as rms_kernel
-    from qwenfast.vae import video
+    """Within: meta tensors take the decisions and allocations of CUDA tensors (module doc). Written to
+    also take older checkouts of qwenfast (a piece they lack is left alone), to predict their peaks."""
+    import importlib
 
+    from qwenfast.ops import custom_op
+
+    def optional(name):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    rms_kernel, video = optional("qwenfast.ops.triton.rms_norm"), optional("qwenfast.vae.video")
+    support = optional("qwenfast.ops.triton._support")
     saved: list[tuple[Any, str, Any]] = []
 
     def patch(obj, name, value):
@@ -134,24 +154,24 @@ def cuda_like() -> Iterator[None]:
     choose = custom_op.choose_backend
     patch(custom_op, "choose_backend",
           lambda device, has_triton=None: "cuda" if device is not None and device.type == "meta" else choose(device, has_triton))
-    launch = custom_op.launch
-
-    def launch_meta(op, launcher, *args):
-        return op(*args) if _is_meta(args) else launch(op, launcher, *args)
-
+    launches = {id(f): f for f in (getattr(custom_op, "launch", None), getattr(support, "launch", None)) if f}
     for name, module in list(sys.modules.items()):
-        if name.startswith("qwenfast.") and getattr(module, "launch", None) is launch:
-            patch(module, "launch", launch_meta)
-    fwd = rms_kernel.rms_norm_fwd
+        launch = getattr(module, "launch", None) if name.startswith("qwenfast.") else None
+        if launch is not None and id(launch) in launches:
+            patch(module, "launch", lambda op, launcher, *args, _launch=launch:
+                  op(*args) if _is_meta(args) else _launch(op, launcher, *args))
+    if rms_kernel is not None:
+        fwd = rms_kernel.rms_norm_fwd
 
-    def rms_norm_fwd(x, gamma, silu, bias=None, *rest, out=None, **kw):
-        if x.is_meta:  # the kernel writes into `out` (or one new tensor shaped like x)
-            return out if out is not None else torch.ops.qwenfast.rms_norm(x, gamma, silu, bias)
-        return fwd(x, gamma, silu, bias, *rest, out=out, **kw)
+        def rms_norm_fwd(x, gamma, silu, bias=None, *rest, out=None, **kw):
+            if x.is_meta:  # the kernel writes into `out` (or one new tensor shaped like x)
+                return out if out is not None else torch.ops.qwenfast.rms_norm(x, gamma, silu, bias)
+            return fwd(x, gamma, silu, bias, *rest, out=out, **kw)
 
-    patch(rms_kernel, "rms_norm_fwd", rms_norm_fwd)
-    layout = video.video_layout
-    patch(video, "video_layout", lambda device: torch.channels_last_3d if device.type == "meta" else layout(device))
+        patch(rms_kernel, "rms_norm_fwd", rms_norm_fwd)
+    if video is not None:
+        layout = video.video_layout
+        patch(video, "video_layout", lambda device: torch.channels_last_3d if device.type == "meta" else layout(device))
     patch(F, "scaled_dot_product_attention", _sdpa_as_on_h200(F.scaled_dot_product_attention))
     try:
         yield
@@ -171,9 +191,12 @@ _MISSING = object()
 # --------------------------------------------------------------------------------------------------
 
 
-def predict(fn: Callable[[], Any], resident: dict[str, list[torch.Tensor]], simulate_cuda: bool = True) -> tuple[LiveMemory, Any]:
+def predict(fn: Callable[[], Any], resident: dict[str, list[torch.Tensor]], simulate_cuda: bool = True,
+            workspace: float | None = None) -> tuple[LiveMemory, Any]:
     """Run `fn()` under inference mode and `LiveMemory`, with `resident` ({label: tensors}) counted as
-    live from the start; (the meter, fn's result)."""
+    live from the start; (the meter, fn's result). The meter also gets `largest_conv_input_bytes` and
+    `with_workspace_bytes` (its peak with `workspace` x each 3x3 conv's input added during that conv;
+    None without a factor)."""
     mem = LiveMemory()
     mem.largest_conv_input_bytes = 0
     mem.with_workspace_bytes = 0  # max over 3x3 convs of live + output + WORKSPACE_PER_INPUT x input
@@ -183,8 +206,8 @@ def predict(fn: Callable[[], Any], resident: dict[str, list[torch.Tensor]], simu
             x = args[0].numel() * args[0].element_size()
             mem.largest_conv_input_bytes = max(mem.largest_conv_input_bytes, x)
             y = out.numel() * out.element_size()
-            k = WORKSPACE_PER_INPUT[args[0].dim()]
-            mem.with_workspace_bytes = max(mem.with_workspace_bytes, mem.live_bytes + y + int(k * x))
+            if workspace is not None:
+                mem.with_workspace_bytes = max(mem.with_workspace_bytes, mem.live_bytes + y + int(workspace * x))
         return cuda_strides(func, args, kwargs, out) if simulate_cuda else out
 
     mem.transform = transform
@@ -193,14 +216,14 @@ def predict(fn: Callable[[], Any], resident: dict[str, list[torch.Tensor]], simu
         for label, tensors in resident.items():
             mem.track(tensors, label)
         out = fn()
-    mem.with_workspace_bytes = max(mem.with_workspace_bytes, mem.peak_bytes)
+    mem.with_workspace_bytes = None if workspace is None else max(mem.with_workspace_bytes, mem.peak_bytes)
     return mem, out
 
 
-def meta_vae21(dtype=torch.bfloat16, arch: dict | None = None) -> QwenImage21VAE:
+def meta_vae21(dtype=torch.bfloat16, arch: dict | None = None) -> "qwenfast.QwenImage21VAE":
     """The released 2.1 VAE (diffusers' default config) on the meta device: no memory, no init."""
     with torch.device("meta"):
-        return QwenImage21VAE(**(arch or {})).to(dtype).eval().requires_grad_(False)
+        return qwenfast.QwenImage21VAE(**(arch or {})).to(dtype).eval().requires_grad_(False)
 
 
 def meta_qwen_vae(dtype=torch.bfloat16, arch: dict | None = None) -> QwenImageVAE:
@@ -212,14 +235,15 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def vae21_case(vae: QwenImage21VAE, size: int, mode: str, exact_tile: int = 512) -> tuple[LiveMemory, dict]:
+def vae21_case(vae: "qwenfast.QwenImage21VAE", size: int, mode: str, exact_tile: int = 512) -> tuple[LiveMemory, dict]:
     """The 2.1 decode of a `size`² image as bench_vae21.py runs it: the whole VAE's weights resident
     (encoder too), the fp32 latent and its bf16 copy, ours with `mode` 'untiled' or 'exact'."""
     s = vae.spatial_compression_ratio
     z = torch.empty(1, vae.z_dim, 1, size // s, size // s, device="meta")
     zb = z.to(vae.dtype)
     vae.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=exact_tile) if mode == "exact" else VAEConfig()
-    mem, out = predict(lambda: vae.decode(zb), {"weights": list(vae.parameters()), "latent": [z, zb]})
+    mem, out = predict(lambda: vae.decode(zb), {"weights": list(vae.parameters()), "latent": [z, zb]},
+                       workspace=WORKSPACE_PER_INPUT["vae21"])
     return mem, dict(model="vae21", size=size, mode=mode, out_bytes=out.numel() * out.element_size())
 
 
@@ -230,8 +254,34 @@ def video_case(vae: QwenImageVAE, height: int, width: int, frames: int, mode: st
     t = (frames - 1) // 4 + 1
     z = torch.empty(1, vae.z_dim, t, height // s, width // s, device="meta", dtype=vae.dtype)
     vae.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=exact_tile) if mode == "exact" else VAEConfig()
-    mem, out = predict(lambda: vae.decode(z), {"weights": list(vae.parameters()), "latent": [z]})
+    mem, out = predict(lambda: vae.decode(z), {"weights": list(vae.parameters()), "latent": [z]},
+                       workspace=WORKSPACE_PER_INPUT["video"])
     return mem, dict(model="video", size=height, mode=mode, out_bytes=out.numel() * out.element_size())
+
+
+def image_case(vae: QwenImageVAE, size: int, mode: str) -> tuple[LiveMemory, dict]:
+    """The Qwen-Image VAE's image decode as bench_vae.py runs it: weights, the fp32 latent; untiled or
+    exact-tiled (VAEConfig's default tile)."""
+    s = vae.spatial_compression_ratio
+    z = torch.empty(1, vae.z_dim, 1, size // s, size // s, device="meta")
+    vae.vae_config = VAEConfig(use_tiling=mode == "exact")
+    mem, out = predict(lambda: vae.decode(z), {"weights": list(vae.parameters()), "latent": [z]},
+                       workspace=WORKSPACE_PER_INPUT["image"])
+    return mem, dict(model="image", size=size, mode=mode, out_bytes=out.numel() * out.element_size())
+
+
+def diffusers21_case(size: int) -> tuple[LiveMemory, dict]:
+    """diffusers' own 2.1 decode (bench_vae21.py's reference row), on meta: a check of the accountant
+    on code that is not ours (no fused ops; NCHW; its frame caches and fp32 norms)."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    with torch.device("meta"):
+        ref = AutoencoderKLQwenImage21().to(torch.bfloat16).eval().requires_grad_(False)
+    z = torch.empty(1, ref.config.z_dim, 1, size // 16, size // 16, device="meta")
+    zb = z.to(torch.bfloat16)
+    mem, out = predict(lambda: ref.decode(zb).sample, {"weights": list(ref.parameters()), "latent": [z, zb]},
+                       workspace=WORKSPACE_PER_INPUT["diffusers21"])
+    return mem, dict(model="diffusers21", size=size, mode="untiled", out_bytes=out.numel() * out.element_size())
 
 
 def scenario_rows(only: str | None = None, top: int = 0, sizes=(1024, 1328, 2048)) -> list[dict]:
@@ -241,8 +291,9 @@ def scenario_rows(only: str | None = None, top: int = 0, sizes=(1024, 1328, 2048
         key = (info["model"], info["size"], info["mode"])
         row = dict(case=label, mode=info["mode"], predicted_gib=mem.peak_gib, out_gib=info["out_bytes"] / GIB,
                    beyond_out_gib=mem.peak_gib - info["out_bytes"] / GIB, measured_gib=MEASURED_GIB.get(key),
+                   measured_old_path_gib=MEASURED_OLD_VIDEO_GIB.get(key),
                    largest_conv_input_gib=mem.largest_conv_input_bytes / GIB,
-                   with_workspace_gib=mem.with_workspace_bytes / GIB,
+                   with_workspace_gib=None if mem.with_workspace_bytes is None else mem.with_workspace_bytes / GIB,
                    target_gib=TARGET_GIB.get(key), peak_op=mem.peak_op)
         if info["model"] == "video" and info["mode"] == "untiled":
             row["target_gib"] = VIDEO_TARGET_BEYOND_OUT_GIB  # beyond the output
@@ -260,6 +311,14 @@ def scenario_rows(only: str | None = None, top: int = 0, sizes=(1024, 1328, 2048
         for size in sizes:
             for mode in ("untiled", "exact"):
                 add(*vae21_case(vae, size, mode), f"2.1 decode {size}²")
+    if only in (None, "image"):
+        vae = meta_qwen_vae()
+        for size in (1328, 2048):
+            for mode in ("untiled", "exact"):
+                add(*image_case(vae, size, mode), f"image {size}² (Qwen-Image)")
+    if only in (None, "diffusers21"):
+        for size in (1024, 1328):
+            add(*diffusers21_case(size), f"diffusers 2.1 {size}²")
     if only in (None, "video"):
         vae = meta_qwen_vae()
         print(f"Qwen-Image VAE weights (bf16): {param_bytes(vae) / GIB:.3f} GiB", flush=True)
@@ -339,7 +398,7 @@ def subpixel_saving(rows: list[dict]) -> float:
 
 
 COLUMNS = [("case", "case", ""), ("mode", "mode", ""), ("predicted_gib", "predicted GiB", ".2f"),
-           ("measured_gib", "measured GiB", ".2f"), ("largest_conv_input_gib", "largest 3x3 input", ".2f"),
+           ("measured_gib", "measured (main)", ".2f"), ("measured_old_path_gib", "old path", ".2f"), ("largest_conv_input_gib", "largest 3x3 input", ".2f"),
            ("with_workspace_gib", "+ fitted workspace", ".2f"), ("beyond_out_gib", "beyond output", ".2f"),
            ("target_gib", "target", ".1f"), ("peak_op", "at op", "")]
 FLOP_COLUMNS = [("kind", "layer kind", ""), ("stage", "stage", ""), ("tflop", "TFLOP", ".2f"), ("share", "% of total", ".1f")]
@@ -347,7 +406,7 @@ FLOP_COLUMNS = [("kind", "layer kind", ""), ("stage", "stage", ""), ("tflop", "T
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("vae21", "video"), default=None)
+    p.add_argument("--only", choices=("vae21", "image", "diffusers21", "video"), default=None)
     p.add_argument("--sizes", default="1024,1328,2048", help="2.1 decode sizes (px, square)")
     p.add_argument("--top", type=int, default=0, help="print the N largest tensors live at each peak")
     p.add_argument("--flops", action="store_true", help="FLOPs per layer kind of the 2.1 decode at 1328² and exit")

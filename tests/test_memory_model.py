@@ -89,7 +89,7 @@ def test_tiny_decode_on_the_cpu_and_on_meta_agree():
 
     arch = ARCHS21["released-shape"]
     torch.manual_seed(0)
-    cpu = memory_model.QwenImage21VAE(**arch).eval()
+    cpu = memory_model.qwenfast.QwenImage21VAE(**arch).eval()
     meta = memory_model.meta_vae21(torch.float32, arch)
     z = torch.randn(1, cpu.z_dim, 1, 6, 5)
     peaks = []
