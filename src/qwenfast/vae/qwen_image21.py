@@ -22,6 +22,7 @@ Shapes: B batch, C channels, T frames (always 1 here), H x W pixels at the curre
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -40,7 +41,7 @@ from .weights import PretrainedVAE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QwenImage21VAE", "DEFAULT_ARCH", "LOCAL_BAND_BYTES", "LOCAL_HOLD_BYTES", "local_plan"]
+__all__ = ["QwenImage21VAE", "DEFAULT_ARCH", "LOCAL_BAND_OVERHEAD", "local_plan", "stage_bands"]
 
 # The architecture of the released Qwen-Image-2.1 VAE: diffusers' defaults of AutoencoderKLQwenImage21,
 # and the one list of the config keys this model reads.
@@ -452,12 +453,13 @@ def decoder_topology(decoder: Decoder) -> DecoderTopology:
     return DecoderTopology(tail_convs=len(_convs3x3(decoder.mid_block.resnets[-1])), levels=tuple(levels))
 
 
-# The image local part runs in stages, each ending at a level output it can hold whole (at most
-# LOCAL_HOLD_BYTES); a stage whose activations would pass LOCAL_BAND_BYTES runs in row bands, each with
-# the stage's receptive field as margin (`local_plan`). Module settings, not knobs: chosen with
-# benchmarks/memory_model.py (predicted peaks and FLOP overhead per size in the module doc there).
-LOCAL_BAND_BYTES = 384 << 20
-LOCAL_HOLD_BYTES = 1280 << 20
+# The image local part of a large frame runs in stages, each either whole or in row bands with the
+# stage's receptive field as margin (`local_plan`): the least peak memory whose margins cost at most
+# LOCAL_BAND_OVERHEAD of the local part's FLOPs. Module settings, not knobs (chosen with
+# benchmarks/memory_model.py; benchmarks/results/memory_model.md has the peaks and overheads).
+LOCAL_BAND_OVERHEAD = 0.03
+BAND_WORKING_SET = 3  # a band's activations in flight, in units of its largest (the accountant: 2.3-3)
+MAX_BANDS = 64
 
 
 def level_activation_bytes(levels, batch: int, height: int, width: int, elem: int) -> list[tuple[int, int]]:
@@ -475,35 +477,81 @@ def level_activation_bytes(levels, batch: int, height: int, width: int, elem: in
     return out
 
 
-def local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int, band_bytes: int | None = None,
-               hold_bytes: int | None = None) -> list[tuple[int, int, list]]:
+def level_flops(levels, batch: int, height: int, width: int) -> float:
+    """The 3x3 convs' FLOPs of `levels` on a (batch, ., height, width) input of the first."""
+    total, f = 0.0, 1
+    for lv in levels:
+        ch = lv._channels()
+        g = 2 * f if lv.upsample else f
+        total += sum(2 * 9 * ci * co for ci, co in ch[:lv.convs]) * f * f
+        total += sum(2 * 9 * ci * co for ci, co in ch[lv.convs:]) * g * g
+        f = g
+    return total * batch * height * width
+
+
+def stage_bands(topology: DecoderTopology, first: int, end: int, rows: int, cols: int, count: int) -> list:
+    """`count` row bands of a stage's (rows x cols) input: Tiles of full width, window = core + the
+    stage's receptive field, clipped; [] for one band (the stage runs whole)."""
+    if count <= 1:
+        return []
+    margin = DecoderTopology(tail_convs=0, levels=topology.levels[first:end]).receptive_field()
+    return grid_tiles(rows, cols, count, 1, margin)
+
+
+def local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int,
+               overhead: float | None = None) -> tuple[tuple[int, int, tuple], ...]:
     """How the local part runs on a frame of `shape` (B, C, h, w), elements of `elem` bytes: stages
-    `(first level, end level, bands)`. A stage ends after a level whose output is at most `hold_bytes`
-    (it is then held whole); `bands` is [] when the stage's largest activation is at most `band_bytes`,
-    else row bands of the stage's input (`Tile`s of full width, window = core + the stage's receptive
-    field, clipped), as few as keep a band's largest activation within `band_bytes` (a core at least
-    twice the margin: never more than 2x the stage's work). Pure: shapes in, plan out."""
-    band_bytes = LOCAL_BAND_BYTES if band_bytes is None else band_bytes
-    hold_bytes = LOCAL_HOLD_BYTES if hold_bytes is None else hold_bytes
+    `(first level, end level, bands)`, `bands` a tuple of `stage_bands` (empty: the stage runs whole).
+
+    Over every split of the levels into stages and every band count per stage (up to MAX_BANDS), the
+    least estimated peak whose extra FLOPs (the bands' margins, counted twice) stay within `overhead`
+    (default LOCAL_BAND_OVERHEAD) of the local part's. A stage's peak is its input and output, held
+    whole, plus BAND_WORKING_SET x its band's largest activation. Pure: shapes in, plan out."""
+    return _local_plan(topology, tuple(shape), elem, LOCAL_BAND_OVERHEAD if overhead is None else overhead)
+
+
+@functools.lru_cache(maxsize=256)
+def _local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int, overhead: float):
     b, _, h, w = shape
-    levels = topology.levels
-    sizes = level_activation_bytes(levels, b, h, w, elem)
-    ends = [i + 1 for i, (_, held) in enumerate(sizes[:-1]) if held <= hold_bytes] + [len(levels)]
-    plan, first, scale = [], 0, 1
-    for end in ends:
+    levels, n = topology.levels, len(topology.levels)
+    budget = overhead * level_flops(levels, b, h, w)
+    scales = [1]
+    for lv in levels:
+        scales.append(scales[-1] * (2 if lv.upsample else 1))
+
+    def options(first: int, end: int) -> list[tuple[int, float, int]]:
+        """(peak bytes, extra FLOPs, band count) of each band count of stage [first, end)."""
         stage = levels[first:end]
-        bands = []
-        if max(size for size, _ in sizes[first:end]) > band_bytes:
-            rows, cols = h * scale, w * scale  # the stage's input
-            per_row = max(size for size, _ in level_activation_bytes(stage, b, 1, cols, elem))
-            margin = DecoderTopology(tail_convs=0, levels=stage).receptive_field()
-            core = max(2 * margin, 1, band_bytes // per_row - 2 * margin)
-            if -(-rows // core) > 1:
-                bands = grid_tiles(rows, cols, -(-rows // core), 1, margin)
-        plan.append((first, end, bands))
-        scale *= 2 ** sum(lv.upsample for lv in stage)
-        first = end
-    return plan
+        rows, cols = h * scales[first], w * scales[first]
+        held_in = levels[first]._channels()[0][0] * b * rows * cols * elem
+        held_out = level_activation_bytes(stage, b, rows, cols, elem)[-1][1]
+        per_row = max(size for size, _ in level_activation_bytes(stage, b, 1, cols, elem))
+        flops_row = level_flops(stage, b, 1, cols)
+        margin = DecoderTopology(tail_convs=0, levels=stage).receptive_field()
+        out = []
+        for count in range(1, min(rows, MAX_BANDS) + 1):
+            window = min(rows, -(-rows // count) + (2 * margin if count > 1 else 0))
+            extra = flops_row * min((count - 1) * rows, 2 * margin * (count - 1))
+            out.append((held_in + held_out + BAND_WORKING_SET * per_row * window, extra, count))
+        return out
+
+    best = None  # (peak, extra, stages, counts)
+    for mask in range(2 ** (n - 1)):  # bit i set: a stage ends after level i
+        ends = [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
+        stages = list(zip([0] + ends[:-1], ends))
+        opts = [options(a, e) for a, e in stages]
+        for limit in sorted({peak for o in opts for peak, _, _ in o}):
+            picks = [min(((extra, count) for peak, extra, count in o if peak <= limit), default=None) for o in opts]
+            if None in picks:
+                continue
+            extra = sum(p[0] for p in picks)
+            if extra <= budget:
+                if best is None or (limit, extra) < best[:2]:
+                    best = (limit, extra, stages, [p[1] for p in picks])
+                break
+    _, _, stages, counts = best  # one stage, one band (the levels whole) always fits: never None
+    return tuple((a, e, tuple(stage_bands(topology, a, e, h * scales[a], w * scales[a], count)))
+                 for (a, e), count in zip(stages, counts))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -726,12 +774,13 @@ class QwenImage21VAE(DecodeSurface, PretrainedVAE):
         in a fraction of the memory."""
         return self.stream(lambda x, cache: self.decode_levels(x), h, desc="decode (local)")
 
-    def decode_levels(self, x: torch.Tensor, band_bytes: int | None = None,
-                      hold_bytes: int | None = None) -> torch.Tensor:
+    def decode_levels(self, x: torch.Tensor, plan=None) -> torch.Tensor:
         """The local part on one 4-D frame x (B, C_mid, h, w) → (B, out_channels, s·h, s·w), stage by
-        stage (`local_plan`): a banded stage decodes each band's window and writes its core rows into
-        the stage's output."""
-        for first, end, bands in local_plan(self.topology, tuple(x.shape), x.element_size(), band_bytes, hold_bytes):
+        stage (`plan`, default `local_plan`'s): a banded stage decodes each band's window and writes
+        its core rows into the stage's output."""
+        if plan is None:
+            plan = local_plan(self.topology, tuple(x.shape), x.element_size())
+        for first, end, bands in plan:
             if not bands:
                 for i in range(first, end):
                     x = self.decode_level(i, x)
