@@ -2,7 +2,9 @@
 `AutoencoderKLQwenImage21` (untiled; `enable_tiling()`), the released architecture (diffusers'
 default config), random weights, bf16. One run, side by side.
 
-For each decode size: median ms, peak GiB (allocator peak above what was in use before), and max|Δ|
+For each decode size: median ms, peak GiB (allocator peak over warm-up and timed runs: weights and
+inputs included, cuDNN's benchmark trials too), steady peak GiB (the peak of one more run once
+everything is warm: what a serving process sees), and max|Δ|
 of each bf16 decode against an fp32 decode of the same latent (ours in fp32; equal to diffusers'
 fp32 decode, tested), next to diffusers' own. Encode at --encode-sizes the same way (posterior mean).
 `--attention`: the mid-block attention alone (head dim 1152, one frame of each size's latent pixels),
@@ -11,6 +13,8 @@ SDPA's forced memory-efficient kernel against our query-chunked matmul path.
     python benchmarks/bench_vae21.py --json benchmarks/results/vae21_h200.json
     python benchmarks/bench_vae21.py --attention --json benchmarks/results/vae21_attention_h200.json
     python benchmarks/bench_vae21.py --dry-run        # a tiny config on the CPU: checks the script
+    python benchmarks/bench_vae21.py --diffusers-max 0 --encode-sizes "" --memory-snapshot DIR
+                                                      # ours only, a CUDA memory snapshot per decode
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from qwenfast.benchmarking import (  # noqa: E402
 from qwenfast.ops import attention as attention_ops  # noqa: E402
 
 COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""),
-           ("median_ms", "median ms", ".1f"), ("peak_gib", "peak GiB", ".2f"),
+           ("median_ms", "median ms", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("steady_peak_gib", "steady peak", ".2f"),
            ("fp32_max_err", "max|Δ| vs fp32", ".2e"), ("fp32_mean_err", "mean|Δ| vs fp32", ".2e"),
            ("speedup", "x diffusers untiled", ".2f")]
 ATTENTION_COLUMNS = [("tokens", "tokens", ""), ("path", "path", ""), ("median_ms", "median ms", ".2f"),
@@ -63,9 +67,34 @@ def run_case(rows: list[dict], op: str, size: int, impl: str, mode: str, fn, dev
         print(f"{op} {size} {impl} {mode}: OOM ({str(e).splitlines()[0]})", flush=True)
         rows.append(dict(op=op, size=f"{size}²", impl=impl, mode=mode, error="OOM"))
         return None
+    out = None  # the last run's output is not part of the next peaks
+    if SNAPSHOT_DIR and impl == "qwenfast" and device.type == "cuda":
+        memory_snapshot(fn, Path(SNAPSHOT_DIR) / f"{op}_{size}_{mode.replace(' ', '_')}.pickle")
+    out, steady = measure(fn, device, 1, 0)  # one more run, everything warm (cuDNN's choices made)
+    stats["steady_peak_gib"] = steady["peak_gib"]
     rows.append(dict(op=op, size=f"{size}²", pixels=size * size, impl=impl, mode=mode, **stats))
-    print(f"{op} {size} {impl:9s} {mode:14s} {stats['median_ms']:9.1f} ms  peak {stats['peak_gib']:6.2f} GiB", flush=True)
+    print(f"{op} {size} {impl:9s} {mode:14s} {stats['median_ms']:9.1f} ms  peak {stats['peak_gib']:6.2f} GiB"
+          f"  steady {stats['steady_peak_gib']:6.2f} GiB", flush=True)
     return out
+
+
+SNAPSHOT_DIR: str | None = None  # --memory-snapshot
+
+
+def memory_snapshot(fn, path: Path) -> None:
+    """One run of `fn` under CUDA's allocator history; the snapshot (open it at pytorch.org/memory_viz)
+    shows every block live at the peak, cuDNN workspaces included."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200000)
+    try:
+        with torch.inference_mode():
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.memory._dump_snapshot(str(path))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"memory snapshot: {path}", flush=True)
 
 
 def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
@@ -175,6 +204,9 @@ def main(argv=None):
     p.add_argument("--attention", action="store_true", help="benchmark the d=1152 attention alone and exit")
     p.add_argument("--attention-fp64-max", type=int, default=7000, help="most tokens with an fp64 check")
     p.add_argument("--json", default=None, help="write the results with provenance here")
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="cudnn.benchmark off (its trials allocate workspaces)")
+    p.add_argument("--memory-snapshot", default=None, metavar="DIR",
+                   help="write a CUDA memory snapshot of one run of each of our decodes into DIR")
     p.add_argument("--dry-run", action="store_true", help="a tiny config on the CPU, to check the script")
     args = p.parse_args(argv)
 
@@ -184,9 +216,11 @@ def main(argv=None):
         args.repeats, args.warmup, args.exact_tile, args.attention_fp64_max = 1, 0, 32, 10**9
     else:
         device, dtype, arch = torch.device("cuda"), torch.bfloat16, {}
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if args.wide_head_path:
         attention_ops.WIDE_HEAD_PATH = args.wide_head_path
+    global SNAPSHOT_DIR
+    SNAPSHOT_DIR = args.memory_snapshot
     sizes = [int(s) for s in args.sizes.split(",") if s]
 
     if args.attention:
@@ -200,7 +234,7 @@ def main(argv=None):
     info = provenance(device, dtype=str(dtype).removeprefix("torch."), model="AutoencoderKLQwenImage21",
                       weights="random, " + ("tiny dry-run config" if args.dry_run else "full-size (diffusers default config)"),
                       exact_tile_sample_size=args.exact_tile, wide_head_path=attention_ops.WIDE_HEAD_PATH,
-                      cudnn_benchmark=device.type == "cuda")
+                      cudnn_benchmark=device.type == "cuda" and not args.no_cudnn_benchmark)
     if args.json:
         write_json(args.json, {"provenance": info, **payload})
     print()

@@ -171,3 +171,151 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Predicted peak memory: live tensor storages, device-agnostic (runs on the meta device)
+# --------------------------------------------------------------------------------------------------
+
+CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator hands out blocks in multiples of 512 B
+
+
+def cuda_block_bytes(nbytes: int, block: int = CUDA_BLOCK_BYTES) -> int:
+    """What the CUDA caching allocator counts as allocated for a request of `nbytes` (0 stays 0)."""
+    return 0 if nbytes <= 0 else -(-nbytes // block) * block
+
+
+class LiveMemory:
+    """Peak bytes of live tensor storages over a block of eager code, and what was live at the peak.
+
+    A `TorchDispatchMode` sees every aten op (composite ops decomposed): each storage an op returns
+    that is new is an allocation of `cuda_block_bytes(storage.nbytes())`, counted at once; a weakref
+    finalizer on the untyped storage frees it when its last tensor or view dies. The peak is taken
+    after each op, so it counts the op's inputs and outputs together, as the allocator sees them.
+    It needs no device memory: run the code on the `meta` device (or on the CPU at a small size).
+
+    Not seen: memory an op takes inside its kernel and gives back before it returns (cuDNN and cuBLAS
+    workspaces, which the CUDA allocator counts in its peak), the allocator's rounding beyond 512 B
+    blocks (reserved segments, fragmentation), memory of other streams or libraries.
+
+        with LiveMemory() as mem:
+            mem.track(model.parameters(), "weights")  # already resident: counted, never allocated here
+            out = model(x)
+        mem.peak_bytes, mem.table()
+    """
+
+    def __init__(self, block: int = CUDA_BLOCK_BYTES, keep_peak: bool = True,
+                 transform: Callable[..., Any] | None = None) -> None:
+        """`transform(func, args, kwargs, out)`, when given, may replace an op's result before it is
+        counted (a device's own choice of output strides, say); it runs outside the mode."""
+        self.block = block
+        self.transform = transform
+        self.keep_peak = keep_peak
+        self.live: dict[int, tuple[int, str, tuple, torch.dtype, int]] = {}  # key -> (id, op, shape, dtype, bytes)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.peak_op = ""
+        self.peak_live: list[tuple[str, tuple, torch.dtype, int]] = []
+        self.allocations = 0
+        self._next_id = 0
+        self._mode = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def _add(self, storage, op: str, shape: tuple, dtype: torch.dtype) -> None:
+        import weakref
+
+        key = storage._cdata
+        if key in self.live:
+            return
+        nbytes = cuda_block_bytes(storage.nbytes(), self.block)
+        self._next_id += 1
+        ident = self._next_id
+        self.live[key] = (ident, op, shape, dtype, nbytes)
+        self.live_bytes += nbytes
+        self.allocations += 1
+        weakref.finalize(storage, self._free, key, ident)
+
+    def _free(self, key: int, ident: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None and entry[0] == ident:
+            del self.live[key]
+            self.live_bytes -= entry[4]
+
+    def _check_peak(self, op: str) -> None:
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_op = op
+            if self.keep_peak:
+                self.peak_live = [(o, s, d, b) for _, o, s, d, b in self.live.values()]
+
+    def track(self, tensors, label: str) -> "LiveMemory":
+        """Count tensors that exist already (weights, inputs) as live under `label` until they die."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage(), label, tuple(t.shape), t.dtype)
+        self._check_peak(label)
+        return self
+
+    def observe(self, out, op: str) -> None:
+        """Count the new storages among `out` (a tensor or a nest of them) as allocated by `op`."""
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage(), op, tuple(t.shape), t.dtype)
+        self._check_peak(op)
+
+    # -- the mode ------------------------------------------------------------------------------------
+    def __enter__(self) -> "LiveMemory":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        meter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if meter.transform is not None:
+                    out = meter.transform(func, args, kwargs or {}, out)
+                meter.observe(out, str(func.overloadpacket.__name__))
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._mode = None
+
+    # -- reports -------------------------------------------------------------------------------------
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / 2**30
+
+    def peak_breakdown(self, top: int = 8, group: set[str] | None = None) -> list[dict]:
+        """The storages live at the peak, largest first: {op, shape, dtype, mib}; entries whose op is in
+        `group` (e.g. {"weights"}) summed into one row each."""
+        group = group or set()
+        rows: list[dict] = []
+        sums: dict[str, list] = {}
+        for op, shape, dtype, nbytes in self.peak_live:
+            if op in group:
+                s = sums.setdefault(op, [0, 0, dtype])
+                s[0] += nbytes
+                s[1] += 1
+            else:
+                rows.append(dict(op=op, shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
+                                 mib=nbytes / 2**20))
+        rows += [dict(op=op, shape=f"{n} tensors", dtype=str(d).removeprefix("torch."), mib=b / 2**20)
+                 for op, (b, n, d) in sums.items()]
+        rows.sort(key=lambda r: -r["mib"])
+        if len(rows) > top:
+            rest = rows[top:]
+            rows = rows[:top] + [dict(op=f"({len(rest)} more)", shape="", dtype="", mib=sum(r["mib"] for r in rest))]
+        return rows
+
+    def table(self, top: int = 8, group: set[str] | None = None) -> str:
+        rows = self.peak_breakdown(top, group)
+        head = f"peak {self.peak_bytes / 2**20:.1f} MiB after `{self.peak_op}`"
+        return head + "\n" + format_table(rows, [("op", "op", ""), ("shape", "shape", ""), ("dtype", "dtype", ""),
+                                                 ("mib", "MiB", ".1f")])

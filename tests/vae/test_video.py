@@ -147,7 +147,7 @@ def test_video_decode_builds_no_pad_or_cat_of_chunks(tiny, monkeypatch):
     (the old path called both per causal conv per chunk), and every causal conv reads a window."""
     _, ours = tiny
     calls = {"cat": 0, "pad": 0, "window": 0}
-    cat, pad, window = torch.cat, F.pad, video.causal_window_conv
+    cat, pad, window = torch.cat, F.pad, video.causal_window
 
     def count(name, fn):
         def spy(*args, **kwargs):
@@ -157,7 +157,7 @@ def test_video_decode_builds_no_pad_or_cat_of_chunks(tiny, monkeypatch):
 
     monkeypatch.setattr(torch, "cat", count("cat", cat))
     monkeypatch.setattr(F, "pad", count("pad", pad))
-    monkeypatch.setattr(video, "causal_window_conv", count("window", window))
+    monkeypatch.setattr(video, "causal_window", count("window", window))
     out = ours.decode(latent((1, 4, 3, 4, 5), seed=28))
     assert out.shape == (1, 3, 9, 32, 40)
     assert calls["cat"] == 0 and calls["pad"] == 0

@@ -132,6 +132,20 @@ class CausalConv3d(nn.Conv3d):
     def is_causal_in_time(self) -> bool:
         return self._pad[4] > 0
 
+    def takes_window(self, x: torch.Tensor, cache: FrameCache | None) -> bool:
+        """Whether `forward(x, cache)` runs on a frame window (a chunk of a video, with its cache)."""
+        return x.dim() == 5 and cache is not None and self.is_causal_in_time
+
+    def window(self, x: torch.Tensor, cache: FrameCache, norm: "RMSNorm | None" = None,
+               norm_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The frame window (B, C, 2 + T, H, W) this conv reads for chunk `x` (see `takes_window`), `norm`
+        (with SiLU, `norm_bias` added first) written straight into its new frames."""
+        if self.stride[0] != 1 or self.kernel_size[0] != 1 + CACHE_T:
+            raise ValueError(f"a cached causal conv needs {1 + CACHE_T} time taps at stride 1; "
+                             f"got kernel {self.kernel_size}, stride {self.stride}")
+        produce = None if norm is None else (lambda out: norm(x, silu=True, bias=norm_bias, out=out))
+        return video.causal_window(self, x, cache, produce)
+
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None, with_bias: bool = True,
                 norm: "RMSNorm | None" = None, norm_bias: torch.Tensor | None = None) -> torch.Tensor:
         """`with_bias=False` leaves the bias out for the next fused op to add (saving a pass on CUDA)."""
@@ -144,12 +158,8 @@ class CausalConv3d(nn.Conv3d):
             pw, _, ph = self._pad[:3]
             return F.conv2d(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
         # (B, C, T, H, W)
-        if cache is not None and self.is_causal_in_time:
-            if self.stride[0] != 1 or self.kernel_size[0] != 1 + CACHE_T:
-                raise ValueError(f"a cached causal conv needs {1 + CACHE_T} time taps at stride 1; "
-                                 f"got kernel {self.kernel_size}, stride {self.stride}")
-            produce = None if norm is None else (lambda out: norm(x, silu=True, bias=norm_bias, out=out))
-            return video.causal_window_conv(self, x, cache, bias, produce)
+        if self.takes_window(x, cache):
+            return video.convolve_causal_window(self, self.window(x, cache, norm, norm_bias), cache, bias)
         if norm is not None:
             x = norm(x, silu=True, bias=norm_bias)
         if self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1):
@@ -335,13 +345,20 @@ class ResidualBlock(nn.Module):
         # so no pass of its own is spent on either (same numbers; see ops/elementwise.py). Each norm
         # runs inside the conv that reads it, writing into its frame window (video.py).
         h = self.conv_shortcut(x)
-        x = self.conv1(x, cache, with_bias=False, norm=self.norm1)
+        y = self.conv1(x, cache, with_bias=False, norm=self.norm1)
         if self.dropout.training and self.dropout.p > 0:  # dropout sits between norm2 and conv2
-            x = self.dropout(self.norm2(x, silu=True, bias=self.conv1.bias))
-            x = self.conv2(x, cache, with_bias=False)
+            y = self.dropout(self.norm2(y, silu=True, bias=self.conv1.bias))
+            y = self.conv2(y, cache, with_bias=False)
+        elif self.conv2.takes_window(y, cache):
+            # conv2's window filled (norm2 writing into it), then conv1's output dropped before the
+            # conv runs: one chunk-sized tensor fewer at the video path's peak (the same ops in order).
+            window = self.conv2.window(y, cache, norm=self.norm2, norm_bias=self.conv1.bias)
+            del y
+            y = video.convolve_causal_window(self.conv2, window, cache, None)
+            del window
         else:
-            x = self.conv2(x, cache, with_bias=False, norm=self.norm2, norm_bias=self.conv1.bias)
-        return bias_residual_add(x, self.conv2.bias, h)
+            y = self.conv2(y, cache, with_bias=False, norm=self.norm2, norm_bias=self.conv1.bias)
+        return bias_residual_add(y, self.conv2.bias, h)
 
 
 class AttentionBlock(nn.Module):
