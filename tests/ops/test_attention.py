@@ -223,3 +223,28 @@ def test_chunked_rejects_bad_shapes():
     q, k, v = qkv(1, 4, 5, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="head dim"):
         single_head_attention_chunked(q, k[..., :4], v[..., :4])
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_wide_heads_reach_sdpas_fused_kernel_with_4d_inputs(monkeypatch, refused):
+    """CUDA head dims our kernel does not take go to SDPA's memory-efficient kernel, which takes
+    (B, heads, N, D) only: a 3-D call is refused and would silently run the chunked math path. Where
+    SDPA does refuse (dtype, strides), the native path answers."""
+    from qwenfast.ops import attention as A
+
+    seen, real = [], F.scaled_dot_product_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 24, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def sdpa(q_, k_, v_, *args, **kwargs):
+        if not seen:  # the call under sdpa_kernel([EFFICIENT_ATTENTION]); the native path's come after
+            seen.append((q_.dim(), k_.dim(), v_.dim()))
+            if q_.dim() != 4 or refused:
+                raise RuntimeError("No available kernel. Aborting execution.")
+            return oracle(q_[:, 0], k_[:, 0], v_[:, 0]).unsqueeze(1).to(q_.dtype)
+        return real(q_, k_, v_, *args, **kwargs)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", sdpa)
+    out = A._memory_efficient_sdpa(q, k, v)
+    assert seen == [(4, 4, 4)] and out.shape == q.shape
+    assert (out - oracle(q, k, v)).abs().max().item() <= 1e-12

@@ -134,7 +134,9 @@ def _memory_efficient_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
     try:
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
+            # SDPA's fused kernels take (B, heads, N, D) only: a 3-D call is refused ("No available
+            # kernel") and would quietly take the chunked math path below. One head, as a view.
+            return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
     except RuntimeError as e:  # refused before any work (dtype, strides): the chunked path takes it
         if "No available kernel" not in str(e):
             raise
