@@ -29,12 +29,14 @@ def next_power_of_2(n: int) -> int:
 def row_alignment(*rows: torch.Tensor | None) -> int:
     """The largest power of two <= 16 that every row address of these (R, C) (or (C,)) tensors is a
     multiple of, in bytes: the data pointer and, with more than one row, the row stride. What a kernel
-    that picks a row per token by address may promise the compiler (`tl.multiple_of`)."""
-    align = 16
+    that picks a row per token by address may promise the compiler (`tl.multiple_of`).
+
+    Runs on every launch that picks rows: one OR of the values, whose lowest set bit is the largest
+    power of two dividing them all."""
+    bits = 16
     for t in rows:
-        if t is None:
-            continue
-        for v in (t.data_ptr(), t.stride(0) * t.element_size() if t.dim() > 1 and t.shape[0] > 1 else 0):
-            while v % align:
-                align //= 2
-    return align
+        if t is not None:
+            bits |= t.data_ptr()
+            if t.dim() > 1 and t.shape[0] > 1:
+                bits |= t.stride(0) * t.element_size()
+    return bits & -bits
