@@ -165,14 +165,22 @@ class Recorded:
     def name(self) -> str:
         return self.kernel.fn.__name__
 
-    def counts(self) -> tuple[int, int]:
-        """(runtime arguments, constexprs) of this launch, as Triton's launcher sees them: a None
-        argument (an absent optional pointer) is specialised as a constexpr, so it counts as one."""
-        names = [p.name for p in self.kernel.params]
-        values = dict(zip(names, self.args))
-        values.update({k: v for k, v in self.kwargs.items() if k in names})
-        const = sum(1 for p in self.kernel.params if p.is_constexpr or values.get(p.name, 0) is None)
-        return len(names) - const, const
+    def counts(self) -> tuple[int, int, int]:
+        """(pointer arguments, scalar arguments, constexprs) of this launch, as Triton's launcher sees
+        them: a None argument (an absent optional pointer) and an int equal to 1 are specialised as
+        constexprs. Each pointer costs the launcher a `data_ptr()` call and a driver query per launch."""
+        values = dict(zip((p.name for p in self.kernel.params), self.args))
+        values.update(self.kwargs)
+        ptrs = scalars = const = 0
+        for p in self.kernel.params:
+            v = values.get(p.name)
+            if p.is_constexpr or v is None or (type(v) is int and v == 1):
+                const += 1
+            elif hasattr(v, "data_ptr"):
+                ptrs += 1
+            else:
+                scalars += 1
+        return ptrs, scalars, const
 
     def replay(self):
         return self.kernel[self.grid](*self.args, **self.kwargs)
@@ -289,9 +297,9 @@ def main() -> int:
         bare = isinstance(fn, Recorded)
         rec = fn if bare else record_launch(fn)
         fn = rec.replay if bare else fn
-        row = {"op": name, "kernel": rec.name if rec else "", "args": None, "constexprs": None}
+        row = {"op": name, "kernel": rec.name if rec else "", "ptrs": None, "scalars": None, "constexprs": None}
         if rec is not None:
-            row["args"], row["constexprs"] = rec.counts()
+            row["ptrs"], row["scalars"], row["constexprs"] = rec.counts()
         if gpu or ARGS.dry_run:
             row["eager_us"] = host_us(fn, device, calls, repeats)
             row["bare_same_us"] = None if rec is None or bare else host_us(rec.replay, device, calls, repeats)
@@ -317,12 +325,14 @@ def main() -> int:
     if ARGS.cpu:
         print(f"Our host time per call on the CPU, kernel launches recorded not run ({calls} calls; median of "
               f"{repeats}); bind: Triton's argument binding for the same launch (sm_90 target)")
-        cols = [("op", "op", ""), ("kernel", "kernel", ""), ("args", "args", "d"), ("constexprs", "constexprs", "d"),
+        cols = [("op", "op", ""), ("kernel", "kernel", ""), ("ptrs", "ptrs", "d"), ("scalars", "scalars", "d"),
+                ("constexprs", "constexprs", "d"),
                 ("ours_us", "ours µs", ".1f"), ("bind_us", "bind µs", ".1f")]
     else:
         print(f"Host time per eager call on {res['provenance']['device']} ({calls} calls, one sync; median of "
               f"{repeats}){' -- DRY RUN: interpreter times, not host costs' if ARGS.dry_run else ''}")
-        cols = [("op", "op", ""), ("kernel", "kernel", ""), ("args", "args", "d"), ("constexprs", "constexprs", "d"),
+        cols = [("op", "op", ""), ("kernel", "kernel", ""), ("ptrs", "ptrs", "d"), ("scalars", "scalars", "d"),
+                ("constexprs", "constexprs", "d"),
                 ("eager_us", "eager µs", ".1f"), ("bare_same_us", "bare same µs", ".1f"),
                 ("ours_us", "ours µs", ".1f"), ("vs_bare_same", "x bare same", ".2f"), ("vs_bare3", "x bare 3", ".2f")]
     print(benchmarking.format_table(rows, cols))

@@ -288,15 +288,19 @@ def _check_params(x: Tensor, params: Params, fields: slice, *, name: str = "para
     return index
 
 
+def _gate_fits(gate: object, x: Tensor) -> bool:
+    """A residual gate applied as given: (B, C) rows broadcast over L, or a full (B, L, C)."""
+    return _all_rows_fit((gate,), x.shape[::2], x.device) or _all_rows_fit((gate,), x.shape, x.device)
+
+
 def _check_residual_gate(x: Tensor, residual_params: Params, index: Optional[Tensor]) -> None:
     """The residual gate: a Modulation's gate is applied as given, (B, C) broadcast over L or a full
     (B, L, C); a Select's gates are (B, C) rows picked with the same index as the norm's parameters.
     x has been checked."""
     g0, g1, gindex = parameter_sets(residual_params, "residual_params")
     if g1 is None:
-        gate, dev = g0.gate, x.device
-        if not (_all_rows_fit((gate,), x.shape[::2], dev) or _all_rows_fit((gate,), x.shape, dev)):
-            check_modulate_args(x, rows_or_full={"residual_gate": gate})
+        if not _gate_fits(g0.gate, x):
+            check_modulate_args(x, rows_or_full={"residual_gate": g0.gate})
         return
     if index is not None and gindex is not index:
         raise ValueError("residual_params and params select with different index tensors; "
@@ -547,8 +551,9 @@ class FusedLayerNormScaleShiftGate(_CompatibleOp):
         return (x, Modulation(scale, shift, gate)), dict(weight=weight, bias=bias, eps=eps)
 
     def check(self, x, params, *, weight=None, bias=None, eps=1e-6):
-        check_modulate_args(x, vectors={"weight": weight, "bias": bias},
-                            rows={"scale": params.scale, "shift": params.shift, "gate": params.gate})
+        if not _sets_fit(x, params, None, None, ALL, None, weight, bias):
+            check_modulate_args(x, vectors={"weight": weight, "bias": bias},
+                                rows={"scale": params.scale, "shift": params.shift, "gate": params.gate})
 
     def _compute(self, impl, x, params, *, weight=None, bias=None, eps=1e-6):
         y, _ = impl.layer_norm_modulate(x, params, weight=weight, bias=bias, eps=eps)
@@ -564,9 +569,11 @@ class FusedResidualLayerNormScaleShiftGate(_CompatibleOp):
                 dict(weight=weight, bias=bias, eps=eps))
 
     def check(self, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
-        check_modulate_args(x, residual=residual, vectors={"weight": weight, "bias": bias},
-                            rows={"scale": params.scale, "shift": params.shift, "gate": params.gate},
-                            rows_or_full={"residual_gate": residual_params.gate})
+        if not (_sets_fit(x, params, None, None, ALL, residual, weight, bias)
+                and _gate_fits(residual_params.gate, x)):
+            check_modulate_args(x, residual=residual, vectors={"weight": weight, "bias": bias},
+                                rows={"scale": params.scale, "shift": params.shift, "gate": params.gate},
+                                rows_or_full={"residual_gate": residual_params.gate})
 
     def _compute(self, impl, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
         y, residual_out, _ = impl.residual_layer_norm_modulate(x, residual, residual_params, params, weight=weight,
