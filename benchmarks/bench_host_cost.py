@@ -47,6 +47,8 @@ def parse_args(argv=None):
     mode.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, 3 calls: checks the script")
     mode.add_argument("--cpu", action="store_true", help="our overhead alone on the CPU (launches recorded, not run)")
     ap.add_argument("--profile", default=None, metavar="OP", help="with --cpu: cProfile the op of this name")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also take our host time apart per op: check, dispatch, wrappers, launcher")
     ap.add_argument("--only", default=None, help="only the ops whose name contains this")
     ap.add_argument("--json", default=None, help="write the results here")
     return ap.parse_args(argv)
@@ -59,7 +61,9 @@ if ARGS.dry_run:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import inspect  # noqa: E402
+
+from triton.runtime.jit import JITFunction, KernelInterface  # noqa: E402
 
 from qwenfast import benchmarking, ops  # noqa: E402
 from qwenfast.ops import attention, custom_op, elementwise, rms_norm  # noqa: E402
@@ -85,9 +89,25 @@ def _copy25(x_ptr, y_ptr, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p1
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
 
+class OpCall:
+    """One op called with fixed arguments, as a model calls it (`fn`, the public function or module),
+    and the `CustomOp` behind it with the arguments its `check` and `dispatch` take (what --breakdown
+    times apart)."""
+
+    def __init__(self, fn, op, *args, **kwargs) -> None:
+        self.fn, self.op, self.args, self.kwargs = fn, op, args, kwargs
+        # The compatible modules convert their positional arguments to the convention first.
+        self.op_args, self.op_kwargs = op._convert(*args) if hasattr(op, "_convert") else (args, kwargs)
+
+    def __call__(self):
+        return self.fn(*self.args, **self.kwargs)
+
+
 def cases(device, L=16, C=3072, C21=4096):
-    """name -> a zero-argument call (or, for the reference kernels, a launch), on tiny inputs shaped like the real ones (C = 3072 for the
-    Qwen-Image DiT, 4096 for the 2.1 DiT)."""
+    """name -> an `OpCall` (or, for the reference kernels, a `Recorded` launch), on tiny inputs shaped
+    like the real ones (C = 3072 for the Qwen-Image DiT, 4096 for the 2.1 DiT)."""
+    from qwenfast.ops import modulate as m, modulate21 as m21
+
     B = 1
     dt = torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -118,34 +138,39 @@ def cases(device, L=16, C=3072, C21=4096):
     y = torch.empty_like(x)
     n = x.numel()
     ints = [x.stride(0)] * 6
+    lnm, rlnm, gr = m._layer_norm_modulate, m._residual_layer_norm_modulate, m._gated_residual
+    lns, rlns, tgr = m21._layer_norm_scale, m21._residual_layer_norm_scale, m21._tanh_gated_residual
     return {
         "bare launch, 3 args": Recorded(_copy3, (1,), (x, y, n), dict(BLOCK=1024)),
         "bare launch, 25 args": Recorded(_copy25, (1,), (x, y, *([x] * 15), *ints, n, 1e-6), dict(BLOCK=1024)),
-        "layer_norm_modulate": lambda: ops.layer_norm_modulate(x, m1),
-        "layer_norm_modulate, select": lambda: ops.layer_norm_modulate(x, s1),
-        "residual_layer_norm_modulate": lambda: ops.residual_layer_norm_modulate(x, r, m1, m2),
-        "residual_layer_norm_modulate, select": lambda: ops.residual_layer_norm_modulate(x, r, s1, s2),
-        "gated_residual": lambda: ops.gated_residual(x, r, m2),
-        "gated_residual, select": lambda: ops.gated_residual(x, r, s2),
-        "FusedLayerNormScaleShiftGateSelect01": lambda: sel01(x, None, None, p0[1], p0[0], p0[2], p1[1], p1[0],
-                                                              p1[2], index, 1e-6),
-        "FusedLayerNormScaleShiftGateSelect01, no index": lambda: sel01(x, None, None, p0[1], p0[0], p0[2], None,
-                                                                        None, None, None, 1e-6),
-        "FusedResidualLayerNormScaleShiftGateSelect01": lambda: rsel01(x, r, p0[2], None, None, p0[4], p0[3], p0[5],
-                                                                       p1[4], p1[3], p1[5], index, 1e-6),
-        "FusedLayerNormScaleShiftGate": lambda: plain(x, None, None, p0[1], p0[0], p0[2], 1e-6),
-        "FusedResidualLayerNormScaleShiftGate": lambda: rplain(x, r, p0[2], None, None, p0[4], p0[3], p0[5], 1e-6),
-        "layer_norm_scale (2.1)": lambda: ops.layer_norm_scale(x21, scale=sc),
-        "layer_norm_scale, mask (2.1)": lambda: ops.layer_norm_scale(x21, scale=sc_m, target_mask=mask),
-        "residual_layer_norm_scale (2.1)": lambda: ops.residual_layer_norm_scale(x21, r21, gate=gt, scale=sc),
-        "residual_layer_norm_scale, mask (2.1)": lambda: ops.residual_layer_norm_scale(x21, r21, gate=gt_m, scale=sc_m,
-                                                                                     target_mask=mask),
-        "tanh_gated_residual (2.1)": lambda: ops.tanh_gated_residual(x21, r21, gate=gt),
-        "tanh_gated_residual, mask (2.1)": lambda: ops.tanh_gated_residual(x21, r21, gate=gt_m, target_mask=mask),
-        "rms_norm (VAE)": lambda: rms_norm.rms_norm(img, gamma, True),
-        "bias_residual_add (VAE)": lambda: elementwise.bias_residual_add(img, bias, img),
-        "upsample_nearest2x (VAE)": lambda: elementwise.upsample_nearest2x(img),
-        "single_head_attention (VAE)": lambda: attention.single_head_attention(q, q, q),
+        "layer_norm_modulate": OpCall(ops.layer_norm_modulate, lnm, x, m1),
+        "layer_norm_modulate, select": OpCall(ops.layer_norm_modulate, lnm, x, s1),
+        "residual_layer_norm_modulate": OpCall(ops.residual_layer_norm_modulate, rlnm, x, r, m1, m2),
+        "residual_layer_norm_modulate, select": OpCall(ops.residual_layer_norm_modulate, rlnm, x, r, s1, s2),
+        "gated_residual": OpCall(ops.gated_residual, gr, x, r, m2),
+        "gated_residual, select": OpCall(ops.gated_residual, gr, x, r, s2),
+        "FusedLayerNormScaleShiftGateSelect01": OpCall(sel01, sel01, x, None, None, p0[1], p0[0], p0[2], p1[1], p1[0],
+                                                       p1[2], index, 1e-6),
+        "FusedLayerNormScaleShiftGateSelect01, no index": OpCall(sel01, sel01, x, None, None, p0[1], p0[0], p0[2],
+                                                                 None, None, None, None, 1e-6),
+        "FusedResidualLayerNormScaleShiftGateSelect01": OpCall(rsel01, rsel01, x, r, p0[2], None, None, p0[4], p0[3],
+                                                               p0[5], p1[4], p1[3], p1[5], index, 1e-6),
+        "FusedLayerNormScaleShiftGate": OpCall(plain, plain, x, None, None, p0[1], p0[0], p0[2], 1e-6),
+        "FusedResidualLayerNormScaleShiftGate": OpCall(rplain, rplain, x, r, p0[2], None, None, p0[4], p0[3], p0[5],
+                                                       1e-6),
+        "layer_norm_scale (2.1)": OpCall(ops.layer_norm_scale, lns, x21, scale=sc),
+        "layer_norm_scale, mask (2.1)": OpCall(ops.layer_norm_scale, lns, x21, scale=sc_m, target_mask=mask),
+        "residual_layer_norm_scale (2.1)": OpCall(ops.residual_layer_norm_scale, rlns, x21, r21, gate=gt, scale=sc),
+        "residual_layer_norm_scale, mask (2.1)": OpCall(ops.residual_layer_norm_scale, rlns, x21, r21, gate=gt_m,
+                                                        scale=sc_m, target_mask=mask),
+        "tanh_gated_residual (2.1)": OpCall(ops.tanh_gated_residual, tgr, x21, r21, gate=gt),
+        "tanh_gated_residual, mask (2.1)": OpCall(ops.tanh_gated_residual, tgr, x21, r21, gate=gt_m,
+                                                  target_mask=mask),
+        "rms_norm (VAE)": OpCall(rms_norm.rms_norm, rms_norm._rms_norm, img, gamma, True),
+        "bias_residual_add (VAE)": OpCall(elementwise.bias_residual_add, elementwise._bias_residual_add, img, bias,
+                                          img),
+        "upsample_nearest2x (VAE)": OpCall(elementwise.upsample_nearest2x, elementwise._upsample_nearest2x, img),
+        "single_head_attention (VAE)": OpCall(attention.single_head_attention, attention._attention, q, q, q),
     }
 
 
@@ -158,7 +183,7 @@ def cases(device, L=16, C=3072, C21=4096):
 class Recorded:
     """One kernel launch: the kernel, its grid, arguments and keyword arguments (constexprs, warps)."""
 
-    def __init__(self, kernel: JITFunction, grid, args, kwargs) -> None:
+    def __init__(self, kernel: KernelInterface, grid, args, kwargs) -> None:
         self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
 
     @property
@@ -169,12 +194,13 @@ class Recorded:
         """(pointer arguments, scalar arguments, constexprs) of this launch, as Triton's launcher sees
         them: a None argument (an absent optional pointer) and an int equal to 1 are specialised as
         constexprs. Each pointer costs the launcher a `data_ptr()` call and a driver query per launch."""
-        values = dict(zip((p.name for p in self.kernel.params), self.args))
+        params = _kernel_params(self.kernel)
+        values = dict(zip((name for name, _ in params), self.args))
         values.update(self.kwargs)
         ptrs = scalars = const = 0
-        for p in self.kernel.params:
-            v = values.get(p.name)
-            if p.is_constexpr or v is None or (type(v) is int and v == 1):
+        for name, is_constexpr in params:
+            v = values.get(name)
+            if is_constexpr or v is None or (type(v) is int and v == 1):
                 const += 1
             elif hasattr(v, "data_ptr"):
                 ptrs += 1
@@ -186,8 +212,15 @@ class Recorded:
         return self.kernel[self.grid](*self.args, **self.kwargs)
 
 
+def _kernel_params(kernel) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of each parameter of a Triton kernel (compiled or interpreted)."""
+    if isinstance(kernel, JITFunction):
+        return [(p.name, p.is_constexpr) for p in kernel.params]
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(kernel.fn).parameters.items()]
+
+
 class _Recorder:
-    def __init__(self, kernel: JITFunction, sink: list) -> None:
+    def __init__(self, kernel: KernelInterface, sink: list) -> None:
         self.kernel, self.sink = kernel, sink
 
     def __getitem__(self, grid):
@@ -207,7 +240,7 @@ class no_launch:
         self.saved = []
         for mod in KERNEL_MODULES:
             for name, v in list(vars(mod).items()):
-                if isinstance(v, JITFunction) and name.endswith("_kernel"):
+                if isinstance(v, KernelInterface) and name.endswith("_kernel"):
                     self.saved.append((mod, name, v))
                     setattr(mod, name, _Recorder(v, self.launches))
         return self
@@ -215,6 +248,28 @@ class no_launch:
     def __exit__(self, *exc) -> None:
         for mod, name, v in self.saved:
             setattr(mod, name, v)
+
+
+class recording_launchers:
+    """Within: `custom_op.launch` (the eager/compile switch every op's kernel path goes through)
+    records (launcher, arguments) of each call into `self.calls`, then runs the launcher."""
+
+    MODULES = (k_modulate, k_modulate21, rms_norm, elementwise, attention)
+
+    def __enter__(self) -> "recording_launchers":
+        self.calls: list = []
+
+        def launch(op, launcher, *args):
+            self.calls.append((launcher, args))
+            return launcher(*args)
+
+        for mod in self.MODULES:
+            mod.launch = launch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mod in self.MODULES:
+            mod.launch = custom_op.launch
 
 
 def record_launch(fn) -> Recorded | None:
@@ -265,6 +320,26 @@ def ours_us(fn, device, calls: int, repeats: int) -> float:
         return host_us(fn, device, calls, repeats)
 
 
+def breakdown(call: OpCall, rec: Recorded, device, calls: int, repeats: int) -> dict:
+    """Our host time of one call taken apart, µs (launches recorded, not run): the op's `check`, its
+    `dispatch` (the backend choice), the launcher (allocation, layout and launch arguments, and the
+    stand-in's call), and the wrappers between them (the rest: public function, `CustomOp.forward`,
+    flattening the structs, `launch`). `stand_in`: what the stand-in's `kernel[grid](...)` itself costs."""
+    op, a, kw = call.op, call.op_args, call.op_kwargs
+    with no_launch(), recording_launchers() as launched:
+        call()
+    launcher, largs = launched.calls[0]
+    stand_in = _Recorder(rec.kernel, [rec])  # a sink that already holds a launch records nothing more
+    with no_launch():
+        out = {"total": host_us(call, device, calls, repeats),
+               "check": host_us(lambda: op.check(*a, **kw), device, calls, repeats),
+               "dispatch": host_us(lambda: op.dispatch(*a, **kw), device, calls, repeats),
+               "launcher": host_us(lambda: launcher(*largs), device, calls, repeats),
+               "stand_in": host_us(lambda: stand_in[rec.grid](*rec.args, **rec.kwargs), device, calls, repeats)}
+    out["wrappers"] = out["total"] - out["check"] - out["dispatch"] - out["launcher"]
+    return out
+
+
 def profile(fn, calls: int, top: int = 25) -> None:
     with no_launch():
         fn()
@@ -309,6 +384,8 @@ def main() -> int:
             binder = _cuda_binder(rec.kernel)
             row["bind_us"] = None if binder is None else host_us(lambda: binder(*rec.args, **rec.kwargs), device,
                                                                  calls, repeats)
+        if ARGS.breakdown and not bare:
+            row.update({f"{k}_us": v for k, v in breakdown(fn, rec, device, calls, repeats).items()})
         rows.append(row)
         print("  " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
@@ -323,8 +400,9 @@ def main() -> int:
         benchmarking.write_json(ARGS.json, res)
     print()
     if ARGS.cpu:
-        print(f"Our host time per call on the CPU, kernel launches recorded not run ({calls} calls; median of "
-              f"{repeats}); bind: Triton's argument binding for the same launch (sm_90 target)")
+        print(f"Our host time per call on the CPU, kernel launches recorded not run (thread CPU time of {calls} "
+              f"calls, the least of {repeats} rounds); bind: Triton's argument binding for the same launch "
+              f"(sm_90 target)")
         cols = [("op", "op", ""), ("kernel", "kernel", ""), ("ptrs", "ptrs", "d"), ("scalars", "scalars", "d"),
                 ("constexprs", "constexprs", "d"),
                 ("ours_us", "ours µs", ".1f"), ("bind_us", "bind µs", ".1f")]
@@ -336,6 +414,13 @@ def main() -> int:
                 ("eager_us", "eager µs", ".1f"), ("bare_same_us", "bare same µs", ".1f"),
                 ("ours_us", "ours µs", ".1f"), ("vs_bare_same", "x bare same", ".2f"), ("vs_bare3", "x bare 3", ".2f")]
     print(benchmarking.format_table(rows, cols))
+    if ARGS.breakdown:
+        print()
+        print("Our host time taken apart, µs (launches recorded, not run; launcher includes the stand-in's call)")
+        print(benchmarking.format_table([r for r in rows if "total_us" in r], [
+            ("op", "op", ""), ("total_us", "total", ".1f"), ("check_us", "check", ".1f"),
+            ("dispatch_us", "dispatch", ".1f"), ("wrappers_us", "wrappers", ".1f"), ("launcher_us", "launcher", ".1f"),
+            ("stand_in_us", "stand-in", ".1f")]))
     return 0
 
 

@@ -305,7 +305,8 @@ def _check_residual_gate(x: Tensor, residual_params: Params, index: Optional[Ten
     if index is not None and gindex is not index:
         raise ValueError("residual_params and params select with different index tensors; "
                          "pass one index (the same tensor) to both")
-    if not _sets_fit(x, g0, g1, gindex, GATE, None, None, None):
+    if not ((gindex is index or _index_fits(gindex, x))  # the params' index has been checked with them
+            and _all_rows_fit((g0.gate, g1.gate), x.shape[::2], x.device)):
         check_modulate_args(x, index=gindex, rows={"residual_gate0": g0.gate}, set1={"residual_gate1": g1.gate})
 
 
@@ -480,7 +481,7 @@ def gated_residual(x: Tensor, residual: Tensor, params: Params) -> Tensor:
 
 
 def _broadcast_gate(gate: Tensor, shape: torch.Size) -> Tensor:
-    return gate[:, None, :].expand(shape)  # (B, L, C) view of a (B, C) row: no copy
+    return gate.unsqueeze(1).expand(shape)  # (B, L, C) view of a (B, C) row: no copy
 
 
 def _select01_params(scale0, shift0, gate0, scale1, shift1, gate1, index) -> Params:
@@ -557,7 +558,7 @@ class FusedLayerNormScaleShiftGate(_CompatibleOp):
 
     def _compute(self, impl, x, params, *, weight=None, bias=None, eps=1e-6):
         y, _ = impl.layer_norm_modulate(x, params, weight=weight, bias=bias, eps=eps)
-        return y, params.gate[:, None, :]
+        return y, params.gate.unsqueeze(1)  # (B, 1, C)
 
 
 class FusedResidualLayerNormScaleShiftGate(_CompatibleOp):
@@ -578,4 +579,4 @@ class FusedResidualLayerNormScaleShiftGate(_CompatibleOp):
     def _compute(self, impl, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
         y, residual_out, _ = impl.residual_layer_norm_modulate(x, residual, residual_params, params, weight=weight,
                                                                bias=bias, eps=eps)
-        return y, residual_out, params.gate[:, None, :]
+        return y, residual_out, params.gate.unsqueeze(1)

@@ -359,8 +359,13 @@ def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, g
     if not store_gate:
         gate1 = None
     srgb = srgl = 0
-    if rg_select:  # both sets' rows with one row stride, as the norm parameters below
-        srgb, (rgate0, rgate1) = _row_stride(list(_one_dtype(rgate0, rgate1)))
+    if rg_select:  # both sets' rows in one dtype with one row stride, as the norm parameters below
+        if rgate0.dtype != rgate1.dtype:
+            rgate0, rgate1 = _one_dtype(rgate0, rgate1)
+        if B > 1:
+            srgb = rgate0.stride(0)
+            if rgate1.stride(0) != srgb:
+                srgb, (rgate0, rgate1) = _row_stride([rgate0, rgate1])
     elif has_res:
         rgate1 = None
         srgb, srgl = rgate0.stride(0), rgate0.stride(1) if rg_full else 0
