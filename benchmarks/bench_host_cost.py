@@ -16,7 +16,11 @@ Per op, three figures (GPU run):
 - `ours`: the op with every kernel launch replaced by a recorder that does nothing (CUDA tensors,
   real allocations): the host time that is ours alone. `eager` ~ `ours` + `bare same`.
 Plus two reference launches of do-nothing-much kernels: 3 arguments (the floor of any Triton launch)
-and 25 (the norm kernel's old count). Each kernel's runtime arguments and constexprs are counted.
+and 25 (the norm kernel's old count). Each launch's pointer arguments, scalar arguments and
+constexprs are counted (a None argument and an int equal to 1 are specialised as constexprs): every
+pointer costs Triton's launcher a `data_ptr()` call and a driver query of the pointer per launch.
+Target (issues 10 and 13): an eager call at most a bare Triton launch; `x bare same` says how far
+each op is from the fair floor of its own kernel, `x bare 3` from the floor of any launch.
 
 --cpu: `ours` alone, on the CPU (no GPU, no interpreter; the dispatch is pointed at the kernel path
 and the launches are recorded, not run): our Python overhead per call, measurable anywhere. With

@@ -289,7 +289,7 @@ def _row_stride(rows: list[Optional[Tensor]]) -> tuple[int, list[Optional[Tensor
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.stride() == b.stride() or all(sa == sb or n == 1 for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    return all(sa == sb or n == 1 for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 def _tokens_of(x: Tensor, residual: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -334,8 +334,7 @@ def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, g
     per token with rgate1 when rgate1 is given). gate0 given: the selected gate (B, L, C) is written
     too. scale1/shift1 (and gate1) given: the set is picked per token by index.
     """
-    shape = x.shape
-    B, L, C = shape
+    B, L, C = x.shape
     N = B * L
     has_res = residual is not None
     store_gate = gate0 is not None
@@ -377,7 +376,7 @@ def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, g
                 and (gate1 is None or gate1.stride(0) == sp)):
             sp, (scale0, shift0, gate0, scale1, shift1, gate1) = _row_stride([scale0, shift0, gate0, scale1, shift1,
                                                                               gate1])
-    if has_res and not (x.stride() == residual.stride()):
+    if has_res and x.stride() != residual.stride():
         x, residual = _tokens_of(x, residual)
     index = _index_of(index) if select or rg_select else None
     cfg = config.checked() if config is not None else default_config(C)
@@ -413,8 +412,7 @@ def residual_layer_norm_modulate_fwd(x, residual, rgate0, rgate1, weight, bias, 
 
 def gated_residual_fwd(x, residual, gate0, gate1, index):
     """residual + gate_sel * x in x's dtype; gate0/gate1 (B, C) rows, gate1 picked where index != 0."""
-    shape = x.shape
-    B, L, C = shape
+    B, L, C = x.shape
     N = B * L
     out = _empty_tokens(x)
     if N == 0 or C == 0:
@@ -429,7 +427,7 @@ def gated_residual_fwd(x, residual, gate0, gate1, index):
         sg = gate0.stride(0)
         if gate1 is not None and gate1.stride(0) != sg:
             sg, (gate0, gate1) = _row_stride([gate0, gate1])
-    if not (x.stride() == residual.stride()):
+    if x.stride() != residual.stride():
         x, residual = _tokens_of(x, residual)
     block_c, num_warps = gated_residual_config(C)
     _gated_residual_kernel[(N,)](
