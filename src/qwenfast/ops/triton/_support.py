@@ -6,9 +6,12 @@ are re-exported from there so that kernels and dispatch read the same constants.
 
 from __future__ import annotations
 
+import torch
+
 from ..custom_op import HAS_TRITON, INTERPRET, KERNEL_DTYPES, MAX_GRID_Y
 
-__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "MAX_GRID_Y", "cdiv", "next_power_of_2", "row_alignment"]
+__all__ = ["HAS_TRITON", "INTERPRET", "KERNEL_DTYPES", "MAX_GRID_Y", "cdiv", "next_power_of_2", "one_dtype",
+           "row_alignment"]
 
 
 # triton.cdiv and triton.next_power_of_2 are `constexpr_function`s (usable inside kernels too): on the
@@ -24,6 +27,16 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (n >= 1); 0 for 0, as triton.next_power_of_2."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def one_dtype(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Two tensors a kernel picks between by address (a parameter's two sets, or its per-sample and
+    shared rows) in one element type: as they are when they agree (or one is absent), else both in
+    the promoted dtype (an exact copy of a few rows)."""
+    if a is None or b is None or a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
 
 
 def row_alignment(*rows: torch.Tensor | None) -> int:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..custom_op import launch
 from ..modulate import check_modulate_args, parameter_sets
-from ._support import cdiv, next_power_of_2, row_alignment
+from ._support import cdiv, next_power_of_2, one_dtype, row_alignment
 
 Tensor = torch.Tensor
 
@@ -264,14 +264,6 @@ def gated_residual_config(C: int) -> tuple[int, int]:
     return block_c, max(1, min(4, block_c // 256))
 
 
-def _one_dtype(p0: Optional[Tensor], p1: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The two sets of one parameter in their promoted dtype (a (B, C) copy only if they differ)."""
-    if p0 is None or p1 is None or p0.dtype == p1.dtype:
-        return p0, p1
-    dt = torch.promote_types(p0.dtype, p1.dtype)
-    return p0.to(dt), p1.to(dt)
-
-
 _row_alignment = row_alignment  # the name the tests and benchmarks know
 
 
@@ -352,15 +344,15 @@ def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, g
     elif not (scale0.dtype == scale1.dtype and shift0.dtype == shift1.dtype
               and (not store_gate or gate0.dtype == gate1.dtype)):
         # The kernel picks a set by row address: both sets in one dtype (exact promotion).
-        scale0, scale1 = _one_dtype(scale0, scale1)
-        shift0, shift1 = _one_dtype(shift0, shift1)
-        gate0, gate1 = _one_dtype(gate0, gate1)
+        scale0, scale1 = one_dtype(scale0, scale1)
+        shift0, shift1 = one_dtype(shift0, shift1)
+        gate0, gate1 = one_dtype(gate0, gate1)
     if not store_gate:
         gate1 = None
     srgb = srgl = 0
     if rg_select:  # both sets' rows in one dtype with one row stride, as the norm parameters below
         if rgate0.dtype != rgate1.dtype:
-            rgate0, rgate1 = _one_dtype(rgate0, rgate1)
+            rgate0, rgate1 = one_dtype(rgate0, rgate1)
         if B > 1:
             srgb = rgate0.stride(0)
             if rgate1.stride(0) != srgb:
@@ -421,7 +413,7 @@ def gated_residual_fwd(x, residual, gate0, gate1, index):
     if not select:
         gate1 = index = None
     elif gate0.dtype != gate1.dtype:
-        gate0, gate1 = _one_dtype(gate0, gate1)
+        gate0, gate1 = one_dtype(gate0, gate1)
     sg = 0
     if B > 1:
         sg = gate0.stride(0)

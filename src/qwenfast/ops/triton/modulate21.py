@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..modulate21 import Rows, check_modulate21_args
 from ..custom_op import launch
-from ._support import cdiv, next_power_of_2, row_alignment
+from ._support import cdiv, next_power_of_2, one_dtype, row_alignment
 
 Tensor = torch.Tensor
 
@@ -176,15 +176,6 @@ def default_config(C: int, normalises: bool) -> LaunchConfig:
 # argument costs a `data_ptr()` call and a driver query of the pointer on every launch.
 
 
-def _one_dtype(sample: Tensor, shared: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """The sample rows and the shared row in one element type (the kernels pick between them by
-    address): as they are when they agree, else both promoted (a copy of B + 1 rows)."""
-    if shared is None or shared.dtype == sample.dtype:
-        return sample, shared
-    dtype = torch.promote_types(sample.dtype, shared.dtype)
-    return sample.to(dtype), shared.to(dtype)
-
-
 def _mask_bytes(target_mask: Optional[Tensor]) -> Optional[Tensor]:
     # Triton reads bytes, not i1: the same bytes as uint8.
     return None if target_mask is None else target_mask.contiguous().view(torch.uint8)
@@ -199,7 +190,7 @@ def layer_norm_scale_fwd(x: Tensor, scale: Tensor, scale_shared: Optional[Tensor
     if y.numel() == 0:
         return y
     select = target_mask is not None
-    scale, scale_shared = _one_dtype(scale, scale_shared if select else None)
+    scale, scale_shared = one_dtype(scale, scale_shared if select else None)
     cfg = config or default_config(C, True)
     _layer_norm_scale_kernel[(cdiv(B * L, cfg.rows),)](
         y, x, scale, scale.stride(0), scale_shared, _mask_bytes(target_mask), B * L, L, C, eps,
@@ -219,8 +210,8 @@ def residual_layer_norm_scale_fwd(x: Tensor, residual: Tensor, gate: Tensor, gat
     if y.numel() == 0:
         return y, residual_out
     select = target_mask is not None
-    gate, gate_shared = _one_dtype(gate, gate_shared if select else None)
-    scale, scale_shared = _one_dtype(scale, scale_shared if select else None)
+    gate, gate_shared = one_dtype(gate, gate_shared if select else None)
+    scale, scale_shared = one_dtype(scale, scale_shared if select else None)
     cfg = config or default_config(C, True)
     _residual_layer_norm_scale_kernel[(cdiv(B * L, cfg.rows),)](
         y, residual_out, x, residual, gate, gate.stride(0), gate_shared, scale, scale.stride(0), scale_shared,
@@ -240,7 +231,7 @@ def tanh_gated_residual_fwd(x: Tensor, residual: Tensor, gate: Tensor, gate_shar
     if out.numel() == 0:
         return out
     select = target_mask is not None
-    gate, gate_shared = _one_dtype(gate, gate_shared if select else None)
+    gate, gate_shared = one_dtype(gate, gate_shared if select else None)
     cfg = config or default_config(C, False)
     _tanh_gated_residual_kernel[(cdiv(B * L, cfg.rows), cdiv(C, cfg.block_c))](
         out, x, residual, gate, gate.stride(0), gate_shared, _mask_bytes(target_mask), B * L, L, C,
