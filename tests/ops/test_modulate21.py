@@ -18,6 +18,7 @@ from qwenfast.ops import custom_op
 from qwenfast.ops import modulate21 as M
 from qwenfast.ops.modulate21 import Rows, split_rows
 
+from _launches import LaunchRecorder
 from helpers import count_calls
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -340,3 +341,18 @@ def test_bad_arguments_fail_with_one_clear_error():
             ops.layer_norm_scale(kw.pop("x"), **kw)
     with pytest.raises(ValueError, match="residual must have x's shape"):
         ops.tanh_gated_residual(x, x[:, :2], gate=c["gate"], target_mask=t)
+
+
+def test_launchers_pass_only_the_tensors_the_kernel_reads(monkeypatch):
+    # Host time: every tensor argument costs Triton's launcher a data_ptr() call and a driver query of
+    # the pointer per launch; without a mask the shared rows and the mask go as None (constexprs).
+    T = kernels()
+    rec = {k: LaunchRecorder() for k in ("_layer_norm_scale_kernel", "_residual_layer_norm_scale_kernel",
+                                         "_tanh_gated_residual_kernel")}
+    for k, v in rec.items():
+        monkeypatch.setattr(T, k, v)
+    for mask in ("no_mask", "mixed"):
+        run_kernels(make(B=2, L=5, C=64, mask=mask, seed=10), T)
+    assert rec["_layer_norm_scale_kernel"].tensors_passed() == [3, 5]  # y, x, scale (+ its shared row, mask)
+    assert rec["_residual_layer_norm_scale_kernel"].tensors_passed() == [6, 9]
+    assert rec["_tanh_gated_residual_kernel"].tensors_passed() == [4, 6]

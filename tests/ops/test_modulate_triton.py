@@ -19,6 +19,7 @@ from qwenfast.ops import modulate as M  # noqa: E402
 from qwenfast.ops.triton import modulate as T  # noqa: E402
 
 from _device import DEVICE  # noqa: E402
+from _launches import LaunchRecorder  # noqa: E402
 from _modulate_cases import make_case, oracle_modulate, params_of, rel_err, sel64  # noqa: E402
 
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -359,3 +360,21 @@ def test_picked_rows_at_odd_offsets():
     assert T._row_alignment(c["scale0"], c["scale1"]) == 2
     check_ln(c, torch.bfloat16)
     check_residual(c, torch.bfloat16)
+
+
+def test_launchers_pass_only_the_tensors_the_kernel_reads(monkeypatch):
+    # Host time: every tensor argument costs Triton's launcher a data_ptr() call and a driver query of
+    # the pointer per launch, so a tensor the kernel does not read (its constexpr flag off) goes as None.
+    norm, add = LaunchRecorder(), LaunchRecorder()
+    monkeypatch.setattr(T, "_norm_modulate_kernel", norm)
+    monkeypatch.setattr(T, "_gated_residual_kernel", add)
+    c = case(B=2, L=5, C=64, index="mixed")
+    x, r, one, two = c["x"], c["residual"], params_of(c, index=None, gate=False), params_of(c, gate=False)
+    T.layer_norm_modulate_triton(x, one)  # y, x, scale0, shift0
+    T.layer_norm_modulate_triton(x, two)  # + scale1, shift1, index
+    T.residual_layer_norm_modulate_triton(x, r, ops.Modulation(gate=c["gate0"]), one)  # + rout, residual, rgate0
+    T.layer_norm_modulate_triton(x, params_of(c, index=None), weight=c["weight"], bias=c["bias"], with_gate=True)
+    T.gated_residual_triton(x, r, params_of(c, index=None))  # out, x, residual, gate0
+    T.gated_residual_triton(x, r, params_of(c))  # + gate1, index
+    assert norm.tensors_passed() == [4, 7, 7, 8]
+    assert add.tensors_passed() == [4, 6]

@@ -148,8 +148,7 @@ def _all_fit(x, index, residual, vectors, rows, rows_or_full, set1) -> bool:
     dev = x.device
     if not _fits(x, x.shape, dev):
         return False
-    if index is not None and not (isinstance(index, torch.Tensor) and index.dtype in INDEX_DTYPES
-                                  and index.shape == (B, L) and index.device == dev):
+    if index is not None and not _index_fits(index, x):
         return False
     if residual is not None and not _fits(residual, x.shape, dev):
         return False
@@ -158,6 +157,44 @@ def _all_fit(x, index, residual, vectors, rows, rows_or_full, set1) -> bool:
             and all(_fits(p, row, dev) for p in (rows or {}).values())
             and all(_fits(p, row, dev) or _fits(p, full, dev) for p in (rows_or_full or {}).values())
             and all(_fits(p, row, dev) if p is not None else index is None for p in (set1 or {}).values()))
+
+
+def _index_fits(index: object, x: Tensor) -> bool:
+    return (isinstance(index, torch.Tensor) and index.dtype in INDEX_DTYPES and index.shape == x.shape[:2]
+            and index.device == x.device)
+
+
+def _all_rows_fit(ts: tuple, shape: tuple[int, ...], device: torch.device) -> bool:
+    """`_fits` of every tensor in `ts` (one loop, no call per tensor: it runs on every eager call)."""
+    any_stride = shape[-1] <= 1
+    for t in ts:
+        if not (isinstance(t, torch.Tensor) and t.shape == shape and t.device == device and t.is_floating_point()
+                and (any_stride or t.stride(-1) == 1)):
+            return False
+    return True
+
+
+# The parameters an op reads, as a slice of Modulation(scale, shift, gate): the fast check takes
+# them as `set[fields]`, the named errors as `Modulation._fields[fields]`.
+SCALE_SHIFT, GATE, ALL = slice(0, 2), slice(2, 3), slice(0, 3)
+
+
+def _sets_fit(x: Tensor, s0: Modulation, s1: Optional[Modulation], index: Optional[Tensor], fields: slice,
+              residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor]) -> bool:
+    """`_all_fit` for one struct call, without building the dicts: the common case of every eager call
+    decided in one pass (host time)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+        return False
+    shape = x.shape
+    dev = x.device
+    if not _all_rows_fit((x,) if residual is None else (x, residual), shape, dev):
+        return False
+    if index is not None and not _index_fits(index, x):
+        return False
+    if (weight is not None or bias is not None) and not _all_rows_fit(
+            tuple(v for v in (weight, bias) if v is not None), shape[2:], dev):
+        return False
+    return _all_rows_fit(s0[fields] if s1 is None else s0[fields] + s1[fields], shape[::2], dev)
 
 
 def check_modulate_args(
@@ -234,30 +271,43 @@ def check_modulate_args(
     return B, L, C
 
 
-def _check_params(x: Tensor, params: Params, fields: tuple[str, ...], *, name: str = "params",
+def _check_params(x: Tensor, params: Params, fields: slice, *, name: str = "params",
                   residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, prefix: str = "") -> Optional[Tensor]:
-    """Check one call's structured arguments through `check_modulate_args`, naming each parameter as
-    the flat ops do (scale0, shift1, ...; `prefix` before it); return the index (or None)."""
+    """Check one call's structured arguments (the parameters `fields` of each set: SCALE_SHIFT, GATE
+    or ALL) through `check_modulate_args`, naming each parameter as the flat ops do (scale0, shift1,
+    ...; `prefix` before it); return the index (or None)."""
     s0, s1, index = parameter_sets(params, name)
-    rows = {f"{prefix}{f}0": getattr(s0, f) for f in fields}
-    set1 = None if s1 is None else {f"{prefix}{f}1": getattr(s1, f) for f in fields}
+    if _sets_fit(x, s0, s1, index, fields, residual, weight, bias):
+        return index  # the common case, decided without the dicts below
+    names = Modulation._fields[fields]
+    rows = {f"{prefix}{f}0": getattr(s0, f) for f in names}
+    set1 = None if s1 is None else {f"{prefix}{f}1": getattr(s1, f) for f in names}
     check_modulate_args(x, index=index, residual=residual, vectors={"weight": weight, "bias": bias},
                         rows=rows, set1=set1)
     return index
 
 
+def _gate_fits(gate: object, x: Tensor) -> bool:
+    """A residual gate applied as given: (B, C) rows broadcast over L, or a full (B, L, C)."""
+    return _all_rows_fit((gate,), x.shape[::2], x.device) or _all_rows_fit((gate,), x.shape, x.device)
+
+
 def _check_residual_gate(x: Tensor, residual_params: Params, index: Optional[Tensor]) -> None:
     """The residual gate: a Modulation's gate is applied as given, (B, C) broadcast over L or a full
-    (B, L, C); a Select's gates are (B, C) rows picked with the same index as the norm's parameters."""
+    (B, L, C); a Select's gates are (B, C) rows picked with the same index as the norm's parameters.
+    x has been checked."""
     g0, g1, gindex = parameter_sets(residual_params, "residual_params")
     if g1 is None:
-        check_modulate_args(x, rows_or_full={"residual_gate": g0.gate})
+        if not _gate_fits(g0.gate, x):
+            check_modulate_args(x, rows_or_full={"residual_gate": g0.gate})
         return
     if index is not None and gindex is not index:
         raise ValueError("residual_params and params select with different index tensors; "
                          "pass one index (the same tensor) to both")
-    check_modulate_args(x, index=gindex, rows={"residual_gate0": g0.gate}, set1={"residual_gate1": g1.gate})
+    if not ((gindex is index or _index_fits(gindex, x))  # the params' index has been checked with them
+            and _all_rows_fit((g0.gate, g1.gate), x.shape[::2], x.device)):
+        check_modulate_args(x, index=gindex, rows={"residual_gate0": g0.gate}, set1={"residual_gate1": g1.gate})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,7 +423,7 @@ class LayerNormModulate(_ModulateOp):
     """`(x, params, *, weight=None, bias=None, eps=1e-6) -> y`"""
 
     def check(self, x, params, *, weight=None, bias=None, eps=1e-6):
-        _check_params(x, params, ("scale", "shift"), weight=weight, bias=bias)
+        _check_params(x, params, SCALE_SHIFT, weight=weight, bias=bias)
 
     def _compute(self, impl, x, params, *, weight=None, bias=None, eps=1e-6):
         return impl.layer_norm_modulate(x, params, weight=weight, bias=bias, eps=eps)[0]
@@ -383,7 +433,7 @@ class ResidualLayerNormModulate(_ModulateOp):
     """`(x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6) -> (y, residual_out)`"""
 
     def check(self, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
-        index = _check_params(x, params, ("scale", "shift"), residual=residual, weight=weight, bias=bias)
+        index = _check_params(x, params, SCALE_SHIFT, residual=residual, weight=weight, bias=bias)
         _check_residual_gate(x, residual_params, index)
 
     def _compute(self, impl, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
@@ -395,7 +445,7 @@ class GatedResidual(_ModulateOp):
     """`(x, residual, params) -> residual + params.gate_sel * x`"""
 
     def check(self, x, residual, params):
-        _check_params(x, params, ("gate",), residual=residual)
+        _check_params(x, params, GATE, residual=residual)
 
     def _compute(self, impl, x, residual, params):
         return impl.gated_residual(x, residual, params)
@@ -431,7 +481,7 @@ def gated_residual(x: Tensor, residual: Tensor, params: Params) -> Tensor:
 
 
 def _broadcast_gate(gate: Tensor, shape: torch.Size) -> Tensor:
-    return gate[:, None, :].expand(shape)  # (B, L, C) view of a (B, C) row: no copy
+    return gate.unsqueeze(1).expand(shape)  # (B, L, C) view of a (B, C) row: no copy
 
 
 def _select01_params(scale0, shift0, gate0, scale1, shift1, gate1, index) -> Params:
@@ -465,7 +515,7 @@ class FusedLayerNormScaleShiftGateSelect01(_CompatibleOp):
         return (x, params), dict(weight=weight, bias=bias, eps=eps)
 
     def check(self, x, params, *, weight=None, bias=None, eps=1e-6):
-        _check_params(x, params, ("scale", "shift", "gate"), weight=weight, bias=bias)
+        _check_params(x, params, ALL, weight=weight, bias=bias)
 
     def _compute(self, impl, x, params, *, weight=None, bias=None, eps=1e-6):
         if type(params) is Modulation:  # one set: the gate is a broadcast view, nothing to write
@@ -484,7 +534,7 @@ class FusedResidualLayerNormScaleShiftGateSelect01(_CompatibleOp):
         return (x, residual, Modulation(gate=residual_gate), params), dict(weight=weight, bias=bias, eps=eps)
 
     def check(self, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
-        _check_params(x, params, ("scale", "shift", "gate"), residual=residual, weight=weight, bias=bias)
+        _check_params(x, params, ALL, residual=residual, weight=weight, bias=bias)
         _check_residual_gate(x, residual_params, None)
 
     def _compute(self, impl, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
@@ -502,12 +552,13 @@ class FusedLayerNormScaleShiftGate(_CompatibleOp):
         return (x, Modulation(scale, shift, gate)), dict(weight=weight, bias=bias, eps=eps)
 
     def check(self, x, params, *, weight=None, bias=None, eps=1e-6):
-        check_modulate_args(x, vectors={"weight": weight, "bias": bias},
-                            rows={"scale": params.scale, "shift": params.shift, "gate": params.gate})
+        if not _sets_fit(x, params, None, None, ALL, None, weight, bias):
+            check_modulate_args(x, vectors={"weight": weight, "bias": bias},
+                                rows={"scale": params.scale, "shift": params.shift, "gate": params.gate})
 
     def _compute(self, impl, x, params, *, weight=None, bias=None, eps=1e-6):
         y, _ = impl.layer_norm_modulate(x, params, weight=weight, bias=bias, eps=eps)
-        return y, params.gate[:, None, :]
+        return y, params.gate.unsqueeze(1)  # (B, 1, C)
 
 
 class FusedResidualLayerNormScaleShiftGate(_CompatibleOp):
@@ -519,11 +570,13 @@ class FusedResidualLayerNormScaleShiftGate(_CompatibleOp):
                 dict(weight=weight, bias=bias, eps=eps))
 
     def check(self, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
-        check_modulate_args(x, residual=residual, vectors={"weight": weight, "bias": bias},
-                            rows={"scale": params.scale, "shift": params.shift, "gate": params.gate},
-                            rows_or_full={"residual_gate": residual_params.gate})
+        if not (_sets_fit(x, params, None, None, ALL, residual, weight, bias)
+                and _gate_fits(residual_params.gate, x)):
+            check_modulate_args(x, residual=residual, vectors={"weight": weight, "bias": bias},
+                                rows={"scale": params.scale, "shift": params.shift, "gate": params.gate},
+                                rows_or_full={"residual_gate": residual_params.gate})
 
     def _compute(self, impl, x, residual, residual_params, params, *, weight=None, bias=None, eps=1e-6):
         y, residual_out, _ = impl.residual_layer_norm_modulate(x, residual, residual_params, params, weight=weight,
                                                                bias=bias, eps=eps)
-        return y, residual_out, params.gate[:, None, :]
+        return y, residual_out, params.gate.unsqueeze(1)

@@ -232,8 +232,11 @@ def kernel_takes(x: Tensor, normalises: bool) -> bool:
 class LayerNormScale(CustomOp):
     """`(x, *, scale: Rows, target_mask=None, eps=1e-6) -> LayerNorm(x) * (1 + scale_sel)`"""
 
-    def forward(self, x, *, scale, target_mask=None, eps=1e-6):
+    def check(self, x, *, scale, target_mask=None, eps=1e-6):
         check_modulate21_args(x, target_mask=target_mask, scale=scale)
+
+    def forward(self, x, *, scale, target_mask=None, eps=1e-6):
+        self.check(x, scale=scale, target_mask=target_mask)
         return self.dispatch(x)(x, scale=scale, target_mask=target_mask, eps=eps)
 
     def forward_native(self, x, *, scale, target_mask=None, eps=1e-6):
@@ -248,8 +251,11 @@ class LayerNormScale(CustomOp):
 class ResidualLayerNormScale(CustomOp):
     """`(x, residual, *, gate: Rows, scale: Rows, target_mask=None, eps=1e-6) -> (y, residual_out)`"""
 
-    def forward(self, x, residual, *, gate, scale, target_mask=None, eps=1e-6):
+    def check(self, x, residual, *, gate, scale, target_mask=None, eps=1e-6):
         check_modulate21_args(x, target_mask=target_mask, residual=residual, gate=gate, scale=scale)
+
+    def forward(self, x, residual, *, gate, scale, target_mask=None, eps=1e-6):
+        self.check(x, residual, gate=gate, scale=scale, target_mask=target_mask)
         return self.dispatch(x)(x, residual, gate=gate, scale=scale, target_mask=target_mask, eps=eps)
 
     def forward_native(self, x, residual, *, gate, scale, target_mask=None, eps=1e-6):
@@ -265,8 +271,11 @@ class ResidualLayerNormScale(CustomOp):
 class TanhGatedResidual(CustomOp):
     """`(x, residual, *, gate: Rows, target_mask=None) -> residual + tanh(gate_sel) * x`"""
 
-    def forward(self, x, residual, *, gate, target_mask=None):
+    def check(self, x, residual, *, gate, target_mask=None):
         check_modulate21_args(x, target_mask=target_mask, residual=residual, gate=gate)
+
+    def forward(self, x, residual, *, gate, target_mask=None):
+        self.check(x, residual, gate=gate, target_mask=target_mask)
         return self.dispatch(x)(x, residual, gate=gate, target_mask=target_mask)
 
     def forward_native(self, x, residual, *, gate, target_mask=None):
@@ -281,20 +290,21 @@ class TanhGatedResidual(CustomOp):
 _layer_norm_scale = LayerNormScale()
 _residual_layer_norm_scale = ResidualLayerNormScale()
 _tanh_gated_residual = TanhGatedResidual()
+# The functions call `forward` itself: the same check + dispatch, without nn.Module's call machinery.
 
 
 def layer_norm_scale(x: Tensor, *, scale: Rows, target_mask: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """y = LayerNorm(x) * (1 + scale_sel) in x's dtype (no affine, no shift). See the module doc."""
-    return _layer_norm_scale(x, scale=scale, target_mask=target_mask, eps=eps)
+    return _layer_norm_scale.forward(x, scale=scale, target_mask=target_mask, eps=eps)
 
 
 def residual_layer_norm_scale(x: Tensor, residual: Tensor, *, gate: Rows, scale: Rows,
                               target_mask: Optional[Tensor] = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """residual_out = residual + tanh(gate_sel) * x (x's dtype), y = LayerNorm(residual_out) *
     (1 + scale_sel); returns (y, residual_out). One read of x and residual, one write of each output."""
-    return _residual_layer_norm_scale(x, residual, gate=gate, scale=scale, target_mask=target_mask, eps=eps)
+    return _residual_layer_norm_scale.forward(x, residual, gate=gate, scale=scale, target_mask=target_mask, eps=eps)
 
 
 def tanh_gated_residual(x: Tensor, residual: Tensor, *, gate: Rows, target_mask: Optional[Tensor] = None) -> Tensor:
     """residual + tanh(gate_sel) * x in x's dtype (the gated add after a block's MLP)."""
-    return _tanh_gated_residual(x, residual, gate=gate, target_mask=target_mask)
+    return _tanh_gated_residual.forward(x, residual, gate=gate, target_mask=target_mask)

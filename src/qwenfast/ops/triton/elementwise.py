@@ -14,12 +14,14 @@ contiguous). Layering: kernel → launcher (`*_fwd`) → custom op (`qwenfast::*
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._support import MAX_GRID_Y, cdiv, next_power_of_2
-from .rms_norm import merged_spatial_view
+from .rms_norm import merged_spatial_strides
 
 _INT32_MAX = 2**31 - 1
 
@@ -86,22 +88,22 @@ def _blocks(c: int, channels_contiguous: bool) -> tuple[int, int]:
 
 def bias_residual_add_fwd(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """x + bias[c] + residual, in x's dtype and memory format; x and residual (N, C, *spatial)."""
-    views = [merged_spatial_view(t) for t in (x, residual)]
-    if any(v is None for v in views):
+    sx, sr = merged_spatial_strides(x), merged_spatial_strides(residual)
+    if sx is None or sr is None:
         x, residual = x.contiguous(), residual.contiguous()
-        views = [merged_spatial_view(t) for t in (x, residual)]
+        sx, sr = merged_spatial_strides(x), merged_spatial_strides(residual)
     y = torch.empty_like(x)
-    yv = merged_spatial_view(y)
-    xv, rv = views
-    n, c, s = xv.shape
+    sy = merged_spatial_strides(y)
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
     if y.numel() == 0:
         return y
     if n > MAX_GRID_Y:
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
-    block_s, block_c = _blocks(c, xv.stride(1) == 1)
-    reach = max((s - 1) * v.stride(2) + (c - 1) * v.stride(1) for v in (xv, rv, yv))
+    block_s, block_c = _blocks(c, sx[1] == 1)
+    reach = max((s - 1) * st[2] + (c - 1) * st[1] for st in (sx, sr, sy))
     _bias_residual_add_kernel[(cdiv(s, block_s), n)](
-        xv, bias, rv, yv, c, s, *xv.stride(), *rv.stride(), *yv.stride(),
+        x, bias, residual, y, c, s, *sx, *sr, *sy,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
     )
     return y

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..custom_op import launch
 from ..modulate import check_modulate_args, parameter_sets
-from ._support import cdiv, next_power_of_2
+from ._support import cdiv, next_power_of_2, one_dtype, row_alignment
 
 Tensor = torch.Tensor
 
@@ -264,25 +264,7 @@ def gated_residual_config(C: int) -> tuple[int, int]:
     return block_c, max(1, min(4, block_c // 256))
 
 
-def _one_dtype(p0: Optional[Tensor], p1: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """The two sets of one parameter in their promoted dtype (a (B, C) copy only if they differ)."""
-    if p0 is None or p1 is None or p0.dtype == p1.dtype:
-        return p0, p1
-    dt = torch.promote_types(p0.dtype, p1.dtype)
-    return p0.to(dt), p1.to(dt)
-
-
-def _row_alignment(*params: Optional[Tensor]) -> int:
-    """The largest power of two <= 16 that every row address of these (B, C) tensors is a multiple of,
-    in bytes: the data pointer and, when there is more than one row, the row stride."""
-    align = 16
-    for t in params:
-        if t is None:
-            continue
-        for v in (t.data_ptr(), t.stride(0) * t.element_size() if t.shape[0] > 1 else 0):
-            while v % align:
-                align //= 2
-    return align
+_row_alignment = row_alignment  # the name the tests and benchmarks know
 
 
 def _row_stride(rows: list[Optional[Tensor]]) -> tuple[int, list[Optional[Tensor]]]:
@@ -321,6 +303,21 @@ def _index_of(index: Optional[Tensor]) -> Optional[Tensor]:
     return index if index.is_contiguous() else index.contiguous()
 
 
+# Host time: the launchers below run on every eager call, so they are written straight: no lists or
+# dicts built per call, and every tensor the kernel does not read (the constexpr flags off) passed as
+# None. Triton specialises a None argument as a constexpr: its launcher skips it, where each tensor
+# argument costs a `data_ptr()` call and a driver query of the pointer on every launch.
+
+
+def _empty_tokens(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A fresh contiguous (B, L, C) output for x's tokens (x's dtype unless given): `empty_like` when
+    x has the contiguous strides itself (half the host time of `torch.empty(shape, dtype=, device=)`)."""
+    B, L, C = x.shape
+    if x.stride() == (L * C, C, 1):
+        return torch.empty_like(x) if dtype is None else torch.empty_like(x, dtype=dtype)
+    return torch.empty(x.shape, dtype=x.dtype if dtype is None else dtype, device=x.device)
+
+
 def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, gate1, index, eps, *, residual=None,
                        rgate0=None, rgate1=None, config=None):
     """Run the norm kernel; returns (y, residual_out, gate), None where not computed.
@@ -333,46 +330,60 @@ def _norm_modulate_fwd(x, weight, bias, scale0, shift0, gate0, scale1, shift1, g
     N = B * L
     has_res = residual is not None
     store_gate = gate0 is not None
-    y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
-    rout = torch.empty((B, L, C), dtype=x.dtype, device=x.device) if has_res else None
-    gate = torch.empty((B, L, C), dtype=gate0.dtype, device=x.device) if store_gate else None
+    y = _empty_tokens(x)
+    rout = _empty_tokens(x) if has_res else None
+    gate = _empty_tokens(x, gate0.dtype) if store_gate else None
     if N == 0 or C == 0:
         return y, rout, gate  # nothing to compute: no launch
 
     select = index is not None and scale1 is not None
     rg_full = has_res and rgate0.dim() == 3
     rg_select = has_res and index is not None and rgate1 is not None and not rg_full
-    if select:  # the kernel picks a set by row address: both sets in one dtype (exact promotion)
-        scale0, scale1 = _one_dtype(scale0, scale1)
-        shift0, shift1 = _one_dtype(shift0, shift1)
-        gate0, gate1 = _one_dtype(gate0, gate1)
+    if not select:
+        scale1 = shift1 = gate1 = None
+    elif not (scale0.dtype == scale1.dtype and shift0.dtype == shift1.dtype
+              and (not store_gate or gate0.dtype == gate1.dtype)):
+        # The kernel picks a set by row address: both sets in one dtype (exact promotion).
+        scale0, scale1 = one_dtype(scale0, scale1)
+        shift0, shift1 = one_dtype(shift0, shift1)
+        gate0, gate1 = one_dtype(gate0, gate1)
+    if not store_gate:
+        gate1 = None
     srgb = srgl = 0
-    if rg_select:  # both sets' rows with one row stride, as the norm parameters below
-        srgb, (rgate0, rgate1) = _row_stride(list(_one_dtype(rgate0, rgate1)))
+    if rg_select:  # both sets' rows in one dtype with one row stride, as the norm parameters below
+        if rgate0.dtype != rgate1.dtype:
+            rgate0, rgate1 = one_dtype(rgate0, rgate1)
+        if B > 1:
+            srgb = rgate0.stride(0)
+            if rgate1.stride(0) != srgb:
+                srgb, (rgate0, rgate1) = _row_stride([rgate0, rgate1])
     elif has_res:
+        rgate1 = None
         srgb, srgl = rgate0.stride(0), rgate0.stride(1) if rg_full else 0
-    sp, (scale0, shift0, gate0, scale1, shift1, gate1) = _row_stride(
-        [scale0, shift0, gate0] + ([scale1, shift1, gate1] if select else [None, None, None]))
-    x, residual = _tokens_of(x, residual)
-    index = _index_of(index if select or rg_select else None)
+    sp = 0
+    if B > 1:  # one row stride for all the norm's parameter rows (a single row needs none)
+        sp = scale0.stride(0)
+        if not (shift0.stride(0) == sp and (gate0 is None or gate0.stride(0) == sp)
+                and (scale1 is None or scale1.stride(0) == shift1.stride(0) == sp)
+                and (gate1 is None or gate1.stride(0) == sp)):
+            sp, (scale0, shift0, gate0, scale1, shift1, gate1) = _row_stride([scale0, shift0, gate0, scale1, shift1,
+                                                                              gate1])
+    if has_res and x.stride() != residual.stride():
+        x, residual = _tokens_of(x, residual)
+    index = _index_of(index) if select or rg_select else None
     cfg = config.checked() if config is not None else default_config(C)
     # Only the rows picked by address need the hint; set-0-only loads keep Triton's own.
-    picked = ([scale0, scale1, shift0, shift1] + ([gate0, gate1] if store_gate else [])) if select else []
-    picked += [rgate0, rgate1] if rg_select else []
-    any_t = x  # stands in for absent tensors; never dereferenced (the constexpr flags are off)
+    align = 16
+    if select:
+        align = row_alignment(scale0, scale1, shift0, shift1, gate0, gate1)
+    if rg_select:
+        align = min(align, row_alignment(rgate0, rgate1))
     _norm_modulate_kernel[(cdiv(N, cfg.rows),)](
-        y, gate if store_gate else any_t, rout if has_res else any_t,
-        x, residual if has_res else any_t, x.stride(0), x.stride(1),
-        rgate0 if has_res else any_t, rgate1 if rg_select else any_t, srgb, srgl,
-        weight if weight is not None else any_t, bias if bias is not None else any_t,
-        scale0, shift0, gate0 if store_gate else any_t,
-        scale1 if select else any_t, shift1 if select else any_t, gate1 if select and store_gate else any_t, sp,
-        index if index is not None else any_t,
-        N, L, C, eps,
+        y, gate, rout, x, residual, x.stride(0), x.stride(1), rgate0, rgate1, srgb, srgl, weight, bias,
+        scale0, shift0, gate0, scale1, shift1, gate1, sp, index, N, L, C, eps,
         HAS_RESIDUAL=has_res, RG_SELECT=rg_select, SELECT=select,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_GATE=store_gate,
-        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, ALIGN=_row_alignment(*picked),
-        num_warps=cfg.num_warps,
+        ROWS=cfg.rows, BLOCK_C=cfg.block_c, CHUNKED=cfg.chunked, ALIGN=align, num_warps=cfg.num_warps,
     )
     return y, rout, gate
 
@@ -395,20 +406,25 @@ def gated_residual_fwd(x, residual, gate0, gate1, index):
     """residual + gate_sel * x in x's dtype; gate0/gate1 (B, C) rows, gate1 picked where index != 0."""
     B, L, C = x.shape
     N = B * L
-    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    out = _empty_tokens(x)
     if N == 0 or C == 0:
         return out
     select = index is not None and gate1 is not None
-    if select:
-        gate0, gate1 = _one_dtype(gate0, gate1)
-    sg, (gate0, gate1) = _row_stride([gate0, gate1 if select else None])
-    x, residual = _tokens_of(x, residual)
-    index = _index_of(index if select else None)
+    if not select:
+        gate1 = index = None
+    elif gate0.dtype != gate1.dtype:
+        gate0, gate1 = one_dtype(gate0, gate1)
+    sg = 0
+    if B > 1:
+        sg = gate0.stride(0)
+        if gate1 is not None and gate1.stride(0) != sg:
+            sg, (gate0, gate1) = _row_stride([gate0, gate1])
+    if x.stride() != residual.stride():
+        x, residual = _tokens_of(x, residual)
     block_c, num_warps = gated_residual_config(C)
     _gated_residual_kernel[(N,)](
-        out, x, residual, x.stride(0), x.stride(1), gate0, gate1 if select else x, sg,
-        index if select else x, N, L, C,
-        SELECT=select, BLOCK_C=block_c, ALIGN=_row_alignment(gate0, gate1) if select else 16, num_warps=num_warps,
+        out, x, residual, x.stride(0), x.stride(1), gate0, gate1, sg, _index_of(index), N, L, C,
+        SELECT=select, BLOCK_C=block_c, ALIGN=row_alignment(gate0, gate1) if select else 16, num_warps=num_warps,
     )
     return out
 

@@ -12,6 +12,7 @@ biased variance, residual_out rounded to x's dtype before it is normalised, tanh
 """
 
 # No `from __future__ import annotations`: torch.library.custom_op reads the annotations as types.
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from ..modulate21 import Rows, check_modulate21_args
 from ..custom_op import launch
-from ._support import row_alignment
+from ._support import cdiv, next_power_of_2, one_dtype, row_alignment
 
 Tensor = torch.Tensor
 
@@ -155,12 +156,13 @@ class LaunchConfig(NamedTuple):
     num_warps: int
 
 
+@functools.lru_cache(maxsize=None)
 def default_config(C: int, normalises: bool) -> LaunchConfig:
     """The LayerNorm kernels: whole rows, 1-4 of them per program, a warp per 1024 elements (at most
     16): the shape of the fastest configuration of the Qwen-Image kernels on an H100 at C = 3072
     (benchmarks/results/modulate_h100.md). The gated add: 1024-column blocks, one 16-byte bf16 vector a
-    thread and tensor."""
-    block = triton.next_power_of_2(max(C, 1))
+    thread and tensor. Cached: it runs on every launch (and depends on C alone)."""
+    block = next_power_of_2(max(C, 1))
     if not normalises:
         block_c = min(block, 1024)
         return LaunchConfig(1, block_c, max(1, min(4, block_c // 256)))
@@ -168,33 +170,15 @@ def default_config(C: int, normalises: bool) -> LaunchConfig:
     return LaunchConfig(rows, block, max(1, min(16, rows * block // 1024)))
 
 
-class _Picked(NamedTuple):
-    """What the kernels get of one Rows parameter: per-sample rows, their row stride, the shared row
-    (the per-sample rows stand in when there is none: never read then)."""
-
-    rows: Tensor
-    stride: int
-    shared: Tensor
+# Host time: these run on every eager call, so they are written straight (no structs, lists or dicts
+# built per call), and a tensor the kernel does not read (no mask: the shared rows and the mask) is
+# passed as None, which Triton specialises as a constexpr: its launcher skips it, where each tensor
+# argument costs a `data_ptr()` call and a driver query of the pointer on every launch.
 
 
-def _picked(p: Rows) -> _Picked:
-    sample, shared = p.sample, p.shared
-    if shared is not None and shared.dtype != sample.dtype:  # one element type for the picked address
-        dtype = torch.promote_types(sample.dtype, shared.dtype)
-        sample, shared = sample.to(dtype), shared.to(dtype)
-    return _Picked(sample, sample.stride(0), sample if shared is None else shared)
-
-
-def _mask_bytes(target_mask: Optional[Tensor], x: Tensor) -> Tensor:
-    # Triton reads bytes, not i1: the same bytes as uint8. Unused (any tensor) without a mask.
-    return x if target_mask is None else target_mask.contiguous().view(torch.uint8)
-
-
-def _grid_args(target_mask: Optional[Tensor], cfg: LaunchConfig, params: list[_Picked]) -> dict:
-    """The kernels' constexprs and warps for this launch."""
-    select = target_mask is not None
-    align = row_alignment(*[t for p in params for t in (p.rows, p.shared)]) if select else 16
-    return dict(SELECT=select, ROWS=cfg.rows, BLOCK_C=cfg.block_c, ALIGN=align, num_warps=cfg.num_warps)
+def _mask_bytes(target_mask: Optional[Tensor]) -> Optional[Tensor]:
+    # Triton reads bytes, not i1: the same bytes as uint8.
+    return None if target_mask is None else target_mask.contiguous().view(torch.uint8)
 
 
 def layer_norm_scale_fwd(x: Tensor, scale: Tensor, scale_shared: Optional[Tensor], target_mask: Optional[Tensor],
@@ -205,11 +189,13 @@ def layer_norm_scale_fwd(x: Tensor, scale: Tensor, scale_shared: Optional[Tensor
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
-    s = _picked(Rows(scale, scale_shared))
-    cfg = config or default_config(C, normalises=True)
-    _layer_norm_scale_kernel[(triton.cdiv(B * L, cfg.rows),)](
-        y, x, s.rows, s.stride, s.shared, _mask_bytes(target_mask, x), B * L, L, C, eps,
-        **_grid_args(target_mask, cfg, [s]),
+    select = target_mask is not None
+    scale, scale_shared = one_dtype(scale, scale_shared if select else None)
+    cfg = config or default_config(C, True)
+    _layer_norm_scale_kernel[(cdiv(B * L, cfg.rows),)](
+        y, x, scale, scale.stride(0), scale_shared, _mask_bytes(target_mask), B * L, L, C, eps,
+        SELECT=select, ROWS=cfg.rows, BLOCK_C=cfg.block_c,
+        ALIGN=row_alignment(scale, scale_shared) if select else 16, num_warps=cfg.num_warps,
     )
     return y
 
@@ -223,12 +209,15 @@ def residual_layer_norm_scale_fwd(x: Tensor, residual: Tensor, gate: Tensor, gat
     y, residual_out = torch.empty_like(x), torch.empty_like(x)
     if y.numel() == 0:
         return y, residual_out
-    g, s = _picked(Rows(gate, gate_shared)), _picked(Rows(scale, scale_shared))
-    cfg = config or default_config(C, normalises=True)
-    _residual_layer_norm_scale_kernel[(triton.cdiv(B * L, cfg.rows),)](
-        y, residual_out, x, residual, g.rows, g.stride, g.shared, s.rows, s.stride, s.shared,
-        _mask_bytes(target_mask, x), B * L, L, C, eps,
-        **_grid_args(target_mask, cfg, [g, s]),
+    select = target_mask is not None
+    gate, gate_shared = one_dtype(gate, gate_shared if select else None)
+    scale, scale_shared = one_dtype(scale, scale_shared if select else None)
+    cfg = config or default_config(C, True)
+    _residual_layer_norm_scale_kernel[(cdiv(B * L, cfg.rows),)](
+        y, residual_out, x, residual, gate, gate.stride(0), gate_shared, scale, scale.stride(0), scale_shared,
+        _mask_bytes(target_mask), B * L, L, C, eps,
+        SELECT=select, ROWS=cfg.rows, BLOCK_C=cfg.block_c,
+        ALIGN=row_alignment(gate, gate_shared, scale, scale_shared) if select else 16, num_warps=cfg.num_warps,
     )
     return y, residual_out
 
@@ -241,11 +230,13 @@ def tanh_gated_residual_fwd(x: Tensor, residual: Tensor, gate: Tensor, gate_shar
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
-    g = _picked(Rows(gate, gate_shared))
-    cfg = config or default_config(C, normalises=False)
-    _tanh_gated_residual_kernel[(triton.cdiv(B * L, cfg.rows), triton.cdiv(C, cfg.block_c))](
-        out, x, residual, g.rows, g.stride, g.shared, _mask_bytes(target_mask, x), B * L, L, C,
-        **_grid_args(target_mask, cfg, [g]),
+    select = target_mask is not None
+    gate, gate_shared = one_dtype(gate, gate_shared if select else None)
+    cfg = config or default_config(C, False)
+    _tanh_gated_residual_kernel[(cdiv(B * L, cfg.rows), cdiv(C, cfg.block_c))](
+        out, x, residual, gate, gate.stride(0), gate_shared, _mask_bytes(target_mask), B * L, L, C,
+        SELECT=select, ROWS=cfg.rows, BLOCK_C=cfg.block_c,
+        ALIGN=row_alignment(gate, gate_shared) if select else 16, num_warps=cfg.num_warps,
     )
     return out
 

@@ -15,6 +15,8 @@ Layering: `_rms_norm_kernel` -> `rms_norm_fwd` (checks, allocation, grid) -> the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -62,32 +64,39 @@ def _rms_norm_kernel(
     )
 
 
-def merged_spatial_view(x: torch.Tensor) -> torch.Tensor | None:
-    """x (N, C, *spatial) as (N, C, S) without a copy, or None when its strides don't allow it.
-
-    NCHW, channels_last and their 5-D versions all allow it: the spatial dims nest in memory.
-    """
-    n, c = x.shape[:2]
-    s = 1
-    for size in x.shape[2:]:
-        s *= size
-    # Dims of size 1 place nothing; each other dim's stride must be the next inner one's x its size.
-    dims = [(size, stride) for size, stride in zip(x.shape[2:], x.stride()[2:]) if size > 1]
-    for (_, stride_o), (size_i, stride_i) in zip(dims[:-1], dims[1:]):
-        if stride_o != stride_i * size_i:
+def merged_spatial_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """The strides of x (N, C, *spatial) viewed as (N, C, S) without a copy, or None when its strides
+    don't allow it. NCHW, channels_last and their 5-D versions all allow it: the spatial dims nest in
+    memory. (No view is made: the kernels take x itself with these strides, which saves the host time
+    of an `as_strided` per tensor and launch.)"""
+    stride = x.stride()
+    merged, inner = 1, None  # inner: (size, stride) of the next inner spatial dim of size > 1
+    for size, st in zip(reversed(x.shape[2:]), reversed(stride[2:])):
+        if size == 1:
+            continue  # places nothing
+        if inner is None:
+            merged = st
+        elif st != inner[0] * inner[1]:  # each dim's stride must be the next inner one's x its size
             return None
-    return x.as_strided((n, c, s), (x.stride(0), x.stride(1), dims[-1][1] if dims else 1))
+        inner = (size, st)
+    return stride[0], stride[1], merged
+
+
+def merged_spatial_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x (N, C, *spatial) as (N, C, S) without a copy, or None when its strides don't allow it."""
+    strides = merged_spatial_strides(x)
+    return None if strides is None else x.as_strided((*x.shape[:2], math.prod(x.shape[2:])), strides)
 
 
 def _nesting(x: torch.Tensor) -> torch.Tensor:
     """x itself when its spatial dims merge, else a contiguous copy (a transposed view, say)."""
-    return x if merged_spatial_view(x) is not None else x.contiguous()
+    return x if merged_spatial_strides(x) is not None else x.contiguous()
 
 
 def _empty_output(x: torch.Tensor) -> torch.Tensor:
     """y in x's memory format (empty_like); NCHW when that layout would not merge (x not dense)."""
     y = torch.empty_like(x)
-    return y if merged_spatial_view(y) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y if merged_spatial_strides(y) is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def default_blocks(c: int, channels_contiguous: bool) -> tuple[int, int, int]:
@@ -116,24 +125,23 @@ def rms_norm_fwd(
     checked ranks, shapes and devices.
     """
     x = _nesting(x)
-    if out is not None and merged_spatial_view(out) is None:  # strides the kernel cannot write: copy
+    if out is not None and merged_spatial_strides(out) is None:  # strides the kernel cannot write: copy
         return out.copy_(rms_norm_fwd(x, gamma, silu, bias, blocks))
     y = _empty_output(x) if out is None else out
-    xv, yv = merged_spatial_view(x), merged_spatial_view(y)
-    n, c, s = xv.shape
     if y.numel() == 0:
         return y
-    block_s, block_c, num_warps = blocks or default_blocks(c, xv.stride(1) == 1)
+    (sxn, sxc, sxs), (syn, syc, sys) = merged_spatial_strides(x), merged_spatial_strides(y)
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    block_s, block_c, num_warps = blocks or default_blocks(c, sxc == 1)
     if block_c < c:
         raise ValueError(f"blocks: BLOCK_C = {block_c} must cover all {c} channels")
     if n > MAX_GRID_Y:
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     # the farthest element of one image, in elements: past int32, the kernel indexes in int64
-    reach = (s - 1) * max(xv.stride(2), yv.stride(2)) + (c - 1) * max(xv.stride(1), yv.stride(1))
-    grid = (cdiv(s, block_s), n)
-    _rms_norm_kernel[grid](
-        xv, gamma, gamma if bias is None else bias, yv, c, s, float(c) ** 0.5, EPS,
-        xv.stride(0), xv.stride(1), xv.stride(2), yv.stride(0), yv.stride(1), yv.stride(2),
+    reach = (s - 1) * max(sxs, sys) + (c - 1) * max(sxc, syc)
+    _rms_norm_kernel[(cdiv(s, block_s), n)](
+        x, gamma, bias, y, c, s, float(c) ** 0.5, EPS, sxn, sxc, sxs, syn, syc, sys,
         BLOCK_S=block_s, BLOCK_C=block_c, SILU=silu, INT64=reach > _INT32_MAX, HAS_BIAS=bias is not None,
         num_warps=num_warps,
     )
@@ -167,4 +175,4 @@ def rms_norm_bytes(x: torch.Tensor) -> int:
     return 2 * x.numel() * x.element_size()
 
 
-__all__ = ["EPS", "default_blocks", "merged_spatial_view", "rms_norm_bytes", "rms_norm_fwd", "rms_norm_op", "rms_norm_out_op"]
+__all__ = ["EPS", "default_blocks", "merged_spatial_strides", "merged_spatial_view", "rms_norm_bytes", "rms_norm_fwd", "rms_norm_op", "rms_norm_out_op"]
