@@ -83,3 +83,15 @@ def assert_exact_or_caught(res: dict, rank: int, mutated: bool) -> None:
         assert res["max_abs"] > CAUGHT, f"rank {rank}: the mutation went unnoticed, max|Δ| = {res['max_abs']:.3g}"
     else:
         assert res["max_abs"] <= EXACT_TOL, f"rank {rank}: max|Δ| = {res['max_abs']:.3g}"
+
+
+def case_results_fixture(scenarios: str, worlds: list[int]):
+    """A module-scoped fixture, parametrised by world size, that runs `scenarios:run_cases` once per
+    world on spawned gloo ranks and gives (world, the per-rank results) to every test of the module."""
+    import pytest
+
+    @pytest.fixture(scope="module", params=worlds, ids=lambda w: f"world{w}")
+    def case_results(request):
+        return request.param, run_ranks(request.param, f"{scenarios}:run_cases")
+
+    return case_results

@@ -8,17 +8,14 @@ import os
 
 import pytest
 
-from parallel_harness import EXACT_TOL, assert_exact_or_caught, run_ranks
+from parallel_harness import EXACT_TOL, assert_exact_or_caught, case_results_fixture, run_ranks
 from parallel_scenarios import CASES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCENARIOS = os.path.join(HERE, "parallel_scenarios.py")
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda w: f"world{w}")
-def case_results(request):
-    world = request.param
-    return world, run_ranks(world, f"{SCENARIOS}:run_cases")
+case_results = case_results_fixture(SCENARIOS, [2, 3, 4])
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])

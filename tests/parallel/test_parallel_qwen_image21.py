@@ -8,17 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from parallel_harness import run_ranks
+from parallel_harness import case_results_fixture
 
 SCENARIOS = str(Path(__file__).with_name("parallel_scenarios21.py"))
 NAMES = ["tiled exact B2", "tiled blend", "patch mid B2", "patch level", "auto", "patch mid rank0",
          "patch level p2", "tiled exact p2", "tiled blend p2"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def case_results(request):
-    world = request.param
-    return world, run_ranks(world, f"{SCENARIOS}:run_cases")
+case_results = case_results_fixture(SCENARIOS, [2, 3])
 
 
 @pytest.mark.parametrize("name", NAMES)

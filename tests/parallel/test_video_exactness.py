@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import max_diff
-from parallel_harness import CAUGHT, EXACT_TOL, assert_exact_or_caught, run_ranks
+from parallel_harness import CAUGHT, EXACT_TOL, assert_exact_or_caught, case_results_fixture
 from video_scenarios import CASES, SHAPES, exact_tiled, latent, shared_frame_cache, tiny_vae
 
 SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "video_scenarios.py")
@@ -37,10 +37,7 @@ def test_exact_tiling_of_video_equals_untiled(vae, key):
         assert max_diff(exact_tiled(vae, z, tile_margin=vae.decode_margin - 1), untiled) > CAUGHT
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def case_results(request):
-    world = request.param
-    return world, run_ranks(world, f"{SCENARIOS}:run_cases")
+case_results = case_results_fixture(SCENARIOS, [2, 3])
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
