@@ -43,6 +43,9 @@ from qwenfast.config import VAEConfig
 from qwenfast.parallel import group as pg
 from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.vae.qwen_image import QwenImageVAE
+from qwenfast.vae.qwen_image21 import QwenImage21VAE
+
+VAES = {"qwenimage": QwenImageVAE, "qwenimage21": QwenImage21VAE}  # --vae: the released architectures
 
 PARALLEL_MODES = {
     "patch": dict(parallel_decode_mode="patch", patch_halo="mid"),  # explicit: the default "auto" is one of these two
@@ -55,6 +58,8 @@ PARALLEL_MODES = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vae", choices=sorted(VAES), default="qwenimage",
+                   help="the Qwen-Image (= Wan 2.1) VAE, or the Qwen-Image-2.1 VAE (images only: no video case)")
     p.add_argument("--sizes", type=int, nargs="*", default=[1328, 2048, 4096], help="square image sizes (px)")
     p.add_argument("--video-frames", type=int, default=21, help="latent frames of the 720p video (21 = 81 frames; 0 skips)")
     p.add_argument("--reps", type=int, default=3)
@@ -95,14 +100,32 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def model(dtype: torch.dtype, device) -> QwenImageVAE:
+VAE = "qwenimage"  # set by main from --vae
+
+
+def model(dtype: torch.dtype, device):
     torch.manual_seed(0)
-    return QwenImageVAE().to(device=device, dtype=dtype).eval()
+    return VAES[VAE]().to(device=device, dtype=dtype).eval()
 
 
 def latent(h: int, w: int, t: int, device, dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234 + h * 7 + w * 3 + t)
-    return torch.randn(1, 16, t, h, w, generator=g).to(device=device, dtype=dtype)
+    return torch.randn(1, 64 if VAE == "qwenimage21" else 16, t, h, w, generator=g).to(device=device, dtype=dtype)
+
+
+def vae_tag(args) -> str:
+    """Part of the result files' names: none for the Qwen-Image VAE (as before), "_qwenimage21" else."""
+    return "" if args.vae == "qwenimage" else f"_{args.vae}"
+
+
+def cases_of(args, vae) -> list[tuple]:
+    """(label, latent h, latent w, latent frames, repeats) of every case: the square sizes, and the
+    81-frame 720p video for the Qwen-Image VAE (the 2.1 VAE is an image model)."""
+    s = vae.spatial_compression_ratio
+    cases = [(f"{n}x{n}", n // s, n // s, 1, args.reps) for n in args.sizes]
+    if args.video_frames and VAE == "qwenimage":
+        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
+    return cases
 
 
 def all_max(x: float, comm) -> float:
@@ -184,7 +207,7 @@ def fp32_check(side: int, comm, device) -> dict:
 
 def provenance(args, comm) -> dict:
     extra = {"commit": args.commit} if args.commit else {}
-    return benchmarking.provenance(gpus=comm.world_size if comm else 1, **extra)
+    return benchmarking.provenance(gpus=comm.world_size if comm else 1, vae=args.vae, **extra)
 
 
 def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device,
@@ -359,7 +382,9 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
 
 
 def main() -> int:
+    global VAE
     args = parse_args()
+    VAE = args.vae
     if args.rehearse:
         return main_rehearse(args)
     comm = make_comm()
@@ -377,10 +402,7 @@ def main() -> int:
         print("fp32 check:", json.dumps(check), flush=True)
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
     rows = []
-    cases = [(f"{s}x{s}", s // 8, s // 8, 1, args.reps) for s in args.sizes]
-    if args.video_frames:
-        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
-    for label, h, w, t, reps in cases:
+    for label, h, w, t, reps in cases_of(args, vae):
         rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device, args.graphs)
         if rank0:
             r = rows[-1]
@@ -388,7 +410,7 @@ def main() -> int:
     if rank0:
         prov = provenance(args, comm)
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"parallel_decode_{prov['gpus']}gpu{args.tag}")
+        stem = os.path.join(args.out, f"parallel_decode_{prov['gpus']}gpu{vae_tag(args)}{args.tag}")
         with open(stem + ".json", "w") as f:
             json.dump(dict(provenance=prov, fp32_check=check, results=rows), f, indent=1)
         md = markdown(prov, check, rows)
@@ -406,15 +428,12 @@ def main_rehearse(args) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
     modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
-    cases = [(f"{s}x{s}", s // 8, s // 8, 1, args.reps) for s in args.sizes]
-    if args.video_frames:
-        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
     rows = []
-    for label, h, w, t, reps in cases:
+    for label, h, w, t, reps in cases_of(args, vae):
         rows += rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)
     prov = provenance(args, None)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"parallel_rehearsal{args.tag}")
+    stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(provenance=prov, results=rows), f, indent=1)
     md = rehearsal_markdown(prov, rows)
