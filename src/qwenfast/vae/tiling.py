@@ -56,48 +56,43 @@ def exact_tiles(vae, height: int, width: int, sample_size: int | None = None,
 
 def tiled_decode_exact(vae, z: torch.Tensor, cfg: VAEConfig | None = None) -> torch.Tensor:
     """The global part once on the whole latent, then the local part tile by tile, each tile with a
-    margin >= the receptive field, keeping its core: equal to the untiled decode. Each core goes into
-    the preallocated output as soon as its tile is decoded: the peak is the output and one tile's
-    working set (never every tile's core beside the output)."""
+    margin >= the receptive field, keeping its core: equal to the untiled decode.
+
+    Memory: while tile i decodes, the cores of tiles < i are held as compact copies (less than the
+    output, and less than a preallocated output would be), and the output is allocated once every tile
+    is done and the global part's output freed (output + cores: twice the output, with no decoder
+    activation alive). The memory model ranks this below both placing each core into a preallocated
+    output at once and holding the decoded windows (benchmarks/memory_model.py)."""
     cfg = cfg or vae.vae_config
     h = vae.decode_global(z)  # (B, C_mid, T, h, w): latent resolution, small
     tiles = exact_tiles(vae, h.shape[-2], h.shape[-1], cfg=cfg)
-    return decode_exact_tiles(vae, h, tiles, cfg=cfg, into=z.new_empty(vae.output_shape(z)))
+    cores = decode_exact_tiles(vae, h, tiles, cfg=cfg)
+    del h
+    return place_cores(vae, cores, tiles, z)
 
 
 def decode_exact_tiles(vae, h: torch.Tensor, tiles: list[Tile], origin: tuple[int, int] = (0, 0),
-                       cfg: VAEConfig | None = None, into: torch.Tensor | None = None):
+                       cfg: VAEConfig | None = None) -> list[torch.Tensor]:
     """The local part on each tile's window of the mid-block output `h` (B, C_mid, T, ., .), whose
-    pixel [0, 0] is latent pixel `origin`: each tile's core, (B, C_out, T', s·core_h, s·core_w).
-
-    `into=None`: the cores, as a list (views of the decoded windows: what a parallel rank gathers).
-    `into` an output (B, C_out, T', s·h, s·w) of the whole latent: each core written into its place as
-    soon as its tile is decoded, the tile dropped before the next one; returns `into`."""
+    pixel [0, 0] is latent pixel `origin`; each tile's core, (B, C_out, T', s·core_h, s·core_w), a
+    compact copy: the decoded window (core + margins) is dropped before the next tile decodes."""
     s, (oy, ox) = vae.spatial_compression_ratio, origin
     cores = []
     for tile in progress(cfg or vae.vae_config, tiles, desc="decode tiles", total=len(tiles)):
         piece = vae.decode_local(h[..., tile.wy0 - oy:tile.wy1 - oy, tile.wx0 - ox:tile.wx1 - ox])
         cy, cx = tile.crop_slices(s)
-        if into is None:
-            cores.append(piece[..., cy, cx])
-        else:
-            _place_core(vae, into, tile, piece[..., cy, cx])
-        del piece  # before the next tile decodes: one tile's working set at a time
-    return cores if into is None else into
+        cores.append(piece[..., cy, cx].clone())
+        del piece  # before the next tile decodes: one decoded window at a time
+    return cores
 
 
 def place_cores(vae, cores: list[torch.Tensor], tiles: list[Tile], z: torch.Tensor) -> torch.Tensor:
     """Tile cores (B, C_out, T', ., .) into the output (B, C_out, T', s·h, s·w) of latent `z`."""
     out = z.new_empty(vae.output_shape(z))
     for tile, core in zip(tiles, cores):
-        _place_core(vae, out, tile, core)
+        oy, ox = tile.core_slices(vae.spatial_compression_ratio)
+        out[..., oy, ox] = core
     return out
-
-
-def _place_core(vae, out: torch.Tensor, tile: Tile, core: torch.Tensor) -> None:
-    """One tile's core (B, C_out, T', ., .) into its place in the whole output `out`."""
-    oy, ox = tile.core_slices(vae.spatial_compression_ratio)
-    out[..., oy, ox] = core
 
 
 # -- blend ------------------------------------------------------------------------------------------
