@@ -22,9 +22,7 @@ Shapes: B batch, C channels, T frames (always 1 here), H x W pixels at the curre
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from typing import Any, Callable
 
 import torch
@@ -36,12 +34,11 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
 from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x
 from .surface import DecodeSurface, DecoderTopology, Level
-from .tiles import grid_tiles
 from .weights import PretrainedVAE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QwenImage21VAE", "DEFAULT_ARCH", "LOCAL_BAND_OVERHEAD", "local_plan", "stage_bands"]
+__all__ = ["QwenImage21VAE", "DEFAULT_ARCH"]
 
 # The architecture of the released Qwen-Image-2.1 VAE: diffusers' defaults of AutoencoderKLQwenImage21,
 # and the one list of the config keys this model reads.
@@ -453,107 +450,6 @@ def decoder_topology(decoder: Decoder) -> DecoderTopology:
     return DecoderTopology(tail_convs=len(_convs3x3(decoder.mid_block.resnets[-1])), levels=tuple(levels))
 
 
-# The image local part of a large frame runs in stages, each either whole or in row bands with the
-# stage's receptive field as margin (`local_plan`): the least peak memory whose margins cost at most
-# LOCAL_BAND_OVERHEAD of the local part's FLOPs. Module settings, not knobs (chosen with
-# benchmarks/memory_model.py; benchmarks/results/memory_model.md has the peaks and overheads).
-LOCAL_BAND_OVERHEAD = 0.03
-BAND_WORKING_SET = 3  # a band's activations in flight, in units of its largest (the accountant: 2.3-3)
-MAX_BANDS = 64
-
-
-def level_activation_bytes(levels, batch: int, height: int, width: int, elem: int) -> list[tuple[int, int]]:
-    """Per level of `levels` (consecutive topology levels) for a (batch, ., height, width) input of the
-    first: (its largest activation, its output) in bytes; activations are the conv inputs and outputs
-    at each resolution the level runs at."""
-    out, f, px = [], 1, batch * height * width * elem
-    for lv in levels:
-        ch = lv._channels()
-        g = 2 * f if lv.upsample else f
-        at_in = max((max(c) for c in ch[:lv.convs]), default=0) * f * f
-        at_up = max((max(c) for c in ch[lv.convs:]), default=0) * g * g
-        out.append((max(at_in, at_up) * px, ch[-1][1] * g * g * px))
-        f = g
-    return out
-
-
-def level_flops(levels, batch: int, height: int, width: int) -> float:
-    """The 3x3 convs' FLOPs of `levels` on a (batch, ., height, width) input of the first."""
-    total, f = 0.0, 1
-    for lv in levels:
-        ch = lv._channels()
-        g = 2 * f if lv.upsample else f
-        total += sum(2 * 9 * ci * co for ci, co in ch[:lv.convs]) * f * f
-        total += sum(2 * 9 * ci * co for ci, co in ch[lv.convs:]) * g * g
-        f = g
-    return total * batch * height * width
-
-
-def stage_bands(topology: DecoderTopology, first: int, end: int, rows: int, cols: int, count: int) -> list:
-    """`count` row bands of a stage's (rows x cols) input: Tiles of full width, window = core + the
-    stage's receptive field, clipped; [] for one band (the stage runs whole)."""
-    if count <= 1:
-        return []
-    margin = DecoderTopology(tail_convs=0, levels=topology.levels[first:end]).receptive_field()
-    return grid_tiles(rows, cols, count, 1, margin)
-
-
-def local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int,
-               overhead: float | None = None) -> tuple[tuple[int, int, tuple], ...]:
-    """How the local part runs on a frame of `shape` (B, C, h, w), elements of `elem` bytes: stages
-    `(first level, end level, bands)`, `bands` a tuple of `stage_bands` (empty: the stage runs whole).
-
-    Over every split of the levels into stages and every band count per stage (up to MAX_BANDS), the
-    least estimated peak whose extra FLOPs (the bands' margins, counted twice) stay within `overhead`
-    (default LOCAL_BAND_OVERHEAD) of the local part's. A stage's peak is its input and output, held
-    whole, plus BAND_WORKING_SET x its band's largest activation. Pure: shapes in, plan out."""
-    return _local_plan(topology, tuple(shape), elem, LOCAL_BAND_OVERHEAD if overhead is None else overhead)
-
-
-@functools.lru_cache(maxsize=256)
-def _local_plan(topology: DecoderTopology, shape: tuple[int, ...], elem: int, overhead: float):
-    b, _, h, w = shape
-    levels, n = topology.levels, len(topology.levels)
-    budget = overhead * level_flops(levels, b, h, w)
-    scales = [1]
-    for lv in levels:
-        scales.append(scales[-1] * (2 if lv.upsample else 1))
-
-    def options(first: int, end: int) -> list[tuple[int, float, int]]:
-        """(peak bytes, extra FLOPs, band count) of each band count of stage [first, end)."""
-        stage = levels[first:end]
-        rows, cols = h * scales[first], w * scales[first]
-        held_in = levels[first]._channels()[0][0] * b * rows * cols * elem
-        held_out = level_activation_bytes(stage, b, rows, cols, elem)[-1][1]
-        per_row = max(size for size, _ in level_activation_bytes(stage, b, 1, cols, elem))
-        flops_row = level_flops(stage, b, 1, cols)
-        margin = DecoderTopology(tail_convs=0, levels=stage).receptive_field()
-        out = []
-        for count in range(1, min(rows, MAX_BANDS) + 1):
-            window = min(rows, -(-rows // count) + (2 * margin if count > 1 else 0))
-            extra = flops_row * min((count - 1) * rows, 2 * margin * (count - 1))
-            out.append((held_in + held_out + BAND_WORKING_SET * per_row * window, extra, count))
-        return out
-
-    best = None  # (peak, extra, stages, counts)
-    for mask in range(2 ** (n - 1)):  # bit i set: a stage ends after level i
-        ends = [i + 1 for i in range(n - 1) if mask >> i & 1] + [n]
-        stages = list(zip([0] + ends[:-1], ends))
-        opts = [options(a, e) for a, e in stages]
-        for limit in sorted({peak for o in opts for peak, _, _ in o}):
-            picks = [min(((extra, count) for peak, extra, count in o if peak <= limit), default=None) for o in opts]
-            if None in picks:
-                continue
-            extra = sum(p[0] for p in picks)
-            if extra <= budget:
-                if best is None or (limit, extra) < best[:2]:
-                    best = (limit, extra, stages, [p[1] for p in picks])
-                break
-    _, _, stages, counts = best  # one stage, one band (the levels whole) always fits: never None
-    return tuple((a, e, tuple(stage_bands(topology, a, e, h * scales[a], w * scales[a], count)))
-                 for (a, e), count in zip(stages, counts))
-
-
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
@@ -569,6 +465,9 @@ class QwenImage21VAE(DecodeSurface, PretrainedVAE):
 
     diffusers_class_names: tuple[str, ...] = ("AutoencoderKLQwenImage21",)
     arch_keys: tuple[str, ...] = tuple(DEFAULT_ARCH)
+    # The local part of a large frame runs in stages and row bands (the surface's `decode_local` and
+    # `decode_levels`, planned by `qwenfast.vae.bands.local_plan`): exact, in a fraction of the memory.
+    band_local_part = True
 
     def __init__(self, base_dim: int = 96, decoder_base_dim: int | None = 144, z_dim: int = 64,
                  dim_mult=(1, 2, 4, 8, 8), num_res_blocks: int = 2, attn_scales=(),
@@ -766,39 +665,6 @@ class QwenImage21VAE(DecodeSurface, PretrainedVAE):
         if i == len(self.decoder.up_blocks) - 1:
             y = unpatchify(y, self.patch_size).contiguous()
         return y
-
-    def decode_local(self, h: torch.Tensor) -> torch.Tensor:
-        """Mid-block output (B, C_mid, T, h, w) (or a window of it) → pixels (B, out_channels, T, s·h, s·w),
-        unclamped. Large frames run in stages and row bands (`local_plan`), each band with the margin of
-        its stage's receptive field: exact as exact tiling is (the same sums, re-associated at most),
-        in a fraction of the memory."""
-        return self.stream(lambda x, cache: self.decode_levels(x), h, desc="decode (local)")
-
-    def decode_levels(self, x: torch.Tensor, plan=None) -> torch.Tensor:
-        """The local part on one 4-D frame x (B, C_mid, h, w) → (B, out_channels, s·h, s·w), stage by
-        stage (`plan`, default `local_plan`'s): a banded stage decodes each band's window and writes
-        its core rows into the stage's output."""
-        if plan is None:
-            plan = local_plan(self.topology, tuple(x.shape), x.element_size())
-        for first, end, bands in plan:
-            if not bands:
-                for i in range(first, end):
-                    x = self.decode_level(i, x)
-                continue
-            out = None
-            for tile in bands:
-                y = x[:, :, tile.wy0:tile.wy1]
-                for i in range(first, end):
-                    y = self.decode_level(i, y)
-                f = y.shape[2] // (tile.wy1 - tile.wy0)  # output rows per input row of the stage
-                if out is None:  # in the layout decode_level gives (channels-last on CUDA, the last level contiguous)
-                    cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-                    out = torch.empty((y.shape[0], y.shape[1], x.shape[2] * f, y.shape[3]), dtype=y.dtype, device=y.device,
-                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
-                out[:, :, tile.y0 * f:tile.y1 * f] = y[:, :, (tile.y0 - tile.wy0) * f:(tile.y1 - tile.wy0) * f]
-                del y
-            x = out
-        return x
 
     def decode_untiled(self, z: torch.Tensor) -> torch.Tensor:
         """(B, z, T, h, w) → pixels (B, out_channels, T, s·h, s·w), unclamped."""

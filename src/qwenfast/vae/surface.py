@@ -14,10 +14,15 @@ the attention's queries over ranks:
     decode_untiled(z) == decode_local(decode_global(z))
     decode_global(z)  == decode_tail(attend(decode_head(z)))        (up to re-association)
     decode_local(h)   == stream(lambda x, cache: level_n(...level_0(x, cache)...), h)
+                      == stream(lambda x, cache: decode_levels(x, plan, cache), h)   (any plan: exact)
 
 `DecoderTopology` describes the local part once; the receptive field (the exact tile margin), the
 per-level halos of `patch_halo="level"`, the tail's reach and the cost model's levels are all read
 from it. Tensors are `(B, C, T, H, W)` (an image is T = 1); results are unclamped.
+
+A model whose `band_local_part` is on runs the local part of a large frame in stages and row bands
+(`decode_levels`, planned by `qwenfast.vae.bands.local_plan`): exact as exact tiling is, in a
+fraction of the memory.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class Level:
         if self.convs_after_up and not self.upsample:
             raise ValueError("Level: convs_after_up without an upsample")
 
-    def _channels(self) -> list[tuple[int, int]]:
+    def conv_pairs(self) -> list[tuple[int, int]]:
+        """(c_in, c_out) of every 3x3 conv of the level in order: `conv_channels`, or `channels` ->
+        `channels` each where it is not given."""
         n = self.convs + self.convs_after_up + self.head_convs
         return list(self.conv_channels) or [(self.channels, self.channels)] * n
 
@@ -132,7 +139,7 @@ class DecoderTopology:
                 out.append(dict(scale=scale, convs=list(convs)))
 
         for lv in self.levels:
-            ch = lv._channels()
+            ch = lv.conv_pairs()
             a, b = lv.convs, lv.convs + lv.convs_after_up
             add(lv.scale, ch[:a])
             if lv.upsample:
@@ -162,7 +169,8 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
     A subclass sets, in `__init__`: `vae_config` (a `VAEConfig`), `spatial_compression_ratio`,
     `z_dim`, `topology` (a `DecoderTopology`, built once from its own module tree), and provides
     `out_channels`, `dtype`, `device` and the abstract methods below. `decode` (the public entry:
-    untiled, tiled or parallel by `vae_config`), `tiled_decode` and `tiled_encode` come with the base.
+    untiled, tiled or parallel by `vae_config`), `decode_local` (the levels over `stream`, banded where
+    `band_local_part` is on: `decode_levels`), `tiled_decode` and `tiled_encode` come with the base.
     """
 
     vae_config: VAEConfig
@@ -171,6 +179,9 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
     topology: DecoderTopology
     process_group = None  # the process group parallel decode runs over (None: the world group)
     last_parallel_stats: dict | None = None  # mode, bytes and collectives of the last parallel decode
+    # Whether `decode_levels` bands a cache-free 4-D frame by `bands.local_plan` (else runs it whole).
+    # Off by default: a model turns it on where its local part has been measured banded.
+    band_local_part: bool = False
 
     # -- what a model provides --------------------------------------------------------------------
     @property
@@ -225,11 +236,6 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
         """(B, z_dim, T, h, w) -> the mid-block output (B, C_mid, T, h, w) (= decode_tail(attend(decode_head(z))))."""
 
     @abc.abstractmethod
-    def decode_local(self, h: torch.Tensor) -> torch.Tensor:
-        """The mid-block output (B, C_mid, T, h, w) (or a window of it) -> pixels (B, out_channels, T', s·h, s·w),
-        unclamped; receptive field `topology.receptive_field()` latent px each side."""
-
-    @abc.abstractmethod
     def decode_level(self, i: int, x: torch.Tensor, cache) -> torch.Tensor:
         """Level i of the local part (`topology.levels[i]`; the last one includes the head) on ONE time
         chunk `x` (a 4-D first frame, or 5-D) with the frame cache of this pass (from `stream`)."""
@@ -245,6 +251,45 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
         """The model's preferred layout for a 4-D frame (channels-last on CUDA); identity where none."""
 
     # -- what the base derives from it --------------------------------------------------------------
+    def decode_local(self, h: torch.Tensor) -> torch.Tensor:
+        """The mid-block output (B, C_mid, T, h, w) (or a window of it) -> pixels (B, out_channels, T', s·h, s·w),
+        unclamped; receptive field `topology.receptive_field()` latent px each side. The levels over
+        `stream`'s chunks (`decode_levels`); a model may override it with its own fused path."""
+        return self.stream(lambda x, cache: self.decode_levels(x, cache=cache), h, desc="decode (local)")
+
+    def decode_levels(self, x: torch.Tensor, plan=None, cache=None) -> torch.Tensor:
+        """The local part on ONE time chunk `x` (B, C_mid, h, w) (a 4-D frame, or 5-D) with its frame
+        cache, stage by stage (`plan`, a `bands.local_plan`; default: `local_plan`'s where
+        `band_local_part` is on and `x` is a cache-free 4-D frame, else every level whole). A banded
+        stage decodes each band's window and writes its core rows into the stage's output, allocated
+        once, in the layout `decode_level` gives (channels-last on CUDA, the last level contiguous).
+        Bands split rows only, so a chunk with a frame cache (which holds whole frames) runs whole."""
+        from . import bands as planner
+
+        if plan is None:
+            banded = self.band_local_part and cache is None and x.dim() == 4
+            plan = planner.local_plan(self.topology, tuple(x.shape), x.element_size()) if banded \
+                else planner.whole_plan(self.topology)
+        for first, end, bands in plan:
+            if not bands:
+                for i in range(first, end):
+                    x = self.decode_level(i, x, cache)
+                continue
+            out = None
+            for tile in bands:
+                y = x[..., tile.wy0:tile.wy1, :]
+                for i in range(first, end):
+                    y = self.decode_level(i, y, cache)
+                f = y.shape[-2] // (tile.wy1 - tile.wy0)  # output rows per input row of the stage
+                if out is None:
+                    cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+                    out = torch.empty((*y.shape[:-2], x.shape[-2] * f, y.shape[-1]), dtype=y.dtype, device=y.device,
+                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+                out[..., tile.y0 * f:tile.y1 * f, :] = y[..., (tile.y0 - tile.wy0) * f:(tile.y1 - tile.wy0) * f, :]
+                del y
+            x = out
+        return x
+
     def output_shape(self, z: torch.Tensor) -> tuple[int, ...]:
         """(B, out_channels, T', s·h, s·w): the decoded shape of latent `z` (B, z_dim, T, h, w)."""
         s = self.spatial_compression_ratio

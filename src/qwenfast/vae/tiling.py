@@ -56,23 +56,33 @@ def exact_tiles(vae, height: int, width: int, sample_size: int | None = None,
 
 def tiled_decode_exact(vae, z: torch.Tensor, cfg: VAEConfig | None = None) -> torch.Tensor:
     """The global part once on the whole latent, then the local part tile by tile, each tile with a
-    margin >= the receptive field, keeping its core: equal to the untiled decode."""
+    margin >= the receptive field, keeping its core: equal to the untiled decode.
+
+    Memory: while tile i decodes, the cores of tiles < i are held as compact copies (less than the
+    output, and less than a preallocated output would be), and the output is allocated once every tile
+    is done and the global part's output freed (output + cores: twice the output, with no decoder
+    activation alive). The memory model ranks this below both placing each core into a preallocated
+    output at once and holding the decoded windows (benchmarks/memory_model.py)."""
     cfg = cfg or vae.vae_config
     h = vae.decode_global(z)  # (B, C_mid, T, h, w): latent resolution, small
     tiles = exact_tiles(vae, h.shape[-2], h.shape[-1], cfg=cfg)
-    return place_cores(vae, decode_exact_tiles(vae, h, tiles, cfg=cfg), tiles, z)
+    cores = decode_exact_tiles(vae, h, tiles, cfg=cfg)
+    del h
+    return place_cores(vae, cores, tiles, z)
 
 
 def decode_exact_tiles(vae, h: torch.Tensor, tiles: list[Tile], origin: tuple[int, int] = (0, 0),
                        cfg: VAEConfig | None = None) -> list[torch.Tensor]:
     """The local part on each tile's window of the mid-block output `h` (B, C_mid, T, ., .), whose
-    pixel [0, 0] is latent pixel `origin`; each tile's core, (B, C_out, T', s·core_h, s·core_w)."""
+    pixel [0, 0] is latent pixel `origin`; each tile's core, (B, C_out, T', s·core_h, s·core_w), a
+    compact copy: the decoded window (core + margins) is dropped before the next tile decodes."""
     s, (oy, ox) = vae.spatial_compression_ratio, origin
     cores = []
     for tile in progress(cfg or vae.vae_config, tiles, desc="decode tiles", total=len(tiles)):
         piece = vae.decode_local(h[..., tile.wy0 - oy:tile.wy1 - oy, tile.wx0 - ox:tile.wx1 - ox])
         cy, cx = tile.crop_slices(s)
-        cores.append(piece[..., cy, cx])
+        cores.append(piece[..., cy, cx].clone())
+        del piece  # before the next tile decodes: one decoded window at a time
     return cores
 
 
