@@ -106,19 +106,24 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
         reps = args.repeats if size < 4096 else max(2, args.repeats // 2)
         warm = args.warmup if size < 4096 else 1
         outs: dict[int, torch.Tensor] = {}
+        # "untiled, whole": the local part unbanded (band_local_part off), beside the default banded
+        # one: what the bands cost in time and save in memory, side by side
         cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling"), ("qwenfast", "untiled"),
-                 ("qwenfast", "exact tiling")]
+                 ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
         for impl, mode in cases:
             if impl == "diffusers" and size > args.diffusers_max:
                 continue
             ours.vae_config = exact if mode == "exact tiling" else VAEConfig()
             if mode == "enable_tiling":
                 ref.enable_tiling()
+            if mode == "untiled, whole":
+                ours.band_local_part = False  # an instance attribute over the class's True
             fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
             try:
                 out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
             finally:
                 ref.disable_tiling()
+                ours.__dict__.pop("band_local_part", None)
             if out is not None:
                 outs[len(rows) - 1] = out
         base = next((r["median_ms"] for r in rows if r["size"] == f"{size}²" and r["impl"] == "diffusers"
