@@ -140,7 +140,7 @@ def test_generate_under_torchrun_two_ranks(tiny_model_dir, tmp_path):
     out = tmp_path / "cat.png"
     done = torchrun(["generate", "--model", tiny_model_dir, "--prompt", "a cat", "-o", out, "--steps", "2",
                      "--seed", "7", "--height", "32", "--width", "48", "--device", "cpu"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, "stdout: " + done.stdout[-1000:] + "\nstderr: " + done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1  # rank 0 only
     expected = reference_image(tiny_model_dir, seed=7, steps=2, height=32, width=48)
     got = np.asarray(Image.open(out).convert("RGB"))

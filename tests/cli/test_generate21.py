@@ -134,7 +134,7 @@ def test_generate21_under_torchrun_two_ranks(tiny21_dir, tmp_path):
     out = tmp_path / "cat.png"
     done = torchrun(argv(tiny21_dir, out, "--steps", 2, "--true-cfg-scale", 4, "--vae-config.use-parallel-decode",
                          "--vae-config.parallel-decode-mode", "patch"), script=TEXT_ONLY_QWEN3VL)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, "stdout: " + done.stdout[-1000:] + "\nstderr: " + done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1  # rank 0 only
     plain, accelerated = reference_images(tiny21_dir, seed=7, steps=2, true_cfg_scale=4.0)
     got = read_rgba(out)

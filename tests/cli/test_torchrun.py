@@ -31,7 +31,7 @@ def test_decode_patch_on_two_ranks_writes_once_and_equals_single(setup, capsys):
     capsys.readouterr()
     done = torchrun(["decode", root / "lat.safetensors", "--vae", root / "vae", "-o", root / "par",
                      "--vae-config.use-parallel-decode", "--vae-config.parallel-decode-mode", "patch"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, "stdout: " + done.stdout[-1000:] + "\nstderr: " + done.stderr[-3000:]
     assert done.stdout.split() == [str(root / "par" / "lat.png")]  # printed once: rank 0
     single = np.asarray(Image.open(root / "single" / "lat.png")).astype(int)
     par = np.asarray(Image.open(root / "par" / "lat.png")).astype(int)
@@ -60,7 +60,7 @@ def test_bench_on_two_ranks_reports_per_rank(setup, tmp_path):
     out = tmp_path / "b.json"
     done = torchrun(["bench", "--vae", setup / "vae", "--sizes", "104x64", "--modes", "untiled,patch,tiled,auto",
                      "--repeats", "1", "--json", out, "--vae-config.exact-tile-sample-size", "32"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, "stdout: " + done.stdout[-1000:] + "\nstderr: " + done.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["mode"] for r in rows] == ["untiled", "patch", "tiled", "auto"]
     for r in rows:

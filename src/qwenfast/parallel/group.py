@@ -59,6 +59,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> Any |
 
 # How long the barrier of `destroy_if_owned(drain=True)` waits for the other ranks.
 DRAIN_TIMEOUT_S = 30.0
+DRAIN_SETTLE_S = 0.1  # after it, the GIL released: see destroy_if_owned
 
 
 def destroy_if_owned(drain: bool = False) -> None:
@@ -78,6 +79,10 @@ def destroy_if_owned(drain: bool = False) -> None:
         if drain:
             with contextlib.suppress(RuntimeError):  # a peer gone or late: nothing to wait for
                 dist.barrier(async_op=True).wait(timeout=timedelta(seconds=DRAIN_TIMEOUT_S))
+            # The barrier completes once every earlier collective has: the worker thread that ran the
+            # last one may still be about to drop it (its tensors, under the GIL). A short sleep hands
+            # it the GIL before the group and the interpreter go (one CI run in ~40 aborted there).
+            time.sleep(DRAIN_SETTLE_S)
         dist.destroy_process_group()
     _OWNED = False
 
