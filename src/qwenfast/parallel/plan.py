@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..config import PATCH_HALOS
 from ..vae.tiles import Tile, blend_tile_grid, exact_tiles, grid_tiles, split_evenly
 
 __all__ = ["Tile", "split_evenly", "exact_tiles", "exact_tiles_for_ranks", "blend_tile_grid", "grid_tiles", "patch_regions",
@@ -118,8 +119,9 @@ def choose_patch_halo(frames: int, halo: str = "auto") -> str:
     at N = 4). The FLOP count (`patch_halo_costs`) ranks `level` first for images too: what it does
     not count (per-level exchanges, crops and stage syncs of a single frame) is what decides there,
     so the rule follows the measurement, not the count."""
-    if halo not in ("auto", "mid", "level"):
-        raise ValueError(f"patch_halo must be 'auto', 'mid' or 'level'; got {halo!r}")
+    if halo not in PATCH_HALOS:
+        named = f"{', '.join(map(repr, PATCH_HALOS[:-1]))} or {PATCH_HALOS[-1]!r}"
+        raise ValueError(f"patch_halo must be {named}; got {halo!r}")
     if frames < 1:
         raise ValueError(f"choose_patch_halo needs frames >= 1; got {frames}")
     if halo != "auto":

@@ -34,7 +34,7 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from . import video
-from .surface import DecodeSurface, DecoderTopology, Level, progress
+from .surface import DecodeSurface, DecoderTopology, Level, memory_format_of, progress
 from .weights import WEIGHT_DTYPES, PretrainedVAE, WeightsError, arch_int, arch_list, arch_number
 from .video import CACHE_T, FrameCache
 
@@ -248,13 +248,14 @@ class UpsampleConv2x(nn.Sequential):
             return conv(self[0](x))
         if mode not in UPSAMPLE_CONVS:
             raise ValueError(f"UPSAMPLE_CONV must be one of {', '.join(UPSAMPLE_CONVS)}; got {mode!r}")
+        # The summed weights are recomputed per call (a small einsum beside the conv; cache them by the
+        # weight's version if one of these formulations becomes the default).
         if mode == "transposed":
             return F.conv_transpose2d(x, transposed_weight(conv.weight), conv.bias, stride=2, padding=1)
         w = phase_weights(conv.weight)  # (a, b, Co, Ci, 2, 2)
         bsz, _, h, wd = x.shape
-        fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous() else torch.contiguous_format
-        out = torch.empty((bsz, conv.out_channels, 2 * h, 2 * wd), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out = torch.empty((bsz, conv.out_channels, 2 * h, 2 * wd), dtype=x.dtype, device=x.device,
+                          memory_format=memory_format_of(x))
         xp = F.pad(x, (1, 1, 1, 1))  # (B, Ci, H+2, W+2): phase a reads padded rows a .. a+H
         for a in range(2):
             for b in range(2):

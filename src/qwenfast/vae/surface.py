@@ -39,7 +39,15 @@ import torch.nn as nn
 
 from ..config import VAEConfig
 
-__all__ = ["Level", "DecoderTopology", "DecodeSurface", "progress"]
+__all__ = ["Level", "DecoderTopology", "DecodeSurface", "memory_format_of", "progress"]
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout to allocate a tensor like `x` (other spatial size) in: channels-last for a 4-D
+    channels-last tensor that is not also plainly contiguous, else contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,10 +290,10 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
                     y = self.decode_level(i, y, cache)
                 f = y.shape[-2] // (tile.wy1 - tile.wy0)  # output rows per input row of the stage
                 if out is None:
-                    cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
                     out = torch.empty((*y.shape[:-2], x.shape[-2] * f, y.shape[-1]), dtype=y.dtype, device=y.device,
-                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
-                out[..., tile.y0 * f:tile.y1 * f, :] = y[..., (tile.y0 - tile.wy0) * f:(tile.y1 - tile.wy0) * f, :]
+                                      memory_format=memory_format_of(y))
+                (oy, _), (cy, _) = tile.core_slices(f), tile.crop_slices(f)  # bands span the width: rows only
+                out[..., oy, :] = y[..., cy, :]
                 del y
             x = out
         return x
