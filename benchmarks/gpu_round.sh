@@ -51,8 +51,8 @@ step() {
 
 case "${1:-}" in
 tests)
-    PYTHONPATH=$NEW step pytest_gpu 420 python3 -m pytest -q -p no:cacheprovider -ra
-    PYTHONPATH=$NEW step host_cost 120 python3 benchmarks/bench_host_cost.py --breakdown --json "$OUT/host_cost_h200.json"
+    PYTHONPATH=$NEW step pytest_gpu 330 python3 -m pytest -q -p no:cacheprovider -ra
+    PYTHONPATH=$NEW step host_cost 90 python3 benchmarks/bench_host_cost.py --breakdown --json "$OUT/host_cost_h200.json"
     ;;
 vae21)
     PYTHONPATH=$NEW step upsample_conv 150 python3 benchmarks/bench_upsample_conv.py --sizes 1328,2048 \
@@ -78,9 +78,9 @@ parallel)
         --graphs --sizes 1328 2048 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
     ;;
 graphs)
-    PYTHONPATH=$NEW step bench_graphs 120 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
+    PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
         --json "$OUT/bench_graphs_h200.json"
-    PYTHONPATH=$NEW step bench_eager 120 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
+    PYTHONPATH=$NEW step bench_eager 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
         --no-cuda-graph --json "$OUT/bench_eager_h200.json"
     ;;
 esac
