@@ -6,6 +6,7 @@ that a wrong norm scale cannot hide behind all-ones."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import torch
 
@@ -206,12 +207,19 @@ def byte_level_vocab() -> dict[str, int]:
     return {c: i for i, c in enumerate(chars[b] for b in range(256))}
 
 
+HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
 @contextlib.contextmanager
 def text_only_qwen3vl():
     """For the block: transformers' `Qwen3VLProcessor` can be built, saved and loaded with a bare
     `VideoProcessorMixin` standing in for its video processor (the real one needs torchvision, which
     the test machines lack; text-to-image never calls it). transformers checks a sub-processor's class
-    by a name it looks up on its own module, where this one is not exported: it is set there."""
+    by a name it looks up on its own module, where this one is not exported: it is set there. Where
+    torchvision is installed (the GPU machine) the real video processor loads: nothing is stood in."""
+    if HAS_TORCHVISION:
+        yield
+        return
     from transformers import processing_utils, video_processing_utils
 
     module, name = processing_utils.transformers_module, "VideoProcessorMixin"
@@ -243,8 +251,11 @@ def tiny_qwen3vl_processor():
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN3VL_SPECIAL_TOKENS)})
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{{ c['text'] }}"
                 "{% endfor %}<|im_end|>\n{% endfor %}")
-    return transformers.Qwen3VLProcessor(image_processor=transformers.Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
-                                         video_processor=video_processing_utils.VideoProcessorMixin(),
+    video = (transformers.Qwen3VLVideoProcessor() if HAS_TORCHVISION else video_processing_utils.VideoProcessorMixin())
+    # the PIL image processor where transformers has one (5.2x); older releases name only the other
+    image = getattr(transformers, "Qwen2VLImageProcessorPil", transformers.Qwen2VLImageProcessor)()
+    return transformers.Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer,
+                                         video_processor=video,
                                          chat_template=template)
 
 

@@ -23,6 +23,12 @@ sys.modules["modulate_variants"] = variants
 spec.loader.exec_module(variants)
 
 
+# The interpreter runs both kernels' numpy ops in the same order: equal to the bit. Compiled for a GPU,
+# the variants' different loads and branches let the compiler contract a multiply-add differently
+# (seen on an H200: up to 4.8e-7 on values of about 5, i.e. 1-2 fp32 ulps): equal within a few ulps.
+TOL = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", [dict(early=True), dict(hint=False), dict(pick="both"), {}])
 @pytest.mark.parametrize("residual", [False, True])
 def test_variant_equals_the_package_kernel(variant, residual):
@@ -38,7 +44,7 @@ def test_variant_equals_the_package_kernel(variant, residual):
     if residual:
         want, want_r, _ = T.residual_layer_norm_modulate_fwd(x, r, s0[2], s1[2], None, None, s0[1], s0[0], None, s1[1],
                                                              s1[0], None, index, 1e-6)
-        torch.testing.assert_close(rout, want_r, rtol=0, atol=0)
+        torch.testing.assert_close(rout, want_r, **TOL)
     else:
         want, _ = T.layer_norm_modulate_fwd(x, None, None, s0[1], s0[0], None, s1[1], s1[0], None, index, 1e-6)
-    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    torch.testing.assert_close(y, want, **TOL)
