@@ -70,6 +70,37 @@ def test_fast_formulations_keep_the_dtype(mode, dtype):
 def test_unknown_formulation_is_refused():
     with upsample_conv("fft"), pytest.raises(ValueError, match="UPSAMPLE_CONV must be one of .* got 'fft'"):
         module()(torch.zeros(1, 5, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="form must be one of .* got 'fft'"):
+        UpsampleConv2x(5, 3, form="fft")
+
+
+def forms(vae):
+    return {m.form for m in vae.modules() if isinstance(m, UpsampleConv2x)}
+
+
+def test_each_vae_builds_its_measured_formulation():
+    # the defaults follow benchmarks/results/upsample_conv_h200.md; UPSAMPLE_CONV unset lets them rule
+    assert qwen_image.UPSAMPLE_CONV is None
+    assert forms(tiny_vae()) == {"direct"}
+    assert forms(pair21(TINY21)[1]) == {"transposed"}
+
+
+@torch.no_grad()
+def test_the_module_form_runs_unless_overridden():
+    m = module()
+    m.form = "transposed"
+    x = torch.randn(1, 5, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    calls = []
+    real = torch.nn.functional.conv_transpose2d
+    try:
+        torch.nn.functional.conv_transpose2d = lambda *a, **k: calls.append(1) or real(*a, **k)
+        m(x)
+        assert calls == [1]
+        with upsample_conv("direct"):
+            m(x)
+        assert calls == [1]  # the override ran the direct conv
+    finally:
+        torch.nn.functional.conv_transpose2d = real
 
 
 @torch.no_grad()

@@ -197,8 +197,11 @@ class Upsample2x(nn.Module):
 # How `UpsampleConv2x` computes nearest-2x-upsample + 3x3 conv: "direct" (as diffusers: upsample, then
 # the conv at 2x), "transposed" (one stride-2 4x4 transposed conv of the input) or "subpixel" (four
 # 2x2 convs, one per output phase, interleaved). The last two do 16 multiply-adds per output pixel and
-# channel pair instead of 36; which is fastest is measured on the GPU (benchmarks/bench_upsample_conv.py).
-UPSAMPLE_CONV = "direct"
+# channel pair instead of 36. Each VAE builds its upsamplers with the formulation measured fastest for
+# it (benchmarks/results/upsample_conv_h200.md, one H200, bf16): "direct" here (the Qwen-Image VAE: the
+# transposed conv is 3% slower at 1328², 3% faster at 2048²), "transposed" for the 2.1 VAE (1.5% / 8.5%
+# faster decodes). UPSAMPLE_CONV, when set, overrides every upsampler (for benchmarks and tests).
+UPSAMPLE_CONV: str | None = None
 UPSAMPLE_CONVS = ("direct", "transposed", "subpixel")
 
 # Along one axis, output pixel 2i+a of upsample-then-3-tap-conv reads input pixels i-1, i (a = 0) or
@@ -210,10 +213,20 @@ PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
 TRANSPOSED_TAPS = (PHASE_TAPS[1][1], PHASE_TAPS[0][1], PHASE_TAPS[1][0], PHASE_TAPS[0][0])
 
 
+# Output channels summed at a time: the fp32 temporaries of a 1152x1152 weight summed whole are ~0.25
+# GiB, alive while the decode's largest activations are (the memory model saw +0.34 GiB at 1328²).
+TAP_SUM_CHUNK = 128
+
+
 def _sum_taps(weight: torch.Tensor, taps: tuple, equation: str) -> torch.Tensor:
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # sums in fp32 at least
+    """einsum(equation, m, weight, m) with m = `taps`, in fp32 at least, rounded once to the weight's
+    dtype; `o` (the weight's output channels) is summed TAP_SUM_CHUNK channels at a time."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     m = torch.tensor(taps, dtype=acc, device=weight.device)
-    return torch.einsum(equation, m, weight.to(acc), m).to(weight.dtype)
+    o = equation.split("->")[1].index("o")  # where the output channels land in the result
+    chunks = [torch.einsum(equation, m, weight[i:i + TAP_SUM_CHUNK].to(acc), m).to(weight.dtype)
+              for i in range(0, weight.shape[0], TAP_SUM_CHUNK)]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=o)
 
 
 def phase_weights(weight: torch.Tensor) -> torch.Tensor:
@@ -236,20 +249,24 @@ class UpsampleConv2x(nn.Sequential):
     convs of the un-upsampled input, one per phase (a, b), with the taps that fall on one input pixel
     summed (`phase_weights`) — or, equivalently, one stride-2 4x4 transposed conv whose kernel holds
     those four 2x2 kernels interleaved. Equal to the direct path up to rounding (the weight sums and the
-    order of the adds), 2.25x fewer FLOPs. `UPSAMPLE_CONV` picks the formulation."""
+    order of the adds), 2.25x fewer FLOPs. `form` is the formulation (`UPSAMPLE_CONV` overrides it)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, form: str = "direct") -> None:
+        if form not in UPSAMPLE_CONVS:
+            raise ValueError(f"form must be one of {', '.join(UPSAMPLE_CONVS)}; got {form!r}")
         super().__init__(Upsample2x(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.form = form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = UPSAMPLE_CONV
+        mode = self.form if UPSAMPLE_CONV is None else UPSAMPLE_CONV
         conv = self[1]
         if mode == "direct":
             return conv(self[0](x))
         if mode not in UPSAMPLE_CONVS:
             raise ValueError(f"UPSAMPLE_CONV must be one of {', '.join(UPSAMPLE_CONVS)}; got {mode!r}")
-        # The summed weights are recomputed per call (a small einsum beside the conv; cache them by the
-        # weight's version if one of these formulations becomes the default).
+        # The summed weights are recomputed per call from the live weight (an einsum beside the conv,
+        # inside the measured times): a cached copy would go stale in a captured CUDA graph when the
+        # weights are loaded in place.
         if mode == "transposed":
             return F.conv_transpose2d(x, transposed_weight(conv.weight), conv.bias, stride=2, padding=1)
         w = phase_weights(conv.weight)  # (a, b, Co, Ci, 2, 2)
