@@ -233,8 +233,9 @@ def main(argv=None):
         columns, payload = ATTENTION_COLUMNS, {"attention": rows}
     else:
         ref, ours = build(arch, dtype, device)
-        rows = decode_rows(ref, ours, sizes, args, device)
-        rows += encode_rows(ref, ours, [int(s) for s in args.encode_sizes.split(",") if s], args, device)
+        # the encode first (short), so that a run cut during the long decode rows still has it
+        encoded = encode_rows(ref, ours, [int(s) for s in args.encode_sizes.split(",") if s], args, device)
+        rows = decode_rows(ref, ours, sizes, args, device) + encoded
         columns, payload = COLUMNS, {"results": rows}
     info = provenance(device, dtype=str(dtype).removeprefix("torch."), model="AutoencoderKLQwenImage21",
                       weights="random, " + ("tiny dry-run config" if args.dry_run else "full-size (diffusers default config)"),

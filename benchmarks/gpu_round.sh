@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# The GPU measurements that the CPU-only work of 2026-12-01 (afternoon) left open, one step per device
-# call (each fits the 10-minute limit of one call; together about 30 minutes of one H200):
+# The GPU measurements of issues 10-14, one step per device call (each fits the 10-minute limit of one
+# call). The round of 2026-12-01 15:00 UTC ran tests (cut at 61%), vae21 (cut at 4096²), video and
+# graphs: benchmarks/results/gpu_round_2026-12-01.md. Still open, in order of value:
 #
 #   bash benchmarks/gpu_round.sh STEP        results under $OUT (default /tmp/gpu_round)
 #
-#   tests     the whole test suite on the GPU (issue 10: "run it on a GPU once"; the ops' new None
-#             arguments compiled by Triton for the first time), then the host cost per eager call
-#             against a bare launch of the same kernel (issues 10, 13)
-#   vae21     the 2.1 VAE: the upsampler formulations (direct / transposed / subpixel) per layer and
-#             per decode, then untiled + exact-tiled decode at 1024-4096², encode 1328², fidelity,
-#             steady peaks, against diffusers (issue 11; the banded local part and the 4-D SDPA call
-#             are new since the last measurement)
-#   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
-#             the new streamed path with its variants, diffusers (issue 12)
+#   tests     the whole test suite on the GPU, in 6 processes (pytest-xdist is on the GPU machine; one
+#             process needs more than 330 s), then the host cost per eager call against a bare launch
+#             of the same kernel (issues 10, 13)                                            ~6 min
+#   vae21     the 2.1 VAE with its transposed upsamplers: encode 1328², untiled + exact-tiled (the
+#             default 1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against
+#             diffusers; then 4096² alone (issue 11)                                        ~9 min
 #   parallel  the one-GPU rehearsal of N = 2, 4, 8 with per-rank CUDA graphs: the Qwen-Image VAE
-#             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14)
-#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14's targets)
-#
-# In that order of value when device time is short (about 8 + 9 + 10 + 9 + 4 minutes).
+#             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14) ~9 min
+#   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
+#             the streamed path with its variants, diffusers (issue 12; re-run after a change) ~6 min
+#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14) ~3 min
 #
 # On the device: carry [".whl", ".before"]; .whl holds diffusers 0.42.1 + importlib_metadata for
 # Python 3.12 (pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -27,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 tests | vae21 | video | parallel | graphs) ;;
-*) sed -n '2,26p' "$0"; exit 2 ;;
+*) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
 mkdir -p "$OUT"
@@ -51,14 +49,16 @@ step() {
 
 case "${1:-}" in
 tests)
-    PYTHONPATH=$NEW step pytest_gpu 330 python3 -m pytest -q -p no:cacheprovider -ra
+    PYTHONPATH=$NEW step pytest_gpu 420 python3 -m pytest -q -p no:cacheprovider -ra --tb=short -n 6
     PYTHONPATH=$NEW step host_cost 90 python3 benchmarks/bench_host_cost.py --breakdown --json "$OUT/host_cost_h200.json"
     ;;
 vae21)
-    PYTHONPATH=$NEW step upsample_conv 150 python3 benchmarks/bench_upsample_conv.py --sizes 1328,2048 \
-        --json "$OUT/upsample_conv_h200.json"
-    PYTHONPATH=$NEW step vae21 420 python3 benchmarks/bench_vae21.py --sizes 1024,1328,2048,4096 --encode-sizes 1328 \
-        --json "$OUT/vae21_h200.json"
+    # (the upsampler formulations were measured on 2026-12-01: results/upsample_conv_h200.md). The encode
+    # and fidelity first, then the default 1024 px exact tiles; 4096² apart so that a cut keeps the rest.
+    PYTHONPATH=$NEW step vae21 330 python3 benchmarks/bench_vae21.py --sizes 1024,1328,2048 --encode-sizes 1328 \
+        --exact-tile 1024 --json "$OUT/vae21_h200.json"
+    PYTHONPATH=$NEW step vae21_4096 200 python3 benchmarks/bench_vae21.py --sizes 4096 --encode-sizes "" \
+        --exact-tile 1024 --json "$OUT/vae21_4096_h200.json"
     ;;
 video)
     B=benchmarks/bench_video.py
