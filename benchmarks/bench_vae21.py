@@ -15,6 +15,12 @@ SDPA's forced memory-efficient kernel against our query-chunked matmul path.
     python benchmarks/bench_vae21.py --dry-run        # a tiny config on the CPU: checks the script
     python benchmarks/bench_vae21.py --diffusers-max 0 --encode-sizes "" --memory-snapshot DIR
                                                       # ours only, a CUDA memory snapshot per decode
+    python benchmarks/bench_vae21.py --levels 1328    # where our decode's time goes, and exit
+
+`--levels SIZES`: our untiled decode taken apart: each stage of the global part (head, attention, tail)
+and each level of the local part, whole (unbanded), timed alone (median ms) with its 3x3 convs' FLOPs
+(the upsamplers' counted as upsample-then-conv, whatever formulation runs) and TFLOP/s; then the
+kernels of one whole decode (banded, as it runs) by kind.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from qwenfast import QwenImage21VAE, VAEConfig  # noqa: E402
 from qwenfast.benchmarking import (  # noqa: E402
-    format_table, measure, provenance, synthetic_latent, time_ms, write_json)
+    format_table, kernel_breakdown, measure, profile_kernels, provenance, synthetic_latent, time_ms, write_json)
+from qwenfast.vae.bands import level_flops  # noqa: E402
 from qwenfast.ops import attention as attention_ops  # noqa: E402
 
 COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""),
@@ -39,6 +46,10 @@ COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode"
            ("speedup", "x diffusers untiled", ".2f")]
 ATTENTION_COLUMNS = [("tokens", "tokens", ""), ("path", "path", ""), ("median_ms", "median ms", ".2f"),
                      ("tflops", "TFLOP/s", ".0f"), ("peak_gib", "peak GiB", ".2f"), ("max_abs_err", "max|Δ| vs fp64", ".2e")]
+LEVEL_COLUMNS = [("size", "size", ""), ("stage", "stage", ""), ("input", "input", ""), ("median_ms", "median ms", ".2f"),
+                 ("share", "share", ".1%"), ("conv_tflop", "3x3 conv TFLOP", ".2f"), ("tflops", "TFLOP/s", ".0f")]
+KERNEL_COLUMNS = [("size", "size", ""), ("category", "kernels", ""), ("ms", "ms", ".2f"), ("share", "share", ".1%"),
+                  ("calls", "calls", ""), ("top", "largest", "")]
 # A tiny AutoencoderKLQwenImage21 for --dry-run (the released block layout, 16x, narrow).
 DRY_ARCH = dict(base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 4, 8, 8], num_res_blocks=1,
                 latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
@@ -195,6 +206,49 @@ def attention_rows(sizes, args, device, dtype, dim: int = 1152, ratio: int = 16)
     return rows
 
 
+def level_rows(ours, sizes, args, device) -> tuple[list[dict], list[dict]]:
+    """Each stage of our untiled decode timed alone, and the kernels of one whole decode by kind."""
+    rows, kernels = [], []
+    ours.vae_config = VAEConfig()
+    topo = ours.topology
+    mid = topo.levels[0].conv_pairs()[0][0]  # the mid block's width: the tail ResBlock's convs
+    for size in sizes:
+        z = synthetic_latent(ours, size, device).to(ours.dtype)
+        b, _, _, h, w = z.shape
+        with torch.inference_mode():
+            a = ours.decode_head(z)
+            o = ours.attend(a)
+            stages = [("head (post_quant, conv_in, ResBlock)", lambda: ours.decode_head(z), z, None),
+                      ("attention", lambda: ours.attend(a), a, None),
+                      ("tail ResBlock", lambda: ours.decode_tail(o), o, topo.tail_convs * 2 * 9 * mid * mid * b * h * w)]
+            x = ours.decode_tail(o)[:, :, 0]  # the local part's input frame (B, C, h, w)
+            for i, lv in enumerate(topo.levels):
+                xi = x
+                stages.append((f"level {i}" + (" + head" if lv.head_convs else ""),
+                               lambda i=i, xi=xi: ours.decode_level(i, xi), xi,
+                               level_flops((lv,), b, xi.shape[-2], xi.shape[-1])))
+                x = ours.decode_level(i, x)
+            start = len(rows)
+            for name, fn, inp, flop in stages:
+                t = time_ms(fn, device, args.repeats, args.warmup)
+                row = dict(size=f"{size}²", stage=name, input="x".join(map(str, inp.shape)), median_ms=t["median_ms"])
+                if flop:
+                    row.update(conv_tflop=flop / 1e12, tflops=flop / t["median_ms"] / 1e9)
+                rows.append(row)
+                print(f"levels {size} {name:40s} {t['median_ms']:8.2f} ms", flush=True)
+            total = sum(r["median_ms"] for r in rows[start:])
+            for r in rows[start:]:
+                r["share"] = r["median_ms"] / total
+            del a, o, x, stages
+            ours.decode(z)  # warm (cuDNN's choices for the banded shapes)
+            for r in kernel_breakdown(profile_kernels(lambda: ours.decode(z), device)):
+                kernels.append(dict(size=f"{size}²", **r))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, kernels
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1024,1328,2048,4096", help="decode sizes (px, square)")
@@ -207,6 +261,8 @@ def main(argv=None):
     p.add_argument("--wide-head-path", choices=("sdpa_efficient", "chunked"), default=None,
                    help="the mid-block attention path our decode uses (default: the library's)")
     p.add_argument("--attention", action="store_true", help="benchmark the d=1152 attention alone and exit")
+    p.add_argument("--levels", default=None, metavar="SIZES",
+                   help="time each stage and level of our untiled decode at these sizes, and its kernels by kind; exit")
     p.add_argument("--attention-fp64-max", type=int, default=7000, help="most tokens with an fp64 check")
     p.add_argument("--json", default=None, help="write the results with provenance here")
     p.add_argument("--no-cudnn-benchmark", action="store_true", help="cudnn.benchmark off (its trials allocate workspaces)")
@@ -231,6 +287,13 @@ def main(argv=None):
     if args.attention:
         rows = attention_rows(sizes, args, device, dtype)
         columns, payload = ATTENTION_COLUMNS, {"attention": rows}
+    elif args.levels:
+        _, ours = build(arch, dtype, device)
+        level_sizes = [64] if args.dry_run else [int(s) for s in args.levels.split(",") if s]
+        rows, kernels = level_rows(ours, level_sizes, args, device)
+        columns, payload = LEVEL_COLUMNS, {"levels": rows, "kernels": kernels}
+        print()
+        print(format_table(kernels, KERNEL_COLUMNS))
     else:
         ref, ours = build(arch, dtype, device)
         # the encode first (short), so that a run cut during the long decode rows still has it

@@ -8,9 +8,10 @@
 #   tests     the whole test suite on the GPU, in 6 processes (pytest-xdist is on the GPU machine; one
 #             process needs more than 330 s), then the host cost per eager call against a bare launch
 #             of the same kernel (issues 10, 13)                                            ~6 min
-#   vae21     the 2.1 VAE with its transposed upsamplers: encode 1328², untiled + exact-tiled (the
-#             default 1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against
-#             diffusers; then 4096² alone (issue 11)                                        ~9 min
+#   vae21     the 2.1 VAE with its transposed upsamplers: where the time goes (each stage timed
+#             alone, kernels by kind; 1328², 2048²), encode 1328², untiled + exact-tiled (the default
+#             1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against diffusers;
+#             then 4096² alone (issue 11)                                                    ~10 min
 #   parallel  the one-GPU rehearsal of N = 2, 4, 8 with per-rank CUDA graphs: the Qwen-Image VAE
 #             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14) ~9 min
 #   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
@@ -55,6 +56,8 @@ tests)
 vae21)
     # (the upsampler formulations were measured on 2026-12-01: results/upsample_conv_h200.md). The encode
     # and fidelity first, then the default 1024 px exact tiles; 4096² apart so that a cut keeps the rest.
+    PYTHONPATH=$NEW step vae21_levels 90 python3 benchmarks/bench_vae21.py --levels 1328,2048 \
+        --json "$OUT/vae21_levels_h200.json"
     PYTHONPATH=$NEW step vae21 330 python3 benchmarks/bench_vae21.py --sizes 1024,1328,2048 --encode-sizes 1328 \
         --exact-tile 1024 --json "$OUT/vae21_h200.json"
     PYTHONPATH=$NEW step vae21_4096 200 python3 benchmarks/bench_vae21.py --sizes 4096 --encode-sizes "" \

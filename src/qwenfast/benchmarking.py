@@ -43,6 +43,57 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmu
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "repeats": len(times)}
 
 
+# Kernel names -> what they do, for `kernel_breakdown` (first match wins, lower-case substrings).
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("fmha", "flash", "attention", "efficient_attention")),
+    ("copy / pad / layout", ("memcpy", "memset", "copy", "padding", "cat_", "catarray", "transpose")),
+    ("conv (cuDNN)", ("xmma", "implicit_gemm", "implicit_convolve", "cudnn", "conv", "fprop", "dgrad")),
+    ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "matmul")),
+    ("RMS norm (ours)", ("_rms_norm",)),
+    ("bias + residual add (ours)", ("_bias_residual_add",)),
+    ("upsample (ours)", ("_upsample",)),
+    ("elementwise / reduce (PyTorch)", ("elementwise", "vectorized", "reduce", "fill")),
+    ("other Triton (ours)", ("_kernel",)),  # ours are all named _..._kernel; PyTorch's matched above
+)
+
+
+def kernel_breakdown(kernels: Sequence[tuple[str, float, int]]) -> list[dict[str, Any]]:
+    """(name, device µs, calls) of each kernel (`profile_kernels`) -> one row per KERNEL_CATEGORIES
+    category that ran, largest first: ms, share of the total, calls, and its largest kernel."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, us, calls in kernels:
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        row = rows.setdefault(cat, dict(category=cat, ms=0.0, calls=0, top=name, top_ms=0.0))
+        row["ms"] += us / 1e3
+        row["calls"] += calls
+        if us / 1e3 > row["top_ms"]:
+            row["top"], row["top_ms"] = name, us / 1e3
+    total = sum(r["ms"] for r in rows.values()) or 1.0
+    for r in rows.values():
+        r["share"] = r["ms"] / total
+    return sorted(rows.values(), key=lambda r: -r["ms"])
+
+
+def profile_kernels(fn: Callable[[], Any], device: torch.device) -> list[tuple[str, float, int]]:
+    """(name, device µs, calls) of every kernel one run of `fn()` launches (CPU ops on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    synchronize(device)
+    with profile(activities=[activity]) as prof:
+        fn()
+        synchronize(device)
+    out = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) if device.type == "cuda" else ev.self_cpu_time_total
+        if us is None:
+            us = ev.cuda_time_total
+        if us > 0:
+            out.append((ev.key, float(us), int(ev.count)))
+    return out
+
+
 class PeakMemory:
     """Peak memory over a block: CUDA's allocator peak above the memory in use at entry (GiB), or on a
     CPU the process's peak resident set size so far (GiB; it never resets, so read it as an upper bound)."""
