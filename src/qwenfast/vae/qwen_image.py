@@ -257,18 +257,20 @@ class UpsampleConv2x(nn.Sequential):
         super().__init__(Upsample2x(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.form = form
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """`with_bias=False` leaves the conv's bias out for the consumer to add (see `UpBlock`)."""
         mode = self.form if UPSAMPLE_CONV is None else UPSAMPLE_CONV
         conv = self[1]
+        bias = conv.bias if with_bias else None
         if mode == "direct":
-            return conv(self[0](x))
+            return F.conv2d(self[0](x), conv.weight, bias, 1, 1)
         if mode not in UPSAMPLE_CONVS:
             raise ValueError(f"UPSAMPLE_CONV must be one of {', '.join(UPSAMPLE_CONVS)}; got {mode!r}")
         # The summed weights are recomputed per call from the live weight (an einsum beside the conv,
         # inside the measured times): a cached copy would go stale in a captured CUDA graph when the
         # weights are loaded in place.
         if mode == "transposed":
-            return F.conv_transpose2d(x, transposed_weight(conv.weight), conv.bias, stride=2, padding=1)
+            return F.conv_transpose2d(x, transposed_weight(conv.weight), bias, stride=2, padding=1)
         w = phase_weights(conv.weight)  # (a, b, Co, Ci, 2, 2)
         bsz, _, h, wd = x.shape
         out = torch.empty((bsz, conv.out_channels, 2 * h, 2 * wd), dtype=x.dtype, device=x.device,
@@ -276,7 +278,7 @@ class UpsampleConv2x(nn.Sequential):
         xp = F.pad(x, (1, 1, 1, 1))  # (B, Ci, H+2, W+2): phase a reads padded rows a .. a+H
         for a in range(2):
             for b in range(2):
-                out[:, :, a::2, b::2] = F.conv2d(xp[:, :, a:a + h + 1, b:b + wd + 1], w[a, b], conv.bias)
+                out[:, :, a::2, b::2] = F.conv2d(xp[:, :, a:a + h + 1, b:b + wd + 1], w[a, b], bias)
         return out
 
 
@@ -304,22 +306,30 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None, with_bias: bool = True) -> torch.Tensor:
+        """`with_bias=False` (the up modes): the spatial conv's bias is left for the consumer to add."""
         if x.dim() == 4:  # a first frame: no time conv in either direction
             if cache is not None and self.mode == "upsample3d":
                 cache.set(self, _FIRST_FRAME_PASSED)
-            x = self.resample(x)
+            x = self._spatial(x, with_bias)
             if cache is not None and self.mode == "downsample3d":
                 cache.set(self, x.unsqueeze(2).clone())
             return x
 
         if self.mode == "upsample3d" and cache is not None:
             x = self._time_upsample(x, cache)
-        y = self.resample(video.frames_as_images(x))  # (B·T, C', H', W'): a view when channels-last
+        y = self._spatial(video.frames_as_images(x), with_bias)  # (B·T, C', H', W'): a view when channels-last
         y = video.images_as_frames(y, x.shape[0])  # (B, C', T, H', W')
         if self.mode == "downsample3d" and cache is not None:
             y = self._time_downsample(y, cache)
         return y
+
+    def _spatial(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
+        if isinstance(self.resample, UpsampleConv2x):
+            return self.resample(x, with_bias=with_bias)
+        if not with_bias:
+            raise ValueError("a downsampling Resample always adds its bias")
+        return self.resample(x)
 
     def _time_upsample(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         if cache.get(self) is None:  # the first frame of the video, as a 5-D chunk of one frame
@@ -344,6 +354,22 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([last[:, :, -1:], y], dim=2))
 
 
+def residual_bias(conv2_bias: torch.Tensor, shortcut: nn.Module | None,
+                  x_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-channel bias of a ResBlock's final add when its convs run without theirs: conv2's, plus
+    the 1x1 `shortcut` conv's bias (None: the identity), plus the image through the shortcut of a bias
+    `x_bias` the block's input lacks (W·x_bias, or x_bias itself). Summed in fp32 (float64 for float64)."""
+    acc = torch.float64 if conv2_bias.dtype == torch.float64 else torch.float32
+    b = conv2_bias.to(acc)
+    if shortcut is not None:
+        b = b + shortcut.bias.to(acc)
+        if x_bias is not None:
+            b = b + shortcut.weight.flatten(1).to(acc) @ x_bias.to(acc)  # (O, I·1·1) @ (I,)
+    elif x_bias is not None:
+        b = b + x_bias.to(acc)
+    return b.to(conv2_bias.dtype)
+
+
 class ResidualBlock(nn.Module):
     """RMSNorm → SiLU → causal conv → RMSNorm → SiLU → (dropout) → causal conv, plus a (1x1x1) shortcut."""
 
@@ -358,12 +384,19 @@ class ResidualBlock(nn.Module):
         self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
         self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        # Both convs run without their bias: conv1's is added inside norm2, conv2's with the shortcut,
-        # so no pass of its own is spent on either (same numbers; see ops/elementwise.py). Each norm
-        # runs inside the conv that reads it, writing into its frame window (video.py).
-        h = self.conv_shortcut(x)
-        y = self.conv1(x, cache, with_bias=False, norm=self.norm1)
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None,
+                x_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`x_bias` (C_in,): a per-channel bias `x` still lacks (the upsampler conv before this block
+        ran without it): added inside norm1 and, through the shortcut, in the final fused add."""
+        # Every conv runs without its bias: conv1's is added inside norm2, conv2's and the shortcut's
+        # (and x_bias) in the final fused add, so no pass of its own is spent on any (PyTorch adds a
+        # conv's bias in a pass of its own). Each norm runs inside the conv that reads it, writing into
+        # its frame window (video.py).
+        if isinstance(self.conv_shortcut, CausalConv3d):
+            h = self.conv_shortcut(x, with_bias=False)
+        else:
+            h = x
+        y = self.conv1(x, cache, with_bias=False, norm=self.norm1, norm_bias=x_bias)
         if self.dropout.training and self.dropout.p > 0:  # dropout sits between norm2 and conv2
             y = self.dropout(self.norm2(y, silu=True, bias=self.conv1.bias))
             y = self.conv2(y, cache, with_bias=False)
@@ -376,7 +409,8 @@ class ResidualBlock(nn.Module):
             del window
         else:
             y = self.conv2(y, cache, with_bias=False, norm=self.norm2, norm_bias=self.conv1.bias)
-        return bias_residual_add(y, self.conv2.bias, h)
+        shortcut = self.conv_shortcut if isinstance(self.conv_shortcut, CausalConv3d) else None
+        return bias_residual_add(y, residual_bias(self.conv2.bias, shortcut, x_bias), h)
 
 
 class AttentionBlock(nn.Module):
@@ -482,12 +516,22 @@ class UpBlock(nn.Module):
         if upsample_mode is not None:
             self.upsamplers = nn.ModuleList([Resample(out_dim, mode=upsample_mode)])
 
-    def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        for resnet in self.resnets:
+    def forward(self, x: torch.Tensor, cache: FrameCache | None = None,
+                x_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The output of an up block with an upsampler lacks the upsampler conv's bias (`output_bias`):
+        the next block's first ResBlock adds it in its fused passes (PyTorch would spend a pass of its
+        own on the bias of a tensor this size). `x_bias`: what `x` lacks, from the block before."""
+        x = self.resnets[0](x, cache, x_bias=x_bias)
+        for resnet in self.resnets[1:]:
             x = resnet(x, cache)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, cache)
+            x = self.upsamplers[0](x, cache, with_bias=False)
         return x
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        """The per-channel bias `forward`'s output lacks (None: it lacks nothing)."""
+        return None if self.upsamplers is None else self.upsamplers[0].resample[1].bias
 
 
 class Decoder3d(nn.Module):
@@ -525,10 +569,12 @@ class Decoder3d(nn.Module):
         return x
 
     def forward_level(self, i: int, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        """Up block `i` of the local part; the last one also runs the head (RMSNorm, SiLU, conv_out)."""
-        x = self.up_blocks[i](x, cache)
+        """Up block `i` of the local part; the last one also runs the head (RMSNorm, SiLU, conv_out).
+        A level's output lacks its upsampler's bias, which the next level adds (`UpBlock`): every
+        consumer of a level output is the next level, so the local part's output is unchanged."""
+        x = self.up_blocks[i](x, cache, x_bias=self.up_blocks[i - 1].output_bias if i > 0 else None)
         if i == len(self.up_blocks) - 1:
-            x = self.conv_out(x, cache, norm=self.norm_out)  # the norm writes into conv_out's frame window
+            x = self.conv_out(x, cache, norm=self.norm_out, norm_bias=self.up_blocks[i].output_bias)  # the norm writes into conv_out's frame window
         return x
 
     def topology(self) -> DecoderTopology:

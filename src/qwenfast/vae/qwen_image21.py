@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add
-from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x
+from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, residual_bias
 from .surface import DecodeSurface, DecoderTopology, Level
 from .weights import PretrainedVAE
 
@@ -225,14 +225,15 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = Conv(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        # conv1's bias is added inside norm2, conv2's with the shortcut: no pass of their own. The
-        # shortcut runs after conv1, when norm1's output is already freed: at the widest ResBlock of a
-        # level (in != out) one tensor fewer is live at conv1 (same ops on the same inputs: same numbers).
+        # conv1's bias is added inside norm2, conv2's and the shortcut conv's in the final fused add: no
+        # pass of their own. The shortcut runs after conv1, when norm1's output is already freed: at the
+        # widest ResBlock of a level (in != out) one tensor fewer is live at conv1.
         y = self.conv1(self.norm1(x, silu=True), with_bias=False)
-        h = self.conv_shortcut(x)
+        shortcut = self.conv_shortcut if isinstance(self.conv_shortcut, Conv) else None
+        h = x if shortcut is None else shortcut(x, with_bias=False)
         y = self.norm2(y, silu=True, bias=self.conv1.bias)
         y = self.conv2(self.dropout(y), with_bias=False)
-        return bias_residual_add(y, self.conv2.bias, h)
+        return bias_residual_add(y, residual_bias(self.conv2.bias, shortcut), h)
 
 
 class MidBlock(nn.Module):
