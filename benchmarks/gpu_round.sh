@@ -16,7 +16,8 @@
 #             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14) ~9 min
 #   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
 #             the streamed path with its variants, diffusers (issue 12; re-run after a change) ~6 min
-#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14) ~3 min
+#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14); also the
+#             first measurement of the folded biases (predicted ~0.9 ms less at 1328²)       ~3 min
 #
 # On the device: carry [".whl", ".before"]; .whl holds diffusers 0.42.1 + importlib_metadata for
 # Python 3.12 (pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
