@@ -359,6 +359,8 @@ def residual_bias(conv2_bias: torch.Tensor, shortcut: nn.Module | None,
     """The per-channel bias of a ResBlock's final add when its convs run without theirs: conv2's, plus
     the 1x1 `shortcut` conv's bias (None: the identity), plus the image through the shortcut of a bias
     `x_bias` the block's input lacks (W·x_bias, or x_bias itself). Summed in fp32 (float64 for float64)."""
+    if shortcut is None and x_bias is None:
+        return conv2_bias  # nothing to sum: no small kernels launched
     acc = torch.float64 if conv2_bias.dtype == torch.float64 else torch.float32
     b = conv2_bias.to(acc)
     if shortcut is not None:
