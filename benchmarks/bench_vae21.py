@@ -39,6 +39,7 @@ from qwenfast.benchmarking import (  # noqa: E402
     format_table, kernel_breakdown, measure, profile_kernels, provenance, synthetic_latent, time_ms, write_json)
 from qwenfast.vae.bands import level_flops  # noqa: E402
 from qwenfast.ops import attention as attention_ops  # noqa: E402
+from qwenfast.vae import qwen_image21  # noqa: E402
 
 COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""),
            ("median_ms", "median ms", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("steady_peak_gib", "steady peak", ".2f"),
@@ -119,8 +120,10 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
         outs: dict[int, torch.Tensor] = {}
         # "untiled, whole": the local part unbanded (band_local_part off), beside the default banded
         # one: what the bands cost in time and save in memory, side by side
+        # "untiled, fused shortcut": the residual up blocks' upsampler bias and shortcut in one pass of our
+        # kernel (qwen_image21.FUSED_SHORTCUT_ADD, off by default until this row says it is faster)
         cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling"), ("qwenfast", "untiled"),
-                 ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
+                 ("qwenfast", "untiled, fused shortcut"), ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
         for impl, mode in cases:
             if impl == "diffusers" and size > args.diffusers_max:
                 continue
@@ -129,12 +132,15 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
                 ref.enable_tiling()
             if mode == "untiled, whole":
                 ours.band_local_part = False  # an instance attribute over the class's True
+            fused = qwen_image21.FUSED_SHORTCUT_ADD
+            qwen_image21.FUSED_SHORTCUT_ADD = mode == "untiled, fused shortcut" or fused
             fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
             try:
                 out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
             finally:
                 ref.disable_tiling()
                 ours.__dict__.pop("band_local_part", None)
+                qwen_image21.FUSED_SHORTCUT_ADD = fused
             if out is not None:
                 outs[len(rows) - 1] = out
         base = next((r["median_ms"] for r in rows if r["size"] == f"{size}²" and r["impl"] == "diffusers"

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from qwenfast.ops.elementwise import (
+    bias_channel_to_space_add_,
+    bias_channel_to_space_add_native,
+    bias_channel_to_space_add_triton,
     bias_residual_add,
     bias_residual_add_native,
     bias_residual_add_triton,
@@ -67,3 +70,43 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.qwenfast.upsample_nearest2x.default, (x,))
     torch.library.opcheck(torch.ops.qwenfast.bias_residual_add.default,
                           (x, torch.randn(4, device=DEVICE), torch.randn(1, 4, 3, 3, device=DEVICE)))
+
+
+# -- the 2.1 VAE's residual up block: upsampler bias + channel-to-space shortcut in one pass ----------
+
+
+def _channel_to_space_case(dtype, fmt, n=2, c=6, ci=4, h=3, w=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(n, c, 2 * h, 2 * w, generator=g).to(dtype).to(DEVICE).contiguous(memory_format=FORMATS[fmt])
+    x = torch.randn(n, ci, h, w, generator=g).to(dtype).to(DEVICE).contiguous(memory_format=FORMATS[fmt])
+    b = torch.randn(c, generator=g).to(dtype).to(DEVICE)
+    src = torch.randint(0, ci, (c, 2, 2), generator=g, dtype=torch.int32).to(DEVICE)
+    return y, b, x, src
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bias_channel_to_space_add_kernel_matches_reference(fmt, dtype):
+    y, b, x, src = _channel_to_space_case(dtype, fmt)
+    want = bias_channel_to_space_add_native(y.clone(), b, x, src)
+    # explicitly: y[n, c, 2h+i, 2w+j] + bias[c] + x[n, src[c, i, j], h, w], in fp64
+    yd, xd = y.double(), x.double()
+    for i in range(2):
+        for j in range(2):
+            yd[:, :, i::2, j::2] += b.double().view(-1, 1, 1) + xd[:, src[:, i, j].long()]
+    got = y.clone()
+    out = bias_channel_to_space_add_triton(got, b, x, src)
+    assert out is got and got.stride() == y.stride()  # in place, layout kept
+    # two roundings, which the interpreter truncates where CUDA rounds: a few ulps apart
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -5)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(want.double(), yd, **tol)
+
+
+def test_bias_channel_to_space_add_checks_its_arguments():
+    y, b, x, src = _channel_to_space_case(torch.float32, "nchw")
+    for bad, match in (((y[:, :, :-1], b, x, src), "y: expected"), ((y, b[:-1], x, src), "bias"),
+                       ((y, b, x[:, :, :-1], src), "x: expected"), ((y, b, x, src.float()), "src"),
+                       ((y, b, x.double(), src), "x: expected")):
+        with pytest.raises(ValueError, match=match):
+            bias_channel_to_space_add_(*bad)

@@ -99,6 +99,9 @@ def test_shortcuts_match_diffusers(in_dim, out_dim, factor_t):
     assert torch.equal(DupUp3D(in_dim, out_dim, factor_t, 2)(x), ref)
     y = torch.randn_like(ref)
     assert torch.equal(DupUp3D(in_dim, out_dim, factor_t, 2).add_to(y.clone(), x), y + ref)
+    # with the bias of the conv that made y, added first (the fused pass): (y + b) + shortcut
+    b = torch.randn(out_dim, dtype=torch.float64)
+    assert torch.equal(DupUp3D(in_dim, out_dim, factor_t, 2).add_to(y.clone(), x, bias=b), (y + b.view(-1, 1, 1)) + ref)
     if in_dim * 4 * factor_t % out_dim == 0:
         x = torch.randn(2, in_dim, 6, 4, dtype=torch.float64)
         ref = QwenImage21AvgDown3D(in_dim, out_dim, factor_t, 2)(x.unsqueeze(2))[:, :, 0]
@@ -293,3 +296,23 @@ def test_top_level_export():
 
     assert qwenfast.QwenImage21VAE.diffusers_class_names == ("AutoencoderKLQwenImage21",)
     assert set(qwenfast.QwenImage21VAE.arch_keys) >= set(TINY21)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_fused_shortcut_add_decodes_the_same(monkeypatch, dtype, tol):
+    """qwen_image21.FUSED_SHORTCUT_ADD: the residual up blocks' upsampler bias and shortcut in one pass
+    (here the op's PyTorch path; its kernel against it: tests/ops/test_elementwise.py) — same decode."""
+    from qwenfast.vae import qwen_image21
+
+    _, ours = pair21(ARCHS21["released-shape"], dtype=torch.float32)
+    ours = ours.to(dtype)
+    with torch.no_grad():  # biases large enough that one lost or added twice shows
+        for name, p in ours.named_parameters():
+            if name.endswith("resample.1.bias"):
+                p.add_(0.5)
+    z = torch.randn(1, ours.z_dim, 1, 3, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    monkeypatch.setattr(qwen_image21, "FUSED_SHORTCUT_ADD", False)
+    plain = ours.decode(z)
+    monkeypatch.setattr(qwen_image21, "FUSED_SHORTCUT_ADD", True)
+    assert (plain - ours.decode(z)).abs().max().item() <= tol

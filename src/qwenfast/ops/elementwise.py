@@ -2,8 +2,11 @@
 
     bias_residual_add(x, bias, residual) -> x + bias[c] + residual     (N, C, *spatial)
     upsample_nearest2x(x) -> (N, C, 2H, 2W)                            (N, C, H, W)
+    bias_channel_to_space_add_(y, bias, x, src) -> y, in place:        y (N, C, 2H, 2W), x (N, Ci, H, W)
+        y[n, c, 2h+i, 2w+j] += bias[c], then += x[n, src[c, i, j], h, w]
 
-Dispatch per call as every op here (`BiasResidualAdd`, `UpsampleNearest2x`: `CustomOp`s): CUDA
+Dispatch per call as every op here (`BiasResidualAdd`, `UpsampleNearest2x`, `BiasChannelToSpaceAdd`:
+`CustomOp`s): CUDA
 tensors with Triton and fp16/bf16/fp32 → the kernel; anything else → the PyTorch reference (also the
 tests' oracle). `*_triton` runs the kernel itself (CPU tensors under
 TRITON_INTERPRET=1) for the tests.
@@ -96,5 +99,64 @@ def upsample_nearest2x_triton(x: torch.Tensor) -> torch.Tensor:
     return _upsample_nearest2x.forward_triton(x)
 
 
-__all__ = ["BiasResidualAdd", "UpsampleNearest2x", "bias_residual_add", "bias_residual_add_native",
-           "bias_residual_add_triton", "upsample_nearest2x", "upsample_nearest2x_native", "upsample_nearest2x_triton"]
+def _check_channel_to_space(y: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, src: torch.Tensor) -> None:
+    if y.dim() != 4 or y.shape[2] % 2 or y.shape[3] % 2:
+        raise ValueError(f"y: expected (N, C, 2H, 2W), got shape {tuple(y.shape)}")
+    n, c, h2, w2 = y.shape
+    if x.dim() != 4 or x.shape[0] != n or tuple(x.shape[2:]) != (h2 // 2, w2 // 2) or x.dtype != y.dtype \
+            or x.device != y.device:
+        raise ValueError(f"x: expected ({n}, Ci, {h2 // 2}, {w2 // 2}) {y.dtype} on {y.device}, "
+                         f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if bias.numel() != c or bias.device != y.device:
+        raise ValueError(f"bias: expected {c} elements on {y.device}, got shape {tuple(bias.shape)} on {bias.device}")
+    if tuple(src.shape) != (c, 2, 2) or src.dtype not in (torch.int32, torch.int64) or src.device != y.device:
+        raise ValueError(f"src: expected ({c}, 2, 2) integers on {y.device}, got {tuple(src.shape)} {src.dtype} "
+                         f"on {src.device}")
+
+
+def bias_channel_to_space_add_native(y: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+                                     src: torch.Tensor) -> torch.Tensor:
+    """y += bias[c], then y[:, :, i::2, j::2] += x[:, src[:, i, j]] for each phase (i, j): PyTorch's order
+    (a conv's biased output, then the shortcut), one phase's selection of x alive at a time."""
+    _check_channel_to_space(y, bias, x, src)
+    y.add_(bias.reshape(-1, 1, 1).to(y.dtype))
+    for i in range(2):
+        for j in range(2):
+            y[:, :, i::2, j::2].add_(x.index_select(1, src[:, i, j].long()))
+    return y
+
+
+class BiasChannelToSpaceAdd(GridKernelOp):
+    """`(y, bias, x, src) -> y` in place: `y += bias[c]`, then the channel-to-space shortcut of x."""
+
+    def check(self, y, bias, x, src):
+        _check_channel_to_space(y, bias, x, src)
+
+    def forward_native(self, y, bias, x, src):
+        return bias_channel_to_space_add_native(y, bias, x, src)
+
+    def forward_cuda(self, y, bias, x, src):
+        args = (y, bias.reshape(-1).contiguous(), x, src.to(torch.int32).contiguous())
+        if torch.compiler.is_compiling():
+            torch.ops.qwenfast.bias_channel_to_space_add_(*args)
+        else:
+            _kernel.bias_channel_to_space_add_fwd(*args)
+        return y
+
+
+_bias_channel_to_space_add = BiasChannelToSpaceAdd()
+
+
+def bias_channel_to_space_add_(y: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return _bias_channel_to_space_add.forward(y, bias, x, src)
+
+
+def bias_channel_to_space_add_triton(y: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+                                     src: torch.Tensor) -> torch.Tensor:
+    return _bias_channel_to_space_add.forward_triton(y, bias, x, src)
+
+
+__all__ = ["BiasResidualAdd", "UpsampleNearest2x", "BiasChannelToSpaceAdd", "bias_residual_add",
+           "bias_residual_add_native", "bias_residual_add_triton", "upsample_nearest2x", "upsample_nearest2x_native",
+           "upsample_nearest2x_triton", "bias_channel_to_space_add_", "bias_channel_to_space_add_native",
+           "bias_channel_to_space_add_triton"]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
-from ..ops.elementwise import bias_residual_add
+from ..ops.elementwise import bias_channel_to_space_add_, bias_residual_add
 from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, residual_bias
 from .surface import DecodeSurface, DecoderTopology, Level
 from .weights import PretrainedVAE
@@ -144,13 +144,28 @@ class DupUp3D(nn.Module):
             sb, sc, sh, sw = x.stride()
             return x.as_strided((b, self.out_channels, h, f, w, f), (sb, so * sc, sh, si * sc, sw, sj * sc),
                                 x.storage_offset() + a * sc)
-        picked = x.index_select(1, torch.tensor(self._src, device=x.device))  # (B, out·f², H, W)
+        picked = x.index_select(1, self.src_table(x.device).flatten())  # (B, out·f², H, W)
         return picked.view(b, self.out_channels, f, f, h, w).permute(0, 1, 4, 2, 5, 3)
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y += the shortcut of x, in place; with `bias` (the conv that made y ran without it), y += bias
+        first, in the same pass (`ops.elementwise.bias_channel_to_space_add_`; 2x spatial factor)."""
         f = self.factor_s
+        if bias is not None:
+            if f != 2:
+                raise ValueError(f"DupUp3D.add_to: a fused bias takes a spatial factor of 2, not {f}")
+            return bias_channel_to_space_add_(y, bias, x, self.src_table(x.device))
         y.unflatten(3, (y.shape[3] // f, f)).unflatten(2, (y.shape[2] // f, f)).add_(self._view(x))
         return y
+
+    def src_table(self, device: torch.device) -> torch.Tensor:
+        """(out, f, f) int32: the input channel each output channel takes at each f x f phase, cached per
+        device (a plain attribute: the weights load onto meta-built modules, where a buffer would stay)."""
+        tables = self.__dict__.setdefault("_src_tables", {})
+        if device not in tables:
+            f = self.factor_s
+            tables[device] = torch.tensor(self._src, dtype=torch.int32, device=device).view(self.out_channels, f, f)
+        return tables[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The shortcut alone, (B, out, f·H, f·W)."""
@@ -187,6 +202,11 @@ class AvgDown3D(nn.Module):
 # faster (benchmarks/results/upsample_conv_h200.md); equal to it up to rounding (<= 1e-15 in float64).
 UPSAMPLE_FORM = "transposed"
 
+# A residual up block's upsampler bias and channel-to-space shortcut added in one pass of our kernel
+# instead of PyTorch's two (at 1328² they run over 1.8 GiB of outputs each). Off until it is measured on
+# a GPU (benchmarks/bench_vae21.py --fused-shortcut); the numbers are the same either way (tested).
+FUSED_SHORTCUT_ADD = False
+
 
 class Resample(nn.Module):
     """2x spatial up/down sampling of a frame. The `*3d` modes carry a 1x1 `time_conv` whose weights
@@ -207,7 +227,12 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = Conv(dim, dim, (1, 1))
 
-    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Any = None, with_bias: bool = True) -> torch.Tensor:
+        """`with_bias=False` (the up modes): the conv's bias is left for the consumer to add."""
+        if isinstance(self.resample, UpsampleConv2x):
+            return self.resample(x, with_bias=with_bias)
+        if not with_bias:
+            raise ValueError("a downsampling Resample always adds its bias")
         return self.resample(x)
 
 
@@ -339,8 +364,9 @@ class ResidualUpBlock(nn.Module):
             y = resnet(y)
         if self.upsampler is None:
             return y
-        y = self.upsampler(y)
-        return self.avg_shortcut.add_to(y, x)  # (B, out, 2H, 2W)
+        if FUSED_SHORTCUT_ADD:  # the upsampler's bias and the shortcut in one pass
+            return self.avg_shortcut.add_to(self.upsampler(y, with_bias=False), x, bias=self.upsampler.resample[1].bias)
+        return self.avg_shortcut.add_to(self.upsampler(y), x)  # (B, out, 2H, 2W)
 
     @property
     def upsamples(self) -> bool:
