@@ -10,7 +10,8 @@
 #             of the same kernel (issues 10, 13)                                            ~6 min
 #   vae21     the 2.1 VAE with its transposed upsamplers: where the time goes (each stage timed
 #             alone, kernels by kind; 1328², 2048²), encode 1328², untiled + exact-tiled (the default
-#             1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against diffusers;
+#             1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against diffusers,
+#             and the fused upsampler-bias + shortcut pass (qwen_image21.FUSED_SHORTCUT_ADD) beside it;
 #             then 4096² alone (issue 11)                                                    ~10 min
 #   parallel  the one-GPU rehearsal of N = 2, 4, 8 with per-rank CUDA graphs: the Qwen-Image VAE
 #             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14) ~9 min

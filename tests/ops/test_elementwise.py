@@ -110,3 +110,8 @@ def test_bias_channel_to_space_add_checks_its_arguments():
                        ((y, b, x.double(), src), "x: expected")):
         with pytest.raises(ValueError, match=match):
             bias_channel_to_space_add_(*bad)
+
+
+def test_opcheck_channel_to_space():
+    y, b, x, src = _channel_to_space_case(torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.qwenfast.bias_channel_to_space_add_.default, (y, b, x, src))
