@@ -112,6 +112,12 @@ def _upsample_nearest2x_kernel(
     tl.store(base + syh + syw, x, mask=mask)
 
 
+def _reach(*tensors: torch.Tensor) -> int:
+    """The farthest element offset within one batch entry of these tensors (dims 1..): where it passes
+    2³¹ the kernels index in int64 (the batch offset always is)."""
+    return max(sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:])) for t in tensors)
+
+
 def _blocks(c: int, channels_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_C): about 4096 elements a program, a pixel's channels in one row (as the RMS norm)."""
     block_c = next_power_of_2(c)
@@ -151,8 +157,7 @@ def bias_channel_to_space_add_fwd(y: torch.Tensor, bias: torch.Tensor, x: torch.
     if n > MAX_GRID_Y:
         raise ValueError(f"y: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     block_s, block_c = _blocks(c, y.stride(1) == 1)
-    reach = max((h2 - 1) * y.stride(2) + (w2 - 1) * y.stride(3) + (c - 1) * y.stride(1),
-                (x.shape[2] - 1) * x.stride(2) + (x.shape[3] - 1) * x.stride(3) + (x.shape[1] - 1) * x.stride(1))
+    reach = _reach(y, x)
     _bias_channel_to_space_add_kernel[(cdiv(h2 * w2, block_s), n)](
         y, bias, x, src, c, w2, h2 * w2, *y.stride(), *x.stride(),
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
@@ -169,8 +174,7 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
     if n > MAX_GRID_Y:
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     block_s, block_c = _blocks(c, x.stride(1) == 1)
-    reach = max((h - 1) * x.stride(2) + (w - 1) * x.stride(3) + (c - 1) * x.stride(1),
-                (2 * h - 1) * y.stride(2) + (2 * w - 1) * y.stride(3) + (c - 1) * y.stride(1))
+    reach = _reach(x, y)
     _upsample_nearest2x_kernel[(cdiv(h * w, block_s), n)](
         x, y, c, h, w, *x.stride(), *y.stride(),
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=reach > _INT32_MAX, num_warps=4,
