@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..vae.tiling import single_device_decode, tile_margin
+from ..vae.tiling import tile_margin
 from . import plan
 from .group import ProcessGroupComm, get_world_size, is_initialized
 from .patch import parallel_patch_decode
@@ -97,7 +97,7 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
     if comm is None:
         if not is_initialized() or get_world_size(vae.process_group) == 1:
             z, _ = vae.check_latent(z)
-            return vae.run_graphed(lambda x: single_device_decode(vae, x, cfg), z, cfg=cfg)
+            return vae.decode_on_one_device(z, cfg)
         comm = ProcessGroupComm(vae.process_group, timeout_s=cfg.collective_timeout_s)
 
     z, min_free = _agree_on_header(vae, z, comm)

@@ -18,9 +18,8 @@ import torch
 
 from . import plan
 from .attention import tail_on_region
-from .plan import bands_allow_level  # noqa: F401 - pure planning, kept importable here
 
-__all__ = ["bands_allow_level", "decode_band_with_level_halos", "exchange_rows"]
+__all__ = ["decode_band_with_level_halos", "exchange_rows"]
 
 
 def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: int, comm,

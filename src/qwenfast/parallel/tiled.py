@@ -86,5 +86,5 @@ def replicated_decode(vae, z: torch.Tensor, comm, cfg: VAEConfig) -> torch.Tenso
     out = None
     with comm.guard("replicated decode"):
         if cfg.parallel_output == "all" or comm.rank == 0:
-            out = vae.run_graphed(lambda x: tiling.single_device_decode(vae, x, cfg), z, cfg=cfg)
+            out = vae.decode_on_one_device(z, cfg)
     return out

@@ -282,6 +282,16 @@ class UpsampleConv2x(nn.Sequential):
         return out
 
 
+def spatial_resample(resample: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """A Resample's spatial part on (B, C, H, W) frames (both VAEs): an `UpsampleConv2x`, whose bias
+    `with_bias=False` leaves to the consumer, or a downsampling conv, which always adds its own."""
+    if isinstance(resample, UpsampleConv2x):
+        return resample(x, with_bias=with_bias)
+    if not with_bias:
+        raise ValueError("a downsampling Resample always adds its bias")
+    return resample(x)
+
+
 class Resample(nn.Module):
     """Spatial 2x up/down sampling (frame by frame), with a causal time conv in the `*3d` modes.
 
@@ -311,25 +321,18 @@ class Resample(nn.Module):
         if x.dim() == 4:  # a first frame: no time conv in either direction
             if cache is not None and self.mode == "upsample3d":
                 cache.set(self, _FIRST_FRAME_PASSED)
-            x = self._spatial(x, with_bias)
+            x = spatial_resample(self.resample, x, with_bias)
             if cache is not None and self.mode == "downsample3d":
                 cache.set(self, x.unsqueeze(2).clone())
             return x
 
         if self.mode == "upsample3d" and cache is not None:
             x = self._time_upsample(x, cache)
-        y = self._spatial(video.frames_as_images(x), with_bias)  # (B·T, C', H', W'): a view when channels-last
+        y = spatial_resample(self.resample, video.frames_as_images(x), with_bias)  # (B·T, C', H', W'): a view when channels-last
         y = video.images_as_frames(y, x.shape[0])  # (B, C', T, H', W')
         if self.mode == "downsample3d" and cache is not None:
             y = self._time_downsample(y, cache)
         return y
-
-    def _spatial(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
-        if isinstance(self.resample, UpsampleConv2x):
-            return self.resample(x, with_bias=with_bias)
-        if not with_bias:
-            raise ValueError("a downsampling Resample always adds its bias")
-        return self.resample(x)
 
     def _time_upsample(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         if cache.get(self) is None:  # the first frame of the video, as a 5-D chunk of one frame
@@ -394,10 +397,8 @@ class ResidualBlock(nn.Module):
         # (and x_bias) in the final fused add, so no pass of its own is spent on any (PyTorch adds a
         # conv's bias in a pass of its own). Each norm runs inside the conv that reads it, writing into
         # its frame window (video.py).
-        if isinstance(self.conv_shortcut, CausalConv3d):
-            h = self.conv_shortcut(x, with_bias=False)
-        else:
-            h = x
+        shortcut = self.conv_shortcut if isinstance(self.conv_shortcut, CausalConv3d) else None  # None: identity
+        h = x if shortcut is None else shortcut(x, with_bias=False)
         y = self.conv1(x, cache, with_bias=False, norm=self.norm1, norm_bias=x_bias)
         if self.dropout.training and self.dropout.p > 0:  # dropout sits between norm2 and conv2
             y = self.dropout(self.norm2(y, silu=True, bias=self.conv1.bias))
@@ -411,7 +412,6 @@ class ResidualBlock(nn.Module):
             del window
         else:
             y = self.conv2(y, cache, with_bias=False, norm=self.norm2, norm_bias=self.conv1.bias)
-        shortcut = self.conv_shortcut if isinstance(self.conv_shortcut, CausalConv3d) else None
         return bias_residual_add(y, residual_bias(self.conv2.bias, shortcut, x_bias), h)
 
 
@@ -576,7 +576,8 @@ class Decoder3d(nn.Module):
         consumer of a level output is the next level, so the local part's output is unchanged."""
         x = self.up_blocks[i](x, cache, x_bias=self.up_blocks[i - 1].output_bias if i > 0 else None)
         if i == len(self.up_blocks) - 1:
-            x = self.conv_out(x, cache, norm=self.norm_out, norm_bias=self.up_blocks[i].output_bias)  # the norm writes into conv_out's frame window
+            # the norm writes into conv_out's frame window
+            x = self.conv_out(x, cache, norm=self.norm_out, norm_bias=self.up_blocks[i].output_bias)
         return x
 
     def topology(self) -> DecoderTopology:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_channel_to_space_add_, bias_residual_add
-from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, residual_bias
+from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, residual_bias, spatial_resample
 from .surface import DecodeSurface, DecoderTopology, Level
 from .weights import PretrainedVAE
 
@@ -204,7 +204,8 @@ UPSAMPLE_FORM = "transposed"
 
 # A residual up block's upsampler bias and channel-to-space shortcut added in one pass of our kernel
 # instead of PyTorch's two (at 1328² they run over 1.8 GiB of outputs each). Off until it is measured on
-# a GPU (benchmarks/bench_vae21.py --fused-shortcut); the numbers are the same either way (tested).
+# a GPU (benchmarks/bench_vae21.py's "untiled, fused shortcut" row); the numbers are the same either
+# way (tested).
 FUSED_SHORTCUT_ADD = False
 
 
@@ -229,11 +230,7 @@ class Resample(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Any = None, with_bias: bool = True) -> torch.Tensor:
         """`with_bias=False` (the up modes): the conv's bias is left for the consumer to add."""
-        if isinstance(self.resample, UpsampleConv2x):
-            return self.resample(x, with_bias=with_bias)
-        if not with_bias:
-            raise ValueError("a downsampling Resample always adds its bias")
-        return self.resample(x)
+        return spatial_resample(self.resample, x, with_bias)
 
 
 class ResidualBlock(nn.Module):

@@ -312,8 +312,6 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
         """Latents `[B, z_dim, T, h, w]` (or `[B, z_dim, h, w]`) -> pixels in [-1, 1], 5-D (or 4-D).
         Untiled, tiled or parallel by `vae_config`; None on ranks that get no output
         (`parallel_output="rank0"`)."""
-        from .tiling import single_device_decode
-
         if self.vae_config.use_parallel_decode:
             # Checked inside, on every rank together: a bad latent on one rank must fail every rank,
             # not leave the others waiting in a collective.
@@ -321,12 +319,20 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
             out = self._decode_with_parallel_dispatch(z)
         else:
             z, image = self.check_latent(z)
-            cfg = self.vae_config
-            out = self.run_graphed(lambda x: single_device_decode(self, x, cfg), z, cfg=cfg)
+            out = self.decode_on_one_device(z)
         if out is None:  # parallel decode with output on rank 0 only
             return None
         out = out.clamp_(-1.0, 1.0)
         return out[:, :, 0] if image else out
+
+    def decode_on_one_device(self, z: torch.Tensor, cfg: VAEConfig | None = None) -> torch.Tensor:
+        """What one device runs for a checked latent `z` (untiled or tiled by `cfg`, default
+        `vae_config`), through `run_graphed`: unclamped. `decode` and the parallel strategies' "one
+        rank decodes it all" paths."""
+        from .tiling import single_device_decode
+
+        cfg = cfg or self.vae_config
+        return self.run_graphed(lambda x: single_device_decode(self, x, cfg), z, cfg=cfg)
 
     # CUDA graphs held per kind: whole single-device decodes, or the parallel strategies' segments (two
     # per decode: a rank's global part, its local part), each kind bounded (`DecodeGraphs.max_graphs`).

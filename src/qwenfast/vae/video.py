@@ -36,8 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "causal_window", "causal_window_conv", "convolve_causal_window",
-           "first_frame_past",
+__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "causal_window", "convolve_causal_window", "first_frame_past",
            "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
@@ -95,20 +94,13 @@ def pointwise_conv3d(conv: nn.Conv3d, x: torch.Tensor, bias: torch.Tensor | None
     return images_as_frames(y, x.shape[0])
 
 
-def causal_window_conv(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache, bias: torch.Tensor | None,
-                       produce: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
-    """`conv` (3 time taps, stride 1 in time, causal) over chunk `x` (B, C, T, H, W) after its past in
-    `cache`, which is updated. `produce(out)`, when given, writes the conv's input for `x` into `out`
-    (the window's new frames) instead of the window reading `x` itself (`x` then only gives the shape)."""
-    return convolve_causal_window(conv, causal_window(conv, x, cache, produce), cache, bias)
-
-
 def causal_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
                   produce: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
-    """The first half of `causal_window_conv`: the window (B, C, 2 + T, H, W) of chunk `x`, its past
-    from `cache` (zeros at the start), its new frames `x` (or what `produce` writes there). Once it is
-    filled, `x` is no longer needed: a caller that drops it before `convolve_causal_window` holds one
-    chunk-sized tensor fewer during the conv."""
+    """The window (B, C, 2 + T, H, W) that causal `conv` (3 time taps, stride 1 in time) reads for chunk
+    `x` (B, C, T, H, W): its past from `cache` (zeros at the start), its new frames `x`, or what
+    `produce(out)` writes into them (`x` then only gives the shape). `convolve_causal_window` runs the
+    conv over it; once it is filled `x` is no longer needed, and a caller that drops it before the conv
+    holds one chunk-sized tensor fewer."""
     b, c, t, h, w = x.shape
     window = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device,
                          memory_format=video_layout(x.device))  # (B, C, 2 + T, H, W)
@@ -126,8 +118,8 @@ def causal_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
 
 def convolve_causal_window(conv: nn.Conv3d, window: torch.Tensor, cache: FrameCache,
                            bias: torch.Tensor | None) -> torch.Tensor:
-    """The second half of `causal_window_conv`: the conv over a filled window → (B, O, T, H', W'), and
-    the window's last two frames kept in `cache` as the next chunk's past."""
+    """The conv over a filled `causal_window` → (B, O, T, H', W'), and the window's last two frames kept
+    in `cache` as the next chunk's past."""
     t = window.shape[2] - CACHE_T
     y = _convolve_window(conv, window, bias)  # (B, O, T, H', W')
     past = cache.get(conv)
