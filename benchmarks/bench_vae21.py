@@ -109,8 +109,14 @@ def memory_snapshot(fn, path: Path) -> None:
     print(f"memory snapshot: {path}", flush=True)
 
 
+OUR_MODES = ("untiled", "untiled, two-pass shortcut", "untiled, whole", "exact tiling")
+
+
 def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
     rows: list[dict] = []
+    our_modes = OUR_MODES if args.modes is None else tuple(m.strip() for m in args.modes.split(","))
+    if unknown := [m for m in our_modes if m not in OUR_MODES]:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {list(OUR_MODES)}")
     exact = VAEConfig(use_tiling=True, exact_tile_sample_size=args.exact_tile)
     for size in sizes:
         z = synthetic_latent(ours, size, device)
@@ -120,12 +126,14 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
         outs: dict[int, torch.Tensor] = {}
         # "untiled, whole": the local part unbanded (band_local_part off), beside the default banded
         # one: what the bands cost in time and save in memory, side by side
-        # "untiled, fused shortcut": the residual up blocks' upsampler bias and shortcut in one pass of our
-        # kernel (qwen_image21.FUSED_SHORTCUT_ADD, off by default until this row says it is faster)
+        # "untiled, two-pass shortcut": the residual up blocks' upsampler bias and shortcut added by
+        # PyTorch in two passes, beside our one (qwen_image21.FUSED_SHORTCUT_ADD, on by default)
         cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling"), ("qwenfast", "untiled"),
-                 ("qwenfast", "untiled, fused shortcut"), ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
+                 ("qwenfast", "untiled, two-pass shortcut"), ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
         for impl, mode in cases:
             if impl == "diffusers" and size > args.diffusers_max:
+                continue
+            if impl == "qwenfast" and mode not in our_modes:
                 continue
             ours.vae_config = exact if mode == "exact tiling" else VAEConfig()
             if mode == "enable_tiling":
@@ -133,7 +141,7 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
             if mode == "untiled, whole":
                 ours.band_local_part = False  # an instance attribute over the class's True
             fused = qwen_image21.FUSED_SHORTCUT_ADD
-            qwen_image21.FUSED_SHORTCUT_ADD = mode == "untiled, fused shortcut" or fused
+            qwen_image21.FUSED_SHORTCUT_ADD = fused and mode != "untiled, two-pass shortcut"
             fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
             try:
                 out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
@@ -262,6 +270,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--exact-tile", type=int, default=512, help="exact tiling: kept tile side in output px")
+    p.add_argument("--modes", default=None, help="our decode rows to run, comma-separated (default: all of "
+                   + ", ".join(repr(m) for m in OUR_MODES) + ")")
     p.add_argument("--fp32-max", type=int, default=2048, help="largest size with an fp32 reference decode")
     p.add_argument("--diffusers-max", type=int, default=2048, help="largest size diffusers decodes")
     p.add_argument("--wide-head-path", choices=("sdpa_efficient", "chunked"), default=None,

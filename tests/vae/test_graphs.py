@@ -87,6 +87,32 @@ def test_cuda_graph_decode_equals_eager_bit_for_bit():
     assert "_decode_graphs" not in vae.__dict__
 
 
+@CUDA
+@pytest.mark.parametrize("model", ["qwenimage", "qwenimage21"])
+@pytest.mark.parametrize("form", ["direct", "transposed", "subpixel"])
+def test_every_vae_and_upsampler_form_captures(model, form):
+    """The captured decode holds no host-to-device copy (the summed upsampler weights are recomputed
+    inside the graph from the live weights; the 2.1 VAE's default transposed form once failed here)."""
+    from helpers import pair21
+    from qwenfast import VAEConfig
+    from qwenfast.vae import qwen_image
+
+    vae = _tiny("cuda") if model == "qwenimage" else pair21()[1].cuda()
+    z = torch.randn(1, vae.z_dim, 1, 6, 5, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    previous, qwen_image.UPSAMPLE_CONV = qwen_image.UPSAMPLE_CONV, form
+    try:
+        with torch.no_grad():
+            vae.vae_config = VAEConfig()
+            eager = vae.decode(z)
+            vae.vae_config = VAEConfig(cuda_graph=True)
+            for _ in range(2):
+                assert torch.equal(vae.decode(z), eager)
+        assert vae.__dict__["_decode_graphs"].captures == 1
+    finally:
+        qwen_image.UPSAMPLE_CONV = previous
+        vae.release_cuda_graphs()
+
+
 # -- the bookkeeping on the CPU: a stand-in for torch.cuda.CUDAGraph --------------------------------
 
 

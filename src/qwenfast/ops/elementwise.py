@@ -136,11 +136,8 @@ class BiasChannelToSpaceAdd(GridKernelOp):
         return bias_channel_to_space_add_native(y, bias, x, src)
 
     def forward_cuda(self, y, bias, x, src):
-        args = (y, bias.reshape(-1).contiguous(), x, src.to(torch.int32).contiguous())
-        if torch.compiler.is_compiling():
-            torch.ops.qwenfast.bias_channel_to_space_add_(*args)
-        else:
-            _kernel.bias_channel_to_space_add_fwd(*args)
+        launch(torch.ops.qwenfast.bias_channel_to_space_add_, _kernel.bias_channel_to_space_add_fwd,
+               y, bias.reshape(-1).contiguous(), x, src.to(torch.int32).contiguous())
         return y
 
 

@@ -22,6 +22,8 @@ Shapes: B batch, C channels, T frames, H x W pixels at the current resolution.
 
 from __future__ import annotations
 
+import functools
+
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -218,11 +220,20 @@ TRANSPOSED_TAPS = (PHASE_TAPS[1][1], PHASE_TAPS[0][1], PHASE_TAPS[1][0], PHASE_T
 TAP_SUM_CHUNK = 128
 
 
+@functools.lru_cache(maxsize=None)
+def _tap_matrix(taps: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`taps` as a tensor on `device`, made once per (taps, dtype, device): a host-to-device copy
+    cannot run inside a CUDA-graph capture, and the graphs' eager warm-up call makes it first. Made
+    outside inference mode, so that a later call with autograd on may save it for backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(taps, dtype=dtype, device=device)
+
+
 def _sum_taps(weight: torch.Tensor, taps: tuple, equation: str) -> torch.Tensor:
     """einsum(equation, m, weight, m) with m = `taps`, in fp32 at least, rounded once to the weight's
     dtype; `o` (the weight's output channels) is summed TAP_SUM_CHUNK channels at a time."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    m = torch.tensor(taps, dtype=acc, device=weight.device)
+    m = _tap_matrix(taps, acc, weight.device)
     o = equation.split("->")[1].index("o")  # where the output channels land in the result
     chunks = [torch.einsum(equation, m, weight[i:i + TAP_SUM_CHUNK].to(acc), m).to(weight.dtype)
               for i in range(0, weight.shape[0], TAP_SUM_CHUNK)]
