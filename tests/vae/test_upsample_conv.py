@@ -130,3 +130,16 @@ def test_exact_tiling_stays_exact_fp64(mode):
     with upsample_conv("direct"):
         assert max_diff(untiled, vae.decode_untiled(z)) <= 1e-12
     assert max_diff(tiled, untiled) <= 1e-12
+
+
+def test_deterministic_cudnn_sets_the_flag_within_and_restores_it():
+    from qwenfast.vae.qwen_image import deterministic_cudnn
+
+    before = torch.backends.cudnn.deterministic
+    with pytest.raises(RuntimeError, match="inside"):
+        with deterministic_cudnn():
+            assert torch.backends.cudnn.deterministic
+            raise RuntimeError("inside")
+    assert torch.backends.cudnn.deterministic == before
+    with deterministic_cudnn(False):  # off: left as it was (CPU tensors)
+        assert torch.backends.cudnn.deterministic == before

@@ -22,10 +22,11 @@ Shapes: B batch, C channels, T frames, H x W pixels at the current resolution.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -252,6 +253,25 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     return _sum_taps(weight, TRANSPOSED_TAPS, "yk,oikl,xl->ioyx")
 
 
+@contextlib.contextmanager
+def deterministic_cudnn(on: bool = True) -> Iterator[None]:
+    """Within (where `on`): cuDNN restricted to deterministic algorithms. A transposed conv runs on
+    cuDNN's data-gradient algorithms, some of which sum with atomics: on an H200 a tiny 2.1 decode with
+    transposed upsamplers differed from itself run to run by up to 1.7e-5 (fp32), and so did its graph
+    replay from the eager decode; with the flag, 0 (benchmarks/results/gpu_round_2026-12-01.md). A
+    decode gives the same image every time. At the released sizes the algorithms cuDNN's benchmark
+    picked were deterministic already (every graphed rank share equal to eager)."""
+    if not on or torch.compiler.is_compiling():
+        yield
+        return
+    previous = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic = previous
+
+
 class UpsampleConv2x(nn.Sequential):
     """diffusers' upsampler `resample`: nearest 2x upsampling, then a 3x3 conv with padding 1 (the
     parameters keep diffusers' names, `1.weight` and `1.bias`). (B, Ci, H, W) -> (B, Co, 2H, 2W).
@@ -281,7 +301,9 @@ class UpsampleConv2x(nn.Sequential):
         # inside the measured times): a cached copy would go stale in a captured CUDA graph when the
         # weights are loaded in place.
         if mode == "transposed":
-            return F.conv_transpose2d(x, transposed_weight(conv.weight), bias, stride=2, padding=1)
+            w = transposed_weight(conv.weight)
+            with deterministic_cudnn(x.is_cuda):
+                return F.conv_transpose2d(x, w, bias, stride=2, padding=1)
         w = phase_weights(conv.weight)  # (a, b, Co, Ci, 2, 2)
         bsz, _, h, wd = x.shape
         out = torch.empty((bsz, conv.out_channels, 2 * h, 2 * wd), dtype=x.dtype, device=x.device,
