@@ -43,3 +43,28 @@ def test_public_decode_and_bad_latent(case_results):
         assert results["public decode"]["max_abs"] <= 1e-12
         error = results["bad latent"]["error"]
         assert error and "6 latent channels" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("model", ["qwenimage", "qwenimage21"])
+def test_auto_halo_on_images_follows_the_model(monkeypatch, model):
+    """`patch_halo="auto"` on an image latent: the 2.1 VAE exchanges level halos from 4 ranks on (its
+    `patch_level_image_world`), the Qwen-Image VAE never; a video latent (Qwen-Image) always does. The strategy
+    functions are replaced by recorders: only the choice is under test (the decodes are, above)."""
+    import torch
+
+    from helpers import tiny_vae as tiny_qwen_image
+    from parallel_scenarios21 import tiny_vae as tiny_21
+    from qwenfast.config import VAEConfig
+    from qwenfast.parallel import patch
+    from qwenfast.parallel.rehearsal import RehearsalComm
+
+    vae = tiny_21("tiny") if model == "qwenimage21" else tiny_qwen_image()
+    calls = []
+    monkeypatch.setattr(patch, "level_decode_over_ranks", lambda *a, **k: calls.append("level"))
+    monkeypatch.setattr(patch, "exact_decode_over_ranks", lambda *a, **k: calls.append("mid"))
+    cfg = VAEConfig(use_parallel_decode=True, parallel_decode_mode="patch")
+    cases = [(1, 2), (1, 3), (1, 4)] + ([(2, 2)] if model == "qwenimage" else [])  # 2.1: images only
+    for frames, world in cases:
+        z = torch.zeros(1, vae.z_dim, frames, 40, 7, dtype=torch.float64)
+        patch.parallel_patch_decode(vae, z, RehearsalComm(0, world, "cpu"), cfg)
+    assert calls == (["mid", "mid", "level"] if model == "qwenimage21" else ["mid", "mid", "mid", "level"])

@@ -130,19 +130,29 @@ def test_exact_tiles_for_ranks_has_a_tile_per_rank_where_it_can(height, width, c
     assert covers_once(tiles, height, width)
 
 
-@pytest.mark.parametrize("frames,halo,expect", [
-    (1, "auto", "mid"), (21, "auto", "level"), (2, "auto", "level"),   # the rehearsal's ranking
-    (1, "level", "level"), (21, "mid", "mid"), (1, "mid", "mid"), (21, "level", "level"),  # explicit: as given
+@pytest.mark.parametrize("frames,halo,world,image_level_world,expect", [
+    (1, "auto", 8, None, "mid"), (21, "auto", 2, None, "level"), (2, "auto", 2, None, "level"),  # Qwen-Image
+    (1, "auto", 2, 4, "mid"), (1, "auto", 4, 4, "level"), (1, "auto", 8, 4, "level"),  # the 2.1 VAE's images
+    (1, "level", 2, None, "level"), (21, "mid", 8, 4, "mid"), (1, "mid", 8, 4, "mid"),  # explicit: as given
 ])
-def test_patch_halo_auto_is_level_for_video_mid_for_images(frames, halo, expect):
-    assert plan.choose_patch_halo(frames, halo) == expect
+def test_patch_halo_auto_follows_the_rehearsal(frames, halo, world, image_level_world, expect):
+    assert plan.choose_patch_halo(frames, halo, world, image_level_world) == expect
+
+
+def test_each_model_declares_when_its_images_take_level_halos():
+    from qwenfast import QwenImage21VAE, QwenImageVAE
+
+    assert QwenImageVAE.patch_level_image_world is None  # mid ahead at every size and N rehearsed
+    assert QwenImage21VAE.patch_level_image_world == 4
 
 
 def test_patch_halo_choice_rejects_bad_values():
     with pytest.raises(ValueError, match="patch_halo must be 'auto', 'mid' or 'level'; got 'wide'"):
         plan.choose_patch_halo(1, "wide")
-    with pytest.raises(ValueError, match="frames >= 1; got 0"):
+    with pytest.raises(ValueError, match="frames >= 1 and world >= 1; got frames=0, world=1"):
         plan.choose_patch_halo(0)
+    with pytest.raises(ValueError, match="got frames=1, world=0"):
+        plan.choose_patch_halo(1, "auto", 0)
 
 
 def test_auto_estimates_patch_with_the_halo_it_will_use():
@@ -158,3 +168,26 @@ def test_auto_estimates_patch_with_the_halo_it_will_use():
     # 3 latent rows per band cannot carry level 0's 7-row halo: estimated (and decoded) as mid
     assert plan.level_bands(12, 16, 4, topology.level_halos()) is None
     assert len(plan.level_bands(90, 160, 4, topology.level_halos())) == 4
+
+
+def test_cost_model_counts_each_decoder_from_its_topology():
+    """The cost model's sizes come from the decoder it plans for: for the Qwen-Image VAE its defaults
+    (within 5%), for the 2.1 VAE its own (16x, 1152 mid channels, ~15.5e6 FLOP per output px). Estimated
+    as a Qwen-Image latent, a 1328² 2.1 decode on 2 ranks was judged not worth splitting (1.10x)."""
+    from qwenfast import QwenImage21VAE, QwenImageVAE
+
+    with torch.device("meta"):
+        qi, v21 = QwenImageVAE(), QwenImage21VAE()
+    base = plan.CostModel()
+    counted = base.for_topology(qi.topology)
+    assert counted.scale == 8 and counted.mid_channels == 384
+    for name in ("local_flop_per_px", "video_local_flop_per_px", "global_flop_per_latent_px"):
+        assert abs(getattr(counted, name) / getattr(base, name) - 1) < 0.05, name
+    m21 = base.for_topology(v21.topology)
+    assert m21.scale == 16 and m21.mid_channels == 1152 and 15e6 < m21.local_flop_per_px < 17e6
+    kw = dict(margin=13, topology=v21.topology, image_level_world=v21.patch_level_image_world)
+    assert plan.choose_decode(83, 83, 1, 2, "bfloat16", None, **kw).mode == "replicated"  # the old estimate
+    two = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=m21, **kw)
+    four = plan.choose_decode(83, 83, 1, 4, "bfloat16", None, model=m21, **kw)
+    assert (two.mode, four.mode) == ("patch", "patch")  # the rehearsal's best: mid on 2, level on 4
+    assert "patch (mid)" in two.reason and "patch (level)" in four.reason

@@ -108,7 +108,8 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
         choice = plan.choose_decode(z.shape[-2], z.shape[-1], z.shape[2], comm.world_size, z.dtype,
                                     None if min_free == float("inf") else min_free,
                                     margin=tile_margin(vae, cfg), batch=z.shape[0], halo=cfg.patch_halo,
-                                    topology=vae.topology)
+                                    model=plan.CostModel().for_topology(vae.topology), topology=vae.topology,
+                                    image_level_world=vae.patch_level_image_world)
         _log_once(choice, tuple(z.shape), comm)
         mode = choice.mode
     vae.last_parallel_stats = None

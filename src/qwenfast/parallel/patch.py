@@ -1,8 +1,8 @@
 """`parallel_decode_mode="patch"`: one region per rank, exact.
 
 Uneven horizontal bands (a 2-D grid when bands would be thinner than the margin). Neighbour data by
-`VAEConfig.patch_halo` (`auto`, the default: `level` for video, `mid` for images, by
-`plan.choose_patch_halo`): `mid` decodes each region with the full margin (the receptive field) once at
+`VAEConfig.patch_halo` (`auto`, the default: `level` for video and, from the model's
+`patch_level_image_world` ranks on, for images; `mid` otherwise; `plan.choose_patch_halo`): `mid` decodes each region with the full margin (the receptive field) once at
 the mid-block output, no messages until the gather (`tiled.exact_decode_over_ranks` with one tile per
 rank); `level` exchanges halo rows with the two neighbours at the start of each resolution level
 (`halo.py`), falling back to `mid` when bands are too thin for the level halos.
@@ -28,7 +28,8 @@ def parallel_patch_decode(vae, z: torch.Tensor, comm, cfg: VAEConfig) -> torch.T
     regions = plan.patch_regions(z.shape[-2], z.shape[-1], comm.world_size, tiling.tile_margin(vae, cfg))
     tiles = [r for r in regions if r is not None]
     assignment = [[r] if r < len(tiles) else [] for r in range(comm.world_size)]
-    if plan.choose_patch_halo(z.shape[2], cfg.patch_halo) == "level":  # "auto": level for video, mid for images
+    # "auto": level for video, and for images on enough ranks where the model says so
+    if plan.choose_patch_halo(z.shape[2], cfg.patch_halo, comm.world_size, vae.patch_level_image_world) == "level":
         halos = vae.topology.level_halos()
         bands = plan.level_bands(z.shape[-2], z.shape[-1], comm.world_size, halos)
         if bands is not None:

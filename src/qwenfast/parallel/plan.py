@@ -107,26 +107,31 @@ def level_bands(height: int, width: int, world: int, halos: list[tuple[int, int]
     return bands if bands_allow_level(bands, halos) else None
 
 
-def choose_patch_halo(frames: int, halo: str = "auto") -> str:
-    """`VAEConfig.patch_halo` resolved for a latent of `frames` latent frames: an explicit `"mid"` or
-    `"level"` as given; `"auto"` → `"level"` for video (frames > 1), `"mid"` for images.
+def choose_patch_halo(frames: int, halo: str = "auto", world: int = 1, image_level_world: int | None = None) -> str:
+    """`VAEConfig.patch_halo` resolved for a latent of `frames` latent frames on `world` ranks: an
+    explicit `"mid"` or `"level"` as given; `"auto"` → `"level"` for video (frames > 1) and for images
+    on at least `image_level_world` ranks (the model's `DecodeSurface.patch_level_image_world`; None:
+    never), `"mid"` otherwise.
 
-    The rule is the one-GPU rehearsal's (benchmarks/results/parallel_rehearsal_h200.md, predicted
-    speed-up / N at N = 2 / 4 / 8). 81x720p video: `level` 0.96 / 0.83 / 0.68, `mid` 0.77 / 0.46 /
-    0.43 (thin bands of a 90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Images:
-    `mid` 0.97 / 0.89 / 0.81 against `level` 0.81 / 0.79 / 0.74 at 4096², 0.89 / 0.70 / 0.48 against
-    0.66 / 0.60 / 0.45 at 2048², 0.79 / 0.38 / 0.24 against 0.45 / 0.39 / 0.22 at 1328² (one near-tie
-    at N = 4). The FLOP count (`patch_halo_costs`) ranks `level` first for images too: what it does
-    not count (per-level exchanges, crops and stage syncs of a single frame) is what decides there,
-    so the rule follows the measurement, not the count."""
+    The rule is the one-GPU rehearsal's (benchmarks/results/parallel_rehearsal_h200.md and
+    parallel_rehearsal_qwenimage21_h200.md, predicted speed-up / N at N = 2 / 4 / 8, 2026-12-01 16:24 and
+    16:41 UTC). Qwen-Image VAE, 81x720p video: `level` 0.84 / 0.73 / 0.63 against `mid` 0.77 / 0.45 /
+    0.42 (thin bands of a 90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Its images:
+    `mid` first at every size and N — 0.98 / 0.90 / 0.80 against 0.82 / 0.79 / 0.74 at 4096², 0.87 /
+    0.70 / 0.44 against 0.63 / 0.59 / 0.41 at 2048², 0.70 / 0.49 / 0.20 against 0.49 / 0.37 / 0.18 at
+    1328². The 2.1 VAE's images (a 16x latent: the same 13-row margin is twice the share of a band):
+    `mid` at N = 2 (0.80 / 0.72 at 2048², 0.72 / 0.70 at 1328²), `level` from N = 4 (0.66 / 0.53 and
+    0.55 / 0.34 at 2048², 0.60 / 0.41 and 0.42 / 0.28 at 1328²). The FLOP count (`patch_halo_costs`)
+    ranks `level` first everywhere: what it does not count (per-level exchanges, crops and stage syncs,
+    a cost that grows with the band's area) is what decides, so the rule follows the measurement."""
     if halo not in PATCH_HALOS:
         named = f"{', '.join(map(repr, PATCH_HALOS[:-1]))} or {PATCH_HALOS[-1]!r}"
         raise ValueError(f"patch_halo must be {named}; got {halo!r}")
-    if frames < 1:
-        raise ValueError(f"choose_patch_halo needs frames >= 1; got {frames}")
+    if frames < 1 or world < 1:
+        raise ValueError(f"choose_patch_halo needs frames >= 1 and world >= 1; got frames={frames}, world={world}")
     if halo != "auto":
         return halo
-    return "level" if frames > 1 else "mid"
+    return "level" if frames > 1 or (image_level_world is not None and world >= image_level_world) else "mid"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +245,27 @@ class CostModel:
     tile_sizes: tuple[int, ...] = (1024, 768, 512, 256)  # exact tile cores to try, output px
     scale: int = 8
 
+    def for_topology(self, topology) -> CostModel:
+        """This model with a decoder's own sizes, counted from its `DecoderTopology` (the rates stay:
+        they are the hardware's): the local part's 3x3-conv FLOPs per output px times the Qwen-Image
+        ratio of estimated work to them (4.1e6 / 3.9e6: norms, adds, upsamples; video frames in the
+        same ratio to images), the mid block's channels and its two ResBlocks' convs per latent px, and
+        the spatial scale. For the Qwen-Image VAE that is the defaults within 5%; the 2.1 VAE's decoder
+        counts 15.5e6 FLOP per output px at 16x, 1152 mid channels (without this, `auto` estimated it as
+        a Qwen-Image latent: 1.10x on 2 ranks at 1328², replicated, where the rehearsal predicted 1.45x
+        for `patch`)."""
+        conv = sum(18 * ci * co * lv["scale"] ** 2 for lv in topology.cost_levels() for ci, co in lv["convs"])
+        local = conv / topology.scale ** 2 * _WORK_PER_CONV_FLOP
+        mid = topology.levels[0].channels
+        return replace(self, local_flop_per_px=local,
+                       video_local_flop_per_px=local * self.video_local_flop_per_px / self.local_flop_per_px,
+                       global_flop_per_latent_px=4 * 18 * mid * mid, mid_channels=mid, scale=topology.scale)
+
+
+# The Qwen-Image decoder's estimated local work per output px (CostModel.local_flop_per_px) over its
+# counted 3x3-conv FLOPs (3.9e6 per output px from its topology)
+_WORK_PER_CONV_FLOP = 1.05
+
 
 @dataclass(frozen=True)
 class DecodeChoice:
@@ -256,10 +282,11 @@ class DecodeChoice:
 
 def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_bytes: float | None,
                   margin: int = 13, batch: int = 1, model: CostModel = CostModel(), halo: str = "auto",
-                  topology=None) -> DecodeChoice:
+                  topology=None, image_level_world: int | None = None) -> DecodeChoice:
     """`auto`: from the latent shape `(frames, height, width)` and batch, the world size, the dtype and
     the smallest free memory over ranks (None: unknown, assume it fits), the strategy and its
-    parameters. `patch` is estimated with the halo it will use (`choose_patch_halo(frames, halo)`;
+    parameters. `patch` is estimated with the halo it will use (`choose_patch_halo(frames, halo, world,
+    image_level_world)`;
     `level` needs the decoder's `topology`, a `qwenfast.vae.surface.DecoderTopology`, for its halo
     rows: without one it is estimated as `mid`), exact `tiled` with the largest tile that fits.
     Replicated single-device decode when the better estimated parallel speed-up is under
@@ -268,7 +295,7 @@ def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_
     if min(height, width, frames, world, batch) < 1:
         raise ValueError(f"choose_decode needs positive sizes; got {height}x{width}, frames={frames}, "
                          f"world={world}, batch={batch}")
-    halo = choose_patch_halo(frames, halo)
+    halo = choose_patch_halo(frames, halo, world, image_level_world)
     nbytes = _dtype_bytes(dtype)
     rate = 1.0 if nbytes <= 2 else model.fp32_slowdown
     s2 = model.scale ** 2

@@ -190,6 +190,9 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
     # Whether `decode_levels` bands a cache-free 4-D frame by `bands.local_plan` (else runs it whole).
     # Off by default: a model turns it on where its local part has been measured banded.
     band_local_part: bool = False
+    # From how many ranks `patch_halo="auto"` exchanges halos per level on images too (video always
+    # does); None: never. A measured trait of the model, not of its shapes (parallel.plan.choose_patch_halo).
+    patch_level_image_world: int | None = None
 
     # -- what a model provides --------------------------------------------------------------------
     @property
