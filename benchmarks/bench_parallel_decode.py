@@ -429,16 +429,17 @@ def main_rehearse(args) -> int:
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
     modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
     rows = []
-    for label, h, w, t, reps in cases_of(args, vae):
-        rows += rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)
     prov = provenance(args, None)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(provenance=prov, results=rows), f, indent=1)
-    md = rehearsal_markdown(prov, rows)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
+    for label, h, w, t, reps in cases_of(args, vae):
+        rows += rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)
+        # written after every case: a run cut by a time limit keeps the cases it finished
+        with open(stem + ".json", "w") as f:
+            json.dump(dict(provenance=prov, results=rows), f, indent=1)
+        md = rehearsal_markdown(prov, rows)
+        with open(stem + ".md", "w") as f:
+            f.write(md)
     rehearsal_plot(rows, stem + ".png")
     print(md)
     return 0

@@ -39,7 +39,7 @@ from qwenfast.benchmarking import (  # noqa: E402
     format_table, kernel_breakdown, measure, profile_kernels, provenance, synthetic_latent, time_ms, write_json)
 from qwenfast.vae.bands import level_flops  # noqa: E402
 from qwenfast.ops import attention as attention_ops  # noqa: E402
-from qwenfast.vae import qwen_image21  # noqa: E402
+from qwenfast.vae import qwen_image, qwen_image21  # noqa: E402
 
 COLUMNS = [("op", "op", ""), ("size", "size", ""), ("impl", "impl", ""), ("mode", "mode", ""),
            ("median_ms", "median ms", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("steady_peak_gib", "steady peak", ".2f"),
@@ -109,7 +109,7 @@ def memory_snapshot(fn, path: Path) -> None:
     print(f"memory snapshot: {path}", flush=True)
 
 
-OUR_MODES = ("untiled", "untiled, two-pass shortcut", "untiled, whole", "exact tiling")
+OUR_MODES = ("untiled", "untiled, two-pass shortcut", "untiled, direct upsamplers", "untiled, whole", "exact tiling")
 
 
 def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
@@ -128,8 +128,9 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
         # one: what the bands cost in time and save in memory, side by side
         # "untiled, two-pass shortcut": the residual up blocks' upsampler bias and shortcut added by
         # PyTorch in two passes, beside our one (qwen_image21.FUSED_SHORTCUT_ADD, on by default)
-        cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling"), ("qwenfast", "untiled"),
-                 ("qwenfast", "untiled, two-pass shortcut"), ("qwenfast", "untiled, whole"), ("qwenfast", "exact tiling")]
+        # "untiled, direct upsamplers": upsample-then-conv (qwen_image.UPSAMPLE_CONV = "direct") beside
+        # the default transposed convs, which run under cudnn.deterministic (is that free?)
+        cases = [("diffusers", "untiled"), ("diffusers", "enable_tiling")] + [("qwenfast", m) for m in OUR_MODES]
         for impl, mode in cases:
             if impl == "diffusers" and size > args.diffusers_max:
                 continue
@@ -142,10 +143,13 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
                 ours.band_local_part = False  # an instance attribute over the class's True
             fused = qwen_image21.FUSED_SHORTCUT_ADD
             qwen_image21.FUSED_SHORTCUT_ADD = fused and mode != "untiled, two-pass shortcut"
+            if mode == "untiled, direct upsamplers":
+                qwen_image.UPSAMPLE_CONV = "direct"
             fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
             try:
                 out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
             finally:
+                qwen_image.UPSAMPLE_CONV = None
                 ref.disable_tiling()
                 ours.__dict__.pop("band_local_part", None)
                 qwen_image21.FUSED_SHORTCUT_ADD = fused
