@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..vae.surface import cat_keeping_layout
 from . import plan
 from .attention import tail_on_region
 
@@ -68,4 +69,4 @@ def exchange_rows(x: torch.Tensor, n_above: int, n_below: int, comm) -> torch.Te
         x[..., :n_above, :] if n_above else None, x[..., x.shape[-2] - n_below:, :] if n_below else None,
         (*x.shape[:-2], n_above, x.shape[-1]), (*x.shape[:-2], n_below, x.shape[-1]))
     parts = ([above] if n_above else []) + [x] + ([below] if n_below else [])
-    return torch.cat(parts, dim=-2) if len(parts) > 1 else x
+    return cat_keeping_layout(parts, -2, like=x)  # torch.cat would hand the next level an NCHW tensor

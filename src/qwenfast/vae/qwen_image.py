@@ -37,7 +37,7 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from . import video
-from .surface import DecodeSurface, DecoderTopology, Level, memory_format_of, progress
+from .surface import DecodeSurface, DecoderTopology, Level, cat_keeping_layout, memory_format_of, progress
 from .weights import WEIGHT_DTYPES, PretrainedVAE, WeightsError, arch_int, arch_list, arch_number
 from .video import CACHE_T, FrameCache
 
@@ -387,7 +387,7 @@ class Resample(nn.Module):
         cache.set(self, y[:, :, -1:].clone())
         if last is None:  # the first chunk passes unchanged
             return y
-        return self.time_conv(torch.cat([last[:, :, -1:], y], dim=2))
+        return self.time_conv(cat_keeping_layout([last[:, :, -1:], y], 2, like=y))
 
 
 def residual_bias(conv2_bias: torch.Tensor, shortcut: nn.Module | None,
@@ -814,8 +814,8 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
 
     def encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""
-        def fn(chunk, cache):
-            return self.quant_conv(self.encoder(chunk, cache))
+        def fn(chunk, cache):  # channels-last on CUDA, as the decoder (the pixels come in NCHW)
+            return self.quant_conv(self.encoder(self.frame_layout(chunk), cache))
 
         size = self.encode_chunk_frames or self.temporal_compression_ratio
         if size % self.temporal_compression_ratio:

@@ -39,15 +39,32 @@ import torch.nn as nn
 
 from ..config import VAEConfig
 
-__all__ = ["Level", "DecoderTopology", "DecodeSurface", "memory_format_of", "progress"]
+__all__ = ["Level", "DecoderTopology", "DecodeSurface", "cat_keeping_layout", "memory_format_of", "progress"]
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The layout to allocate a tensor like `x` (other spatial size) in: channels-last for a 4-D
-    channels-last tensor that is not also plainly contiguous, else contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
+    """The layout to allocate a tensor like `x` (other spatial size) in: channels-last (3-D for a 5-D
+    `x`) where x's channels are innermost — a channels-last tensor or a crop of one — and x is not
+    also plainly contiguous; else contiguous."""
+    if x.dim() in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous():
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
+
+
+def cat_keeping_layout(parts: list[torch.Tensor], dim: int, like: torch.Tensor) -> torch.Tensor:
+    """torch.cat(parts, dim) allocated in `like`'s layout (`memory_format_of`). torch.cat itself returns
+    a contiguous tensor as soon as one part is contiguous or a crop (e.g. [received rows, a channels-
+    last band]), and every conv after it would then run in cuDNN's NCHW path or transpose first."""
+    if len(parts) == 1:
+        return parts[0]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+    start = 0
+    for p in parts:
+        out.narrow(dim, start, p.shape[dim]).copy_(p)
+        start += p.shape[dim]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The layout every conv sees, as on a GPU: channels-last (3-D for video) end to end, also after the
+parallel paths' row exchanges and the encoder's time downsampling. Run on the `meta` device under the
+memory model's `cuda_like()` (meta tensors take CUDA's layout decisions), so it needs no GPU: a conv
+handed a plain NCHW tensor on CUDA runs cuDNN's slow path or layout transforms."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwenfast.config import VAEConfig
+from qwenfast.parallel.patch import parallel_patch_decode
+from qwenfast.parallel.rehearsal import RehearsalComm
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_model.py"
+if "memory_model" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("memory_model", SCRIPT)
+    sys.modules["memory_model"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["memory_model"])
+memory_model = sys.modules["memory_model"]
+
+
+class ConvInputs(TorchDispatchMode):
+    """Records, per convolution, whether its input has the channels innermost (or one channel), and gives
+    each meta conv output the layout cuDNN would (`memory_model.cuda_strides`). The 1x1 post-quant conv
+    reading the latent as the caller gave it (NCHW; a few KiB) is left out."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+        self.layouts: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            x, w = args[0], args[1]
+            if not (x.shape[1] == self.z_dim and w.shape[-1] == 1):
+                self.layouts.append(x.shape[1] == 1 or x.stride(1) == 1)
+        return memory_model.cuda_strides(func, args, kwargs, func(*args, **(kwargs or {})))
+
+
+def conv_layouts(fn, z_dim: int = 4) -> list[bool]:
+    with memory_model.cuda_like(), ConvInputs(z_dim) as spy:
+        fn()
+    return spy.layouts
+
+
+TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+TINY21 = dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+              temperal_downsample=[False, True, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
+              scale_factor_spatial=8)
+CASES = [("qwenimage", 1), ("qwenimage", 3), ("qwenimage21", 1)]  # (model, latent frames)
+
+
+def meta_vae(model: str):
+    if model == "qwenimage21":
+        return memory_model.meta_vae21(torch.bfloat16, TINY21)
+    return memory_model.meta_qwen_vae(torch.bfloat16, TINY)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("halo", ["level", "mid"])
+@pytest.mark.parametrize("model, frames", CASES)
+def test_every_rank_convolves_channels_last_in_patch(halo, model, frames):
+    """`level` once handed every level after the first an NCHW tensor (torch.cat of the received rows
+    and the band), on every rank with a neighbour."""
+    vae = meta_vae(model)
+    cfg = VAEConfig(use_parallel_decode=True, parallel_decode_mode="patch", patch_halo=halo)
+    z = torch.empty(1, vae.z_dim, frames, 40, 9, device="meta", dtype=torch.bfloat16)
+    for rank in range(3):  # rank 1 has neighbours both sides (the strategy itself: the header checks read values)
+        layouts = conv_layouts(lambda: parallel_patch_decode(vae, z, RehearsalComm(rank, 3, "meta"), cfg), vae.z_dim)
+        assert layouts and all(layouts), f"rank {rank}: {layouts.count(False)} of {len(layouts)} convs not channels-last"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model, frames", [("qwenimage", 1), ("qwenimage", 9), ("qwenimage21", 1)])
+def test_encode_convolves_channels_last(model, frames):
+    """The Qwen-Image VAE's encoder once ran in its input's layout: an image (or a video's first
+    frame) went through it in NCHW on a GPU."""
+    vae = meta_vae(model)
+    x = torch.empty(1, vae.in_channels_pixels if model == "qwenimage21" else 3, frames, 32, 24, device="meta",
+                    dtype=torch.bfloat16)
+    layouts = conv_layouts(lambda: vae.encode(x), vae.z_dim)
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convs not channels-last"
+
+
+@pytest.mark.parametrize("fmt, dim", [(torch.channels_last, -2), (torch.channels_last_3d, 2), (torch.channels_last_3d, -2)])
+def test_cat_keeping_layout_equals_cat_in_the_layout_of_like(fmt, dim):
+    from qwenfast.vae.surface import cat_keeping_layout, memory_format_of
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 5, 4, 6) if fmt == torch.channels_last else (2, 5, 3, 4, 6)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+    band = x.narrow(dim, 1, 2)  # a crop of a channels-last tensor: torch.cat would return NCHW
+    assert memory_format_of(band) == fmt and memory_format_of(x.contiguous()) == torch.contiguous_format
+    edge = torch.randn(band.shape, generator=g, dtype=torch.float64)  # received rows: plain contiguous
+    for parts in ([edge, band], [band, edge], [edge, band, edge]):
+        out = cat_keeping_layout(parts, dim, like=band)
+        assert torch.equal(out, torch.cat(parts, dim)) and out.is_contiguous(memory_format=fmt)
+    assert cat_keeping_layout([band], dim, like=band) is band
