@@ -37,9 +37,10 @@ from qwenfast.benchmarking import PeakMemory, format_table, markdown_table, prov
 TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 FULL_CASES = {"decode 81x1280x720": (21, 90, 160), "decode 81x832x480": (21, 60, 104), "encode 81x832x480": (81, 480, 832),
-              "decode image 1328x1328": (1, 166, 166)}  # the image path must not get slower
+              "decode image 1328x1328": (1, 166, 166),  # the image path must not get slower
+              "encode image 1328x1328": (1, 1328, 1328)}  # the Edit pipelines' conditioning encode
 TINY_CASES = {"decode 9x64x48": (3, 8, 6), "decode 9x48x40": (3, 6, 5), "encode 9x48x40": (9, 48, 40),
-              "decode image 64x64": (1, 8, 8)}
+              "decode image 64x64": (1, 8, 8), "encode image 64x64": (1, 64, 64)}
 WINDOW_VARIANTS = [("taps2d", 1), ("stacked2d", 1), ("conv3d", 2), ("taps2d", 2), ("conv3d", 4)]
 COLUMNS = [("case", "case", ""), ("label", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("beyond_out_gib", "peak - output", ".2f"),

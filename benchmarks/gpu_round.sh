@@ -2,6 +2,9 @@
 # The GPU measurements of issues 10-14, one step per device call (each fits the 10-minute limit of one
 # call). The rounds of 2026-12-01 (benchmarks/results/gpu_round_2026-12-01.md) ran every step once; the
 # 16:10 round ran vae21, parallel and rest. Still open, in order of value:
+#   0. parallel again: the Qwen-Image level path ran NCHW after each exchange (fixed after the round):
+#      its image halo rule (mid) may change; and video + image encode (the QI encoder ran its input's
+#      NCHW layout: image encodes and every video's first frame; bench_video has an image-encode row)
 #   1. vae21 again: the transposed upsamplers now run under cudnn.deterministic (is it free at the
 #      released sizes? the new "untiled, direct upsamplers" row beside them decides the 2.1 default),
 #      and the default fused shortcut pass in every row
