@@ -103,3 +103,28 @@ def test_cat_keeping_layout_equals_cat_in_the_layout_of_like(fmt, dim):
         out = cat_keeping_layout(parts, dim, like=band)
         assert torch.equal(out, torch.cat(parts, dim)) and out.is_contiguous(memory_format=fmt)
     assert cat_keeping_layout([band], dim, like=band) is band
+
+
+SMALL_TILES = dict(exact_tile_sample_size=32, tile_sample_min_height=32, tile_sample_min_width=32,
+                   tile_sample_stride_height=24, tile_sample_stride_width=24)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model, frames, path", [
+    ("qwenimage", 1, "exact"), ("qwenimage", 1, "blend"), ("qwenimage", 1, "parallel tiled"),
+    ("qwenimage", 3, "exact"), ("qwenimage21", 1, "exact"), ("qwenimage21", 1, "blend"),
+])
+def test_tiled_paths_convolve_channels_last(model, frames, path):
+    """The tiles are crops of channels-last tensors: each tile's convs keep the layout."""
+    from qwenfast.parallel.tiled import parallel_tiled_decode
+
+    vae = meta_vae(model)
+    z = torch.empty(1, vae.z_dim, frames, 40, 9, device="meta", dtype=torch.bfloat16)
+    if path == "parallel tiled":
+        cfg = VAEConfig(use_parallel_decode=True, parallel_decode_mode="tiled", **SMALL_TILES)
+        fn = lambda: parallel_tiled_decode(vae, z, RehearsalComm(1, 3, "meta"), cfg)  # noqa: E731
+    else:
+        vae.vae_config = VAEConfig(use_tiling=True, tiling=path, **SMALL_TILES)
+        fn = lambda: vae.decode(z)  # noqa: E731
+    layouts = conv_layouts(fn, vae.z_dim)
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convs not channels-last"
