@@ -114,7 +114,7 @@ OUR_MODES = ("untiled", "untiled, two-pass shortcut", "untiled, direct upsampler
 
 def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
     rows: list[dict] = []
-    our_modes = OUR_MODES if args.modes is None else tuple(m.strip() for m in args.modes.split(","))
+    our_modes = OUR_MODES if args.modes is None else tuple(m.strip() for m in args.modes)
     if unknown := [m for m in our_modes if m not in OUR_MODES]:
         raise SystemExit(f"--modes: unknown {unknown}; choose from {list(OUR_MODES)}")
     exact = VAEConfig(use_tiling=True, exact_tile_sample_size=args.exact_tile)
@@ -274,8 +274,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--exact-tile", type=int, default=512, help="exact tiling: kept tile side in output px")
-    p.add_argument("--modes", default=None, help="our decode rows to run, comma-separated (default: all of "
-                   + ", ".join(repr(m) for m in OUR_MODES) + ")")
+    p.add_argument("--modes", action="append", default=None, metavar="MODE",
+                   help="one of our decode rows to run, repeatable (default: all of "
+                   + "; ".join(repr(m) for m in OUR_MODES) + ")")
     p.add_argument("--fp32-max", type=int, default=2048, help="largest size with an fp32 reference decode")
     p.add_argument("--diffusers-max", type=int, default=2048, help="largest size diffusers decodes")
     p.add_argument("--wide-head-path", choices=("sdpa_efficient", "chunked"), default=None,

@@ -3,13 +3,12 @@
 # call). The rounds of 2026-12-01 (benchmarks/results/gpu_round_2026-12-01.md) ran every step once; the
 # 16:10 round ran vae21, parallel and rest. Still open, in order of value:
 #   0. parallel again: the Qwen-Image level path ran NCHW after each exchange (fixed after the round):
-#      its image halo rule (mid) may change; and video + image encode (the QI encoder ran its input's
-#      NCHW layout: image encodes and every video's first frame; bench_video has an image-encode row)
+#      its image halo rule (mid) may change; then video (the QI encoder ran in its input's NCHW layout:
+#      image encodes and every video's first frame; bench_video now has an image-encode row)
 #   1. vae21 again: the transposed upsamplers now run under cudnn.deterministic (is it free at the
 #      released sizes? the new "untiled, direct upsamplers" row beside them decides the 2.1 default),
 #      and the default fused shortcut pass in every row
-#   2. rest (its graph tests: not re-run since the deterministic flag; the 2.1 rehearsal at 4096²,
-#      cut twice by the call's limit: run it alone with --sizes 4096)
+#   2. rest: the graph tests (not re-run since the deterministic flag), the 2.1 rehearsal at 4096²
 #   3. tests (the whole suite on a GPU, after the round-2 test fixes), video after a video-path change
 #
 #   bash benchmarks/gpu_round.sh STEP        results under $OUT (default /tmp/gpu_round)
@@ -17,17 +16,15 @@
 #   tests     the whole test suite on the GPU, in 6 processes (pytest-xdist is on the GPU machine; one
 #             process needs more than 330 s), then the host cost per eager call against a bare launch
 #             of the same kernel (issues 10, 13)                                            ~6 min
-#   vae21     the 2.1 VAE with its transposed upsamplers: where the time goes (each stage timed
-#             alone, kernels by kind; 1328², 2048²), encode 1328², untiled + exact-tiled (the default
-#             1024 px tiles) decode at 1024-2048² with fidelity and steady peaks, against diffusers,
-#             and the fused upsampler-bias + shortcut pass (qwen_image21.FUSED_SHORTCUT_ADD) beside it;
-#             then 4096² alone (issue 11)                                                    ~10 min
+#   vae21     the 2.1 VAE: encode 1328², untiled + exact-tiled (the default 1024 px tiles) decode at
+#             1024-2048² with fidelity and steady peaks, against diffusers, beside the two-pass
+#             shortcut and the direct upsamplers; then 4096² untiled both ways (issue 11)     ~7 min
 #   parallel  the one-GPU rehearsal of N = 2, 4, 8 with per-rank CUDA graphs: the Qwen-Image VAE
-#             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328²-4096²) (issue 14) ~9 min
+#             (1328²-4096² and the 81x720p video) and the 2.1 VAE (1328², 2048²) (issue 14) ~9 min
 #   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
 #             the streamed path with its variants, diffusers (issue 12; re-run after a change) ~6 min
-#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14); also the
-#             first measurement of the folded biases (predicted ~0.9 ms less at 1328²)       ~3 min
+#   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14)  ~3 min
+#   rest      the CUDA-graph tests; the 2.1 rehearsal at 4096² (issue 14)                   ~8 min
 #
 # On the device: carry [".whl", ".before"]; .whl holds diffusers 0.42.1 + importlib_metadata for
 # Python 3.12 (pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -65,14 +62,13 @@ tests)
     PYTHONPATH=$NEW step host_cost 90 python3 benchmarks/bench_host_cost.py --breakdown --json "$OUT/host_cost_h200.json"
     ;;
 vae21)
-    # (the upsampler formulations were measured on 2026-12-01: results/upsample_conv_h200.md). The encode
-    # and fidelity first, then the default 1024 px exact tiles; 4096² apart so that a cut keeps the rest.
-    PYTHONPATH=$NEW step vae21_levels 80 python3 benchmarks/bench_vae21.py --levels 1328,2048 \
-        --json "$OUT/vae21_levels_h200.json"
+    # (the per-level profile ran on 2026-12-01: results/vae21_levels_h200.*; the 4096² exact row too:
+    # vae21_4096_exact_h200.*). Every size with the deterministic transposed upsamplers against the
+    # direct ones; 4096² apart so that a cut keeps the rest.
     PYTHONPATH=$NEW step vae21 300 python3 benchmarks/bench_vae21.py --sizes 1024,1328,2048 --encode-sizes 1328 \
         --exact-tile 1024 --json "$OUT/vae21_h200.json"
     PYTHONPATH=$NEW step vae21_4096 200 python3 benchmarks/bench_vae21.py --sizes 4096 --encode-sizes "" \
-        --exact-tile 1024 --json "$OUT/vae21_4096_h200.json"
+        --modes untiled --modes "untiled, direct upsamplers" --json "$OUT/vae21_4096_h200.json"
     ;;
 video)
     B=benchmarks/bench_video.py
@@ -88,18 +84,16 @@ video)
 parallel)
     PYTHONPATH=$NEW step rehearsal 360 python3 benchmarks/bench_parallel_decode.py --rehearse 2 4 8 --graphs \
         --sizes 1328 2048 4096 --video-frames 21 --reps 2 --video-reps 1 --check-size 0 --out "$OUT" --tag _h200
-    PYTHONPATH=$NEW step rehearsal21 200 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 --rehearse 2 4 8 \
-        --graphs --sizes 1328 2048 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
+    PYTHONPATH=$NEW step rehearsal21 220 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 --rehearse 2 4 8 \
+        --graphs --sizes 1328 2048 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
     ;;
 rest)
-    # what the round of 2026-12-01 16:10 UTC left: the 2.1 rehearsal (its graph capture failed, fixed),
-    # the graphs step, the CUDA-graph tests of every VAE and upsampler form, and the exact 4096² decode
-    PYTHONPATH=$NEW step rehearsal21 200 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 --rehearse 2 4 8 \
-        --graphs --sizes 1328 2048 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
-    OUT="$OUT" bash "$0" graphs
+    # what the 16:10 round of 2026-12-01 left: the CUDA-graph tests of every VAE and upsampler form (not
+    # re-run since the transposed convs run under cudnn.deterministic), the 2.1 rehearsal at 4096² alone
+    # (cut twice inside the parallel step's limit)
     PYTHONPATH=$NEW step graph_tests 60 python3 -m pytest -q -p no:cacheprovider -ra --tb=short tests/vae/test_graphs.py
-    PYTHONPATH=$NEW step vae21_4096_exact 150 python3 benchmarks/bench_vae21.py --sizes 4096 --encode-sizes "" \
-        --exact-tile 1024 --modes "exact tiling" --repeats 2 --json "$OUT/vae21_4096_exact_h200.json"
+    PYTHONPATH=$NEW step rehearsal21_4096 420 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
+        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _4096_h200
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
