@@ -2,10 +2,11 @@
 
 Uneven horizontal bands (a 2-D grid when bands would be thinner than the margin). Neighbour data by
 `VAEConfig.patch_halo` (`auto`, the default: `level` for video and, from the model's
-`patch_level_image_world` ranks on, for images; `mid` otherwise; `plan.choose_patch_halo`): `mid` decodes each region with the full margin (the receptive field) once at
-the mid-block output, no messages until the gather (`tiled.exact_decode_over_ranks` with one tile per
-rank); `level` exchanges halo rows with the two neighbours at the start of each resolution level
-(`halo.py`), falling back to `mid` when bands are too thin for the level halos.
+`patch_level_image_world` ranks on, for images; `mid` otherwise; `plan.choose_patch_halo`): `mid`
+decodes each region with the full margin (the receptive field) once at the mid-block output, no
+messages until the gather (`tiled.exact_decode_over_ranks` with one tile per rank); `level` exchanges
+halo rows with the two neighbours at the start of each resolution level (`halo.py`), falling back to
+`mid` when bands are too thin for the level halos.
 """
 
 from __future__ import annotations

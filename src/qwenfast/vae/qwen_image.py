@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from fractions import Fraction
 from typing import Any, Callable, Iterator
 
