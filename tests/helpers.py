@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -277,3 +279,26 @@ def tiny_qwen3vl_text_encoder(processor, hidden_size: int, seed: int = 0):
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     torch.manual_seed(seed)
     return transformers.Qwen3VLForConditionalGeneration(config).eval()
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, loaded once and kept in sys.modules under `name` (the scripts
+    import their siblings by name: `import memory_model`); the benchmarks folder is on sys.path while
+    it loads."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module

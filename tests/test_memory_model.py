@@ -4,20 +4,13 @@ of the banded local part stay."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import load_benchmark
 from qwenfast.benchmarking import LiveMemory, cuda_block_bytes
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_model.py"
-spec = importlib.util.spec_from_file_location("memory_model", SCRIPT)
-memory_model = importlib.util.module_from_spec(spec)
-sys.modules["memory_model"] = memory_model
-spec.loader.exec_module(memory_model)
+memory_model = load_benchmark("memory_model")
 MIB = 2**20
 
 

@@ -1,25 +1,17 @@
 """benchmarks/bench_dit21.py runs end to end (--dry-run: tiny dims on the CPU) and writes what the
 table and the README read: a block row per step and size, an op row per op and L, host rows."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import load_benchmark
+
 pytest.importorskip("diffusers.models.transformers.transformer_qwenimage21")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_dit21.py"
 
 
 def test_dry_run_writes_every_row(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_dit21", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    bench = load_benchmark("bench_dit21")
     out = tmp_path / "dit21.json"
     assert bench.main(["--dry-run", "--no-compile", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

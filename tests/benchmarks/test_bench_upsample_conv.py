@@ -1,18 +1,13 @@
 """benchmarks/bench_upsample_conv.py runs end to end (--dry-run: tiny configs on the CPU): a layer row
 per upsampler and formulation, a decode row per formulation, and the formulations agree."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_upsample_conv.py"
+from helpers import load_benchmark
 
 
 def test_dry_run_writes_every_row(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_upsample_conv", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_upsample_conv")
     out = tmp_path / "uc.json"
     assert bench.main(["--dry-run", "--repeats", "1", "--layer-repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())

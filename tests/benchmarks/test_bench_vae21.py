@@ -2,21 +2,15 @@
 stage of the decode with the FLOPs of its 3x3 convs, and the kernels of one decode by kind; and the
 kernel categories that the table is made of."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from helpers import load_benchmark
 from qwenfast.benchmarking import kernel_breakdown
 from qwenfast.vae.bands import level_flops
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vae21.py"
-
 
 def load():
-    spec = importlib.util.spec_from_file_location("bench_vae21", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_vae21")
 
 
 def test_levels_dry_run_times_every_stage(tmp_path):

@@ -1,10 +1,7 @@
 """benchmarks/modulate_variants.py: the measurement-only kernel variants compute what the package's
 norm-modulate kernel computes (so that the sweep of bench_modulate.py times equal work)."""
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +11,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/ops/_device.
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("CPU tensors need TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
+from helpers import load_benchmark  # noqa: E402
 from qwenfast.ops.triton import modulate as T  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "modulate_variants.py"
-spec = importlib.util.spec_from_file_location("modulate_variants", SCRIPT)
-variants = importlib.util.module_from_spec(spec)
-sys.modules["modulate_variants"] = variants
-spec.loader.exec_module(variants)
+variants = load_benchmark("modulate_variants")
 
 
 # The interpreter runs both kernels' numpy ops in the same order: equal to the bit. Compiled for a GPU,

@@ -1,15 +1,12 @@
 """The scaling report of the multi-GPU issue, on synthetic runs: speed-ups, targets, table."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_parallel_scaling.py"
-spec = importlib.util.spec_from_file_location("plot_parallel_scaling", SCRIPT)
-scaling = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scaling)
+from helpers import load_benchmark
+
+scaling = load_benchmark("plot_parallel_scaling")
 
 
 def run(n, patch_ms, tiled_ms, auto_ms, peak):

@@ -5,24 +5,16 @@ handed a plain NCHW tensor on CUDA runs cuDNN's slow path or layout transforms."
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import load_benchmark
 from qwenfast.config import VAEConfig
 from qwenfast.parallel.patch import parallel_patch_decode
 from qwenfast.parallel.rehearsal import RehearsalComm
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_model.py"
-if "memory_model" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("memory_model", SCRIPT)
-    sys.modules["memory_model"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules["memory_model"])
-memory_model = sys.modules["memory_model"]
+memory_model = load_benchmark("memory_model")
 
 
 class ConvInputs(TorchDispatchMode):
