@@ -428,7 +428,7 @@ def main_rehearse(args) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
     modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
-    rows = []
+    rows: list[dict] = []
     prov = provenance(args, None)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
@@ -437,11 +437,13 @@ def main_rehearse(args) -> int:
         # written after every case: a run cut by a time limit keeps the cases it finished
         with open(stem + ".json", "w") as f:
             json.dump(dict(provenance=prov, results=rows), f, indent=1)
-        md = rehearsal_markdown(prov, rows)
         with open(stem + ".md", "w") as f:
-            f.write(md)
+            f.write(rehearsal_markdown(prov, rows))
+    if not rows:
+        print("no cases to rehearse (--sizes and --video-frames select none)", flush=True)
+        return 2
     rehearsal_plot(rows, stem + ".png")
-    print(md)
+    print(rehearsal_markdown(prov, rows))
     return 0
 
 

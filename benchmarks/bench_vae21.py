@@ -143,13 +143,14 @@ def decode_rows(ref, ours, sizes, args, device) -> list[dict]:
                 ours.band_local_part = False  # an instance attribute over the class's True
             fused = qwen_image21.FUSED_SHORTCUT_ADD
             qwen_image21.FUSED_SHORTCUT_ADD = fused and mode != "untiled, two-pass shortcut"
+            upsample_conv = qwen_image.UPSAMPLE_CONV
             if mode == "untiled, direct upsamplers":
                 qwen_image.UPSAMPLE_CONV = "direct"
             fn = (lambda: ref.decode(zb).sample) if impl == "diffusers" else (lambda: ours.decode(zb))
             try:
                 out = run_case(rows, "decode", size, impl, mode, fn, device, reps, warm)
             finally:
-                qwen_image.UPSAMPLE_CONV = None
+                qwen_image.UPSAMPLE_CONV = upsample_conv
                 ref.disable_tiling()
                 ours.__dict__.pop("band_local_part", None)
                 qwen_image21.FUSED_SHORTCUT_ADD = fused

@@ -136,7 +136,7 @@ def test_exact_tiles_for_ranks_has_a_tile_per_rank_where_it_can(height, width, c
     (1, "level", 2, None, "level"), (21, "mid", 8, 4, "mid"), (1, "mid", 8, 4, "mid"),  # explicit: as given
 ])
 def test_patch_halo_auto_follows_the_rehearsal(frames, halo, world, image_level_world, expect):
-    assert plan.choose_patch_halo(frames, halo, world, image_level_world) == expect
+    assert plan.choose_patch_halo(frames, halo, world=world, image_level_world=image_level_world) == expect
 
 
 def test_each_model_declares_when_its_images_take_level_halos():
@@ -148,11 +148,13 @@ def test_each_model_declares_when_its_images_take_level_halos():
 
 def test_patch_halo_choice_rejects_bad_values():
     with pytest.raises(ValueError, match="patch_halo must be 'auto', 'mid' or 'level'; got 'wide'"):
-        plan.choose_patch_halo(1, "wide")
+        plan.choose_patch_halo(1, "wide", world=2, image_level_world=None)
     with pytest.raises(ValueError, match="frames >= 1 and world >= 1; got frames=0, world=1"):
-        plan.choose_patch_halo(0)
+        plan.choose_patch_halo(0, world=1, image_level_world=None)
     with pytest.raises(ValueError, match="got frames=1, world=0"):
-        plan.choose_patch_halo(1, "auto", 0)
+        plan.choose_patch_halo(1, "auto", world=0, image_level_world=None)
+    with pytest.raises(TypeError):  # the world and the model's trait are the contract: never defaulted
+        plan.choose_patch_halo(1, "auto")
 
 
 def test_auto_estimates_patch_with_the_halo_it_will_use():
@@ -171,9 +173,10 @@ def test_auto_estimates_patch_with_the_halo_it_will_use():
 
 
 def test_cost_model_counts_each_decoder_from_its_topology():
-    """The cost model's sizes come from the decoder it plans for: for the Qwen-Image VAE its defaults
-    (within 5%), for the 2.1 VAE its own (16x, 1152 mid channels, ~15.5e6 FLOP per output px). Estimated
-    as a Qwen-Image latent, a 1328² 2.1 decode on 2 ranks was judged not worth splitting (1.10x)."""
+    """The cost model's sizes come from the decoder it plans for: for the Qwen-Image VAE its defaults,
+    for the 2.1 VAE its own (16x, 1152 mid channels, ~15.5e6 FLOP per output px); `choose_decode`
+    derives it from the topology it is given. Estimated as a Qwen-Image latent, a 1328² 2.1 decode on 2
+    ranks was judged not worth splitting (1.10x)."""
     from qwenfast import QwenImage21VAE, QwenImageVAE
 
     with torch.device("meta"):
@@ -181,13 +184,33 @@ def test_cost_model_counts_each_decoder_from_its_topology():
     base = plan.CostModel()
     counted = base.for_topology(qi.topology)
     assert counted.scale == 8 and counted.mid_channels == 384
-    for name in ("local_flop_per_px", "video_local_flop_per_px", "global_flop_per_latent_px"):
+    assert counted.local_flop_per_px == pytest.approx(base.local_flop_per_px, rel=1e-12)
+    for name in ("video_local_flop_per_px", "global_flop_per_latent_px"):
         assert abs(getattr(counted, name) / getattr(base, name) - 1) < 0.05, name
     m21 = base.for_topology(v21.topology)
     assert m21.scale == 16 and m21.mid_channels == 1152 and 15e6 < m21.local_flop_per_px < 17e6
     kw = dict(margin=13, topology=v21.topology, image_level_world=v21.patch_level_image_world)
-    assert plan.choose_decode(83, 83, 1, 2, "bfloat16", None, **kw).mode == "replicated"  # the old estimate
-    two = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=m21, **kw)
-    four = plan.choose_decode(83, 83, 1, 4, "bfloat16", None, model=m21, **kw)
+    assert plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=base, **kw).mode == "replicated"  # the old estimate
+    two = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, **kw)  # the model derived from the topology
+    four = plan.choose_decode(83, 83, 1, 4, "bfloat16", None, **kw)
     assert (two.mode, four.mode) == ("patch", "patch")  # the rehearsal's best: mid on 2, level on 4
     assert "patch (mid)" in two.reason and "patch (level)" in four.reason
+    assert two == plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=m21, **kw)
+
+
+@pytest.mark.parametrize("model, world, expect", [
+    ("qwenimage21", 2, "patch (mid)"), ("qwenimage21", 4, "patch (level)"), ("qwenimage", 8, "patch (mid)"),
+])
+def test_dispatch_plans_auto_from_the_models_surface(model, world, expect):
+    """`auto` as dispatch runs it (`dispatch.auto_choice`): the topology, cost model and halo trait of
+    the VAE at hand, at the released sizes (meta: no weights)."""
+    from qwenfast import QwenImage21VAE, QwenImageVAE
+    from qwenfast.config import VAEConfig
+    from qwenfast.parallel.dispatch import auto_choice
+
+    with torch.device("meta"):
+        vae = QwenImage21VAE() if model == "qwenimage21" else QwenImageVAE()
+    side = 1328 // vae.spatial_compression_ratio
+    z = torch.empty(1, vae.z_dim, 1, side, side, device="meta", dtype=torch.bfloat16)
+    choice = auto_choice(vae, z, world, None, VAEConfig(use_parallel_decode=True, parallel_decode_mode="auto"))
+    assert choice.mode == "patch" and expect in choice.reason, choice

@@ -132,14 +132,14 @@ def test_exact_tiling_stays_exact_fp64(mode):
     assert max_diff(tiled, untiled) <= 1e-12
 
 
-def test_deterministic_cudnn_sets_the_flag_within_and_restores_it():
+def test_deterministic_cudnn_sets_the_flag_within_and_restores_it(monkeypatch):
     from qwenfast.vae.qwen_image import deterministic_cudnn
 
-    before = torch.backends.cudnn.deterministic
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)  # the default, whatever ran before
     with pytest.raises(RuntimeError, match="inside"):
         with deterministic_cudnn():
             assert torch.backends.cudnn.deterministic
             raise RuntimeError("inside")
-    assert torch.backends.cudnn.deterministic == before
+    assert torch.backends.cudnn.deterministic is False  # restored on the error
     with deterministic_cudnn(False):  # off: left as it was (CPU tensors)
-        assert torch.backends.cudnn.deterministic == before
+        assert torch.backends.cudnn.deterministic is False

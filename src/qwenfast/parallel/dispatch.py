@@ -27,7 +27,7 @@ from .group import ProcessGroupComm, get_world_size, is_initialized
 from .patch import parallel_patch_decode
 from .tiled import parallel_tiled_decode, replicated_decode
 
-__all__ = ["decode_parallel", "latent_header", "decode_config_codes", "count_differing",
+__all__ = ["decode_parallel", "auto_choice", "latent_header", "decode_config_codes", "count_differing",
            "LatentMismatchError", "DecodeConfigMismatchError"]
 
 log = logging.getLogger("qwenfast.parallel")
@@ -105,11 +105,7 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
 
     mode, choice = cfg.parallel_decode_mode, None
     if mode == "auto":
-        choice = plan.choose_decode(z.shape[-2], z.shape[-1], z.shape[2], comm.world_size, z.dtype,
-                                    None if min_free == float("inf") else min_free,
-                                    margin=tile_margin(vae, cfg), batch=z.shape[0], halo=cfg.patch_halo,
-                                    model=plan.CostModel().for_topology(vae.topology), topology=vae.topology,
-                                    image_level_world=vae.patch_level_image_world)
+        choice = auto_choice(vae, z, comm.world_size, None if min_free == float("inf") else min_free, cfg)
         _log_once(choice, tuple(z.shape), comm)
         mode = choice.mode
     vae.last_parallel_stats = None
@@ -125,6 +121,15 @@ def decode_parallel(vae, z: torch.Tensor, comm=None) -> torch.Tensor | None:
                                    bytes_sent=comm.bytes_sent - sent0, bytes_received=comm.bytes_received - recv0,
                                    collectives=comm.collectives - coll0)
     return out
+
+
+def auto_choice(vae, z: torch.Tensor, world: int, min_free: float | None, cfg) -> plan.DecodeChoice:
+    """What `parallel_decode_mode="auto"` runs for latent `z` (B, z, T, h, w) on `world` ranks with
+    `min_free` bytes free on the tightest (None: unknown): `plan.choose_decode` fed from the model's
+    surface (its topology, and so its cost model; its halo trait) and `cfg`."""
+    return plan.choose_decode(z.shape[-2], z.shape[-1], z.shape[2], world, z.dtype, min_free,
+                              margin=tile_margin(vae, cfg), batch=z.shape[0], halo=cfg.patch_halo,
+                              topology=vae.topology, image_level_world=vae.patch_level_image_world)
 
 
 def _agree_on_header(vae, z: torch.Tensor, comm) -> tuple[torch.Tensor, float]:

@@ -30,7 +30,8 @@ def parallel_patch_decode(vae, z: torch.Tensor, comm, cfg: VAEConfig) -> torch.T
     tiles = [r for r in regions if r is not None]
     assignment = [[r] if r < len(tiles) else [] for r in range(comm.world_size)]
     # "auto": level for video, and for images on enough ranks where the model says so
-    if plan.choose_patch_halo(z.shape[2], cfg.patch_halo, comm.world_size, vae.patch_level_image_world) == "level":
+    if plan.choose_patch_halo(z.shape[2], cfg.patch_halo, world=comm.world_size,
+                              image_level_world=vae.patch_level_image_world) == "level":
         halos = vae.topology.level_halos()
         bands = plan.level_bands(z.shape[-2], z.shape[-1], comm.world_size, halos)
         if bands is not None:

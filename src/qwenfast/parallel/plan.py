@@ -107,7 +107,7 @@ def level_bands(height: int, width: int, world: int, halos: list[tuple[int, int]
     return bands if bands_allow_level(bands, halos) else None
 
 
-def choose_patch_halo(frames: int, halo: str = "auto", world: int = 1, image_level_world: int | None = None) -> str:
+def choose_patch_halo(frames: int, halo: str = "auto", *, world: int, image_level_world: int | None) -> str:
     """`VAEConfig.patch_halo` resolved for a latent of `frames` latent frames on `world` ranks: an
     explicit `"mid"` or `"level"` as given; `"auto"` → `"level"` for video (frames > 1) and for images
     on at least `image_level_world` ranks (the model's `DecodeSurface.patch_level_image_world`; None:
@@ -255,6 +255,8 @@ class CostModel:
         a Qwen-Image latent: 1.10x on 2 ranks at 1328², replicated, where the rehearsal predicted 1.45x
         for `patch`)."""
         conv = sum(18 * ci * co * lv["scale"] ** 2 for lv in topology.cost_levels() for ci, co in lv["convs"])
+        # (the peak estimates keep the Qwen-Image figures: act_bytes_per_px_per_byte, 3 output channels,
+        # 4 frames per latent frame; for the 2.1 VAE's banded decode they over-estimate ~2x)
         local = conv / topology.scale ** 2 * _WORK_PER_CONV_FLOP
         mid = topology.levels[0].channels
         return replace(self, local_flop_per_px=local,
@@ -262,9 +264,10 @@ class CostModel:
                        global_flop_per_latent_px=4 * 18 * mid * mid, mid_channels=mid, scale=topology.scale)
 
 
-# The Qwen-Image decoder's estimated local work per output px (CostModel.local_flop_per_px) over its
-# counted 3x3-conv FLOPs (3.9e6 per output px from its topology)
-_WORK_PER_CONV_FLOP = 1.05
+# The Qwen-Image decoder's estimated local work per output px (CostModel's default local_flop_per_px,
+# 4.1e6) over the 3x3-conv FLOPs per output px its topology counts (3,903,552): for_topology gives the
+# Qwen-Image VAE its default back
+_WORK_PER_CONV_FLOP = 4.1e6 / 3_903_552
 
 
 @dataclass(frozen=True)
@@ -281,21 +284,24 @@ class DecodeChoice:
 
 
 def choose_decode(height: int, width: int, frames: int, world: int, dtype, free_bytes: float | None,
-                  margin: int = 13, batch: int = 1, model: CostModel = CostModel(), halo: str = "auto",
+                  margin: int = 13, batch: int = 1, model: CostModel | None = None, halo: str = "auto",
                   topology=None, image_level_world: int | None = None) -> DecodeChoice:
     """`auto`: from the latent shape `(frames, height, width)` and batch, the world size, the dtype and
     the smallest free memory over ranks (None: unknown, assume it fits), the strategy and its
-    parameters. `patch` is estimated with the halo it will use (`choose_patch_halo(frames, halo, world,
-    image_level_world)`;
-    `level` needs the decoder's `topology`, a `qwenfast.vae.surface.DecoderTopology`, for its halo
-    rows: without one it is estimated as `mid`), exact `tiled` with the largest tile that fits.
+    parameters. `model` defaults to `CostModel().for_topology(topology)` (the defaults without a
+    topology). `patch` is estimated with the halo it will use (`choose_patch_halo`, with
+    `image_level_world` the model's `DecodeSurface.patch_level_image_world`); `level` needs the
+    decoder's `topology`, a `qwenfast.vae.surface.DecoderTopology`, for its halo rows: without one it
+    is estimated as `mid`), exact `tiled` with the largest tile that fits.
     Replicated single-device decode when the better estimated parallel speed-up is under
     `model.min_speedup` (and it fits); else `patch` when its per-rank peak fits, unless `tiled` is
     estimated `model.tiled_gain` faster on at most `model.tiled_max_world` ranks; `tiled` otherwise."""
     if min(height, width, frames, world, batch) < 1:
         raise ValueError(f"choose_decode needs positive sizes; got {height}x{width}, frames={frames}, "
                          f"world={world}, batch={batch}")
-    halo = choose_patch_halo(frames, halo, world, image_level_world)
+    halo = choose_patch_halo(frames, halo, world=world, image_level_world=image_level_world)
+    if model is None:
+        model = CostModel() if topology is None else CostModel().for_topology(topology)
     nbytes = _dtype_bytes(dtype)
     rate = 1.0 if nbytes <= 2 else model.fp32_slowdown
     s2 = model.scale ** 2

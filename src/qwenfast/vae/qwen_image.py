@@ -36,7 +36,7 @@ from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_residual_add, upsample_nearest2x
 from ..ops.rms_norm import rms_norm
 from . import video
-from .surface import DecodeSurface, DecoderTopology, Level, cat_keeping_layout, memory_format_of, progress
+from .surface import DecodeSurface, DecoderTopology, Level, constant_tensor, memory_format_of, progress
 from .weights import WEIGHT_DTYPES, PretrainedVAE, WeightsError, arch_int, arch_list, arch_number
 from .video import CACHE_T, FrameCache
 
@@ -222,18 +222,17 @@ TAP_SUM_CHUNK = 128
 
 @functools.lru_cache(maxsize=None)
 def _tap_matrix(taps: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`taps` as a tensor on `device`, made once per (taps, dtype, device): a host-to-device copy
-    cannot run inside a CUDA-graph capture, and the graphs' eager warm-up call makes it first. Made
-    outside inference mode, so that a later call with autograd on may save it for backward."""
-    with torch.inference_mode(False):
-        return torch.tensor(taps, dtype=dtype, device=device)
+    """`taps` as a tensor on `device`, made once per (taps, dtype, device) (`constant_tensor`)."""
+    return constant_tensor(taps, dtype, device)
 
 
 def _sum_taps(weight: torch.Tensor, taps: tuple, equation: str) -> torch.Tensor:
     """einsum(equation, m, weight, m) with m = `taps`, in fp32 at least, rounded once to the weight's
     dtype; `o` (the weight's output channels) is summed TAP_SUM_CHUNK channels at a time."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    m = _tap_matrix(taps, acc, weight.device)
+    # traced by torch.compile: a constant of the graph (Dynamo would not look inside the cache)
+    m = (torch.tensor(taps, dtype=acc, device=weight.device) if torch.compiler.is_compiling()
+         else _tap_matrix(taps, acc, weight.device))
     o = equation.split("->")[1].index("o")  # where the output channels land in the result
     chunks = [torch.einsum(equation, m, weight[i:i + TAP_SUM_CHUNK].to(acc), m).to(weight.dtype)
               for i in range(0, weight.shape[0], TAP_SUM_CHUNK)]
@@ -259,7 +258,9 @@ def deterministic_cudnn(on: bool = True) -> Iterator[None]:
     transposed upsamplers differed from itself run to run by up to 1.7e-5 (fp32), and so did its graph
     replay from the eager decode; with the flag, 0 (benchmarks/results/gpu_round_2026-12-01.md). A
     decode gives the same image every time. At the released sizes the algorithms cuDNN's benchmark
-    picked were deterministic already (every graphed rank share equal to eager)."""
+    picked were deterministic already (every graphed rank share equal to eager). Not while torch.compile
+    traces: a compiled decode reads the global flag when it runs, so it is deterministic only where the
+    caller sets `torch.backends.cudnn.deterministic` around it."""
     if not on or torch.compiler.is_compiling():
         yield
         return
@@ -386,7 +387,7 @@ class Resample(nn.Module):
         cache.set(self, y[:, :, -1:].clone())
         if last is None:  # the first chunk passes unchanged
             return y
-        return self.time_conv(cat_keeping_layout([last[:, :, -1:], y], 2, like=y))
+        return self.time_conv(torch.cat([last[:, :, -1:], y], dim=2))
 
 
 def residual_bias(conv2_bias: torch.Tensor, shortcut: nn.Module | None,
@@ -813,8 +814,9 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
 
     def encode_untiled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) → moments (B, 2z, 1 + (T-1)/4, H/8, W/8): frames 1, then 4 at a time."""
-        def fn(chunk, cache):  # channels-last on CUDA, as the decoder (the pixels come in NCHW)
-            return self.quant_conv(self.encoder(self.frame_layout(chunk), cache))
+        def fn(chunk, cache):  # channels-last on CUDA, as the decoder (the pixels come in NCHW); the
+            # moments handed back contiguous, as the 2.1 VAE's and diffusers'
+            return self.quant_conv(self.encoder(self.frame_layout(chunk), cache)).contiguous()
 
         size = self.encode_chunk_frames or self.temporal_compression_ratio
         if size % self.temporal_compression_ratio:
@@ -847,10 +849,8 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
                 total = written + Fraction(y.shape[2], t1 - t0) * (x.shape[2] - chunks[0][1])
                 if total.denominator != 1:
                     raise RuntimeError(f"{desc}: chunks {chunks} of {x.shape[2]} frames give a fractional output length")
-                layout = (torch.channels_last_3d if first.is_contiguous(memory_format=torch.channels_last_3d)
-                          and not first.is_contiguous() else torch.contiguous_format)
                 out = torch.empty((*y.shape[:2], int(total), *y.shape[3:]), dtype=y.dtype, device=y.device,
-                                  memory_format=layout)
+                                  memory_format=memory_format_of(first))
                 out[:, :, :written].copy_(first)
                 first = None
             if written + y.shape[2] > out.shape[2]:

@@ -33,7 +33,7 @@ from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_channel_to_space_add_, bias_residual_add
 from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, residual_bias, spatial_resample
-from .surface import DecodeSurface, DecoderTopology, Level
+from .surface import DecodeSurface, DecoderTopology, Level, constant_tensor
 from .weights import PretrainedVAE
 
 logger = logging.getLogger(__name__)
@@ -160,11 +160,12 @@ class DupUp3D(nn.Module):
 
     def src_table(self, device: torch.device) -> torch.Tensor:
         """(out, f, f) int32: the input channel each output channel takes at each f x f phase, cached per
-        device (a plain attribute: the weights load onto meta-built modules, where a buffer would stay)."""
+        device (a plain attribute: the weights load onto meta-built modules, where a buffer would stay;
+        `constant_tensor`)."""
         tables = self.__dict__.setdefault("_src_tables", {})
         if device not in tables:
             f = self.factor_s
-            tables[device] = torch.tensor(self._src, dtype=torch.int32, device=device).view(self.out_channels, f, f)
+            tables[device] = constant_tensor(self._src, torch.int32, device).view(self.out_channels, f, f)
         return tables[device]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ import torch.nn as nn
 
 from ..config import VAEConfig
 
-__all__ = ["Level", "DecoderTopology", "DecodeSurface", "cat_keeping_layout", "memory_format_of", "progress"]
+__all__ = ["Level", "DecoderTopology", "DecodeSurface", "cat_keeping_layout", "constant_tensor", "memory_format_of",
+           "progress"]
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -51,20 +53,29 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def constant_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` (nested sequences of numbers) as a tensor for a model's cache of device constants: made
+    outside inference mode, so that a decode with autograd on may save it for backward after a decode
+    in inference mode made it. Cache the result: a host-to-device copy cannot run inside a CUDA-graph
+    capture (the graphs' eager warm-up makes it first)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def cat_keeping_layout(parts: list[torch.Tensor], dim: int, like: torch.Tensor) -> torch.Tensor:
-    """torch.cat(parts, dim) allocated in `like`'s layout (`memory_format_of`). torch.cat itself returns
-    a contiguous tensor as soon as one part is contiguous or a crop (e.g. [received rows, a channels-
-    last band]), and every conv after it would then run in cuDNN's NCHW path or transpose first."""
+    """torch.cat(parts, dim) in `like`'s layout (`memory_format_of`), with cat's own checks and type
+    promotion. torch.cat itself returns a contiguous tensor as soon as one part is plainly contiguous
+    (e.g. [received rows, a channels-last band]), and every conv after it would then run in cuDNN's
+    NCHW path or transpose first. With autograd recording, plain torch.cat (`out=` records none)."""
     if len(parts) == 1:
         return parts[0]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return torch.cat(parts, dim)
     shape = list(parts[0].shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
-    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
-    start = 0
-    for p in parts:
-        out.narrow(dim, start, p.shape[dim]).copy_(p)
-        start += p.shape[dim]
-    return out
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+    out = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format_of(like))
+    return torch.cat(parts, dim, out=out)
 
 
 # --------------------------------------------------------------------------------------------------
