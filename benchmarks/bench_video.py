@@ -41,7 +41,8 @@ FULL_CASES = {"decode 81x1280x720": (21, 90, 160), "decode 81x832x480": (21, 60,
               "encode image 1328x1328": (1, 1328, 1328)}  # the Edit pipelines' conditioning encode
 TINY_CASES = {"decode 9x64x48": (3, 8, 6), "decode 9x48x40": (3, 6, 5), "encode 9x48x40": (9, 48, 40),
               "decode image 64x64": (1, 8, 8), "encode image 64x64": (1, 64, 64)}
-WINDOW_VARIANTS = [("taps2d", 1), ("stacked2d", 1), ("conv3d", 2), ("taps2d", 2), ("conv3d", 4)]
+WINDOW_VARIANTS = [("taps2d", 1), ("stacked2d", 1), ("stacked2d_filled", 1), ("conv3d", 2), ("taps2d", 2),
+                   ("conv3d", 4)]
 COLUMNS = [("case", "case", ""), ("label", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("beyond_out_gib", "peak - output", ".2f"),
            ("vs_first", "max|Δ| vs old", ".2e"), ("speedup", "x diffusers", ".2f")]

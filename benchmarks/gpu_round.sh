@@ -4,7 +4,9 @@
 # 16:10 round ran vae21, parallel and rest. Still open, in order of value:
 #   0. parallel again: the Qwen-Image level path ran NCHW after each exchange (fixed after the round):
 #      its image halo rule (mid) may change; then video (the QI encoder ran in its input's NCHW layout:
-#      image encodes and every video's first frame; bench_video now has an image-encode row)
+#      image encodes and every video's first frame; bench_video now has an image-encode row, and the
+#      "stacked2d_filled" window variant: the norm writes the conv's stacked input, memory model +2 GiB
+#      at 720p; the default if it is faster)
 #   1. vae21 again: the transposed upsamplers now run under cudnn.deterministic (is it free at the
 #      released sizes? the new "untiled, direct upsamplers" row beside them decides the 2.1 default),
 #      and the default fused shortcut pass in every row

@@ -111,16 +111,47 @@ def test_encode_chunks_must_be_a_multiple_of_the_time_compression(tiny):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("window_conv", ["taps2d", "stacked2d"])
+@pytest.mark.parametrize("window_conv", ["taps2d", "stacked2d", "stacked2d_filled"])
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_window_conv_formulations_equal_conv3d_fp64(tiny64, window_conv, chunk):
-    """The three temporal taps as three 2-D convs, or stacked along channels into one: the same sums."""
+    """The three temporal taps as three 2-D convs, or stacked along channels into one (copied there, or
+    written there by the norm before the conv): the same sums. B = 2 takes the 3-D conv."""
     _, ours = tiny64
     z = latent((1, 4, 4, 6, 5), seed=25, dtype=torch.float64)
+    z2 = latent((2, 4, 3, 5, 4), seed=27, dtype=torch.float64)
     with streaming(ours):
-        reference = ours.decode(z)
+        reference, reference2 = ours.decode(z), ours.decode(z2)
     with streaming(ours, decode_chunk_frames=chunk, window_conv=window_conv):
         assert max_diff(ours.decode(z), reference) <= TOL_FP64
+        assert max_diff(ours.decode(z2), reference2) <= TOL_FP64
+
+
+@torch.no_grad()
+def test_filled_stack_holds_each_input_frame_in_each_tap_slot():
+    """`stacked2d_filled`'s stack: position t's slot k holds input frame t - 2 + k (the past's two frames
+    included), and the conv's next past is the chunk's last two input frames."""
+    from qwenfast.vae.qwen_image import CausalConv3d
+
+    conv = CausalConv3d(3, 2, 3, padding=1).double()
+    past = torch.randn(1, 3, 2, 4, 5, dtype=torch.float64)
+    for t in (1, 2, 4):
+        x = torch.randn(1, 3, t, 4, 5, dtype=torch.float64)
+        frames = torch.cat([past, x], dim=2)[0]  # (C, 2 + T, H, W): input frames -2 .. T-1
+        cache = video.FrameCache()
+        cache.set(conv, past.clone())
+        previous, video.WINDOW_CONV = video.WINDOW_CONV, "stacked2d_filled"
+        try:
+            stack = video.causal_window(conv, x, cache)
+            for p in range(t):
+                for k in range(3):
+                    assert torch.equal(stack[p, k * 3:(k + 1) * 3], frames[:, p + k])  # frame p - 2 + k
+            y = video.convolve_causal_window(conv, stack, cache, conv.bias)
+        finally:
+            video.WINDOW_CONV = previous
+        expected = torch.nn.functional.conv3d(frames[None], conv.weight, conv.bias, 1, (0, 1, 1))
+        assert max_diff(y, expected) <= TOL_FP64
+        assert torch.equal(cache.get(conv), frames[None, :, t:t + 2])
+        past = cache.get(conv).clone()
 
 
 def test_unknown_window_conv_is_refused(tiny):

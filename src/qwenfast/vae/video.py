@@ -24,8 +24,15 @@ How the window is convolved is `WINDOW_CONV` (measured on the GPU, see benchmark
 - "taps2d": the three temporal taps as three 2-D convs over overlapping frame slices of the window
   (B = 1), summed in place;
 - "stacked2d": the three frames stacked along channels (a copy), one 2-D conv with the weight
-  reshaped to (out, 3·in, kh, kw) (B = 1).
-All three are the same sums re-associated: exact to rounding.
+  reshaped to (out, 3·in, kh, kw) (B = 1);
+- "stacked2d_filled": the same conv over a stack that the window's producer fills itself: instead of
+  one window, `causal_window` builds the stack S (T + 2, 3·C, H, W) — position t holds input frames
+  t-2, t-1, t in its three channel slots — and the producer (the RMS norm before the conv) writes
+  its T frames into each slot, frame-shifted (three passes of the norm instead of one pass and three
+  copies; B = 1). S is three windows' memory. On an H200 the 96-channel 720p conv over a prebuilt
+  stack ran at 534 TFLOP/s against conv3d's 323 (benchmarks/results/video_h200.md); whether the two
+  extra norm passes leave a net gain is to be measured (bench_video.py --variants).
+All four are the same sums re-associated: exact to rounding.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "causal_window", "convolve_causal_window", "first_frame_past",
+__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "WINDOW_CONVS", "causal_window", "convolve_causal_window", "first_frame_past",
            "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
 
-WINDOW_CONV = "conv3d"  # "conv3d" | "taps2d" | "stacked2d": how a window is convolved (module doc)
+WINDOW_CONV = "conv3d"  # "conv3d" | "taps2d" | "stacked2d" | "stacked2d_filled": how a window is convolved
+WINDOW_CONVS = ("conv3d", "taps2d", "stacked2d", "stacked2d_filled")
 
 
 class FrameCache:
@@ -102,6 +110,8 @@ def causal_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
     conv over it; once it is filled `x` is no longer needed, and a caller that drops it before the conv
     holds one chunk-sized tensor fewer."""
     b, c, t, h, w = x.shape
+    if WINDOW_CONV == "stacked2d_filled" and b == 1 and conv.kernel_size[0] == 1 + CACHE_T:
+        return _stacked_window(conv, x, cache, produce)
     window = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device,
                          memory_format=video_layout(x.device))  # (B, C, 2 + T, H, W)
     past = cache.get(conv)
@@ -116,10 +126,43 @@ def causal_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
     return window
 
 
+def _stacked_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
+                    produce: Callable[[torch.Tensor], Any] | None) -> torch.Tensor:
+    """"stacked2d_filled"'s window: S (2 + T, 3·C, H, W), position t's slot k (channels k·C .. (k+1)·C)
+    holding input frame t - 2 + k (k = 0, 1, 2: the time taps in order); positions T, T + 1 are spare
+    room for the shifted writes (never convolved). x (1, C, T, H, W)."""
+    _, c, t, h, w = x.shape
+    stack = torch.empty((CACHE_T + t, (1 + CACHE_T) * c, h, w), dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
+    past = cache.get(conv)  # (1, C, 2, H, W): input frames -2, -1 (None: zeros, the start of the video)
+    for k in range(CACHE_T):  # the slots that read the past: frame -2 + k + p lands at position p
+        for p in range(CACHE_T - k):
+            slot = stack[p, k * c:(k + 1) * c]
+            if past is None:
+                slot.zero_()
+            else:
+                slot.copy_(past[0, :, k + p])
+    for k in range(1 + CACHE_T):  # input frame j lands at position j + 2 - k of slot k
+        frames = stack[CACHE_T - k:CACHE_T - k + t, k * c:(k + 1) * c].transpose(0, 1).unsqueeze(0)  # (1, C, T, H, W)
+        if produce is None:
+            frames.copy_(x)
+        else:
+            produce(frames)
+    return stack
+
+
+def _stacked_input_frame(stack: torch.Tensor, c: int, j: int) -> torch.Tensor:
+    """Input frame j (-2 <= j < T) of a `_stacked_window`, (C, H, W): in slot 2 at position j, or for
+    the past in slot 2 + j at position 0."""
+    return stack[j, CACHE_T * c:] if j >= 0 else stack[0, (CACHE_T + j) * c:(CACHE_T + j + 1) * c]
+
+
 def convolve_causal_window(conv: nn.Conv3d, window: torch.Tensor, cache: FrameCache,
                            bias: torch.Tensor | None) -> torch.Tensor:
     """The conv over a filled `causal_window` → (B, O, T, H', W'), and the window's last two frames kept
     in `cache` as the next chunk's past."""
+    if window.dim() == 4:  # a "stacked2d_filled" stack (2 + T, 3·C, H, W)
+        return _convolve_stack(conv, window, cache, bias)
     t = window.shape[2] - CACHE_T
     y = _convolve_window(conv, window, bias)  # (B, O, T, H', W')
     past = cache.get(conv)
@@ -130,12 +173,32 @@ def convolve_causal_window(conv: nn.Conv3d, window: torch.Tensor, cache: FrameCa
     return y
 
 
+def _convolve_stack(conv: nn.Conv3d, stack: torch.Tensor, cache: FrameCache,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """`convolve_causal_window` for a `_stacked_window`: one 2-D conv over its T positions with the weight
+    tap-major (O, 3·C, kh, kw) → (1, O, T, H', W'); input frames T-2, T-1 kept as the next past."""
+    t, c = stack.shape[0] - CACHE_T, stack.shape[1] // (1 + CACHE_T)
+    ph, pw = conv._pad[2], conv._pad[0]  # the spatial padding (CausalConv3d keeps it in _pad)
+    weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, 3·C, kh, kw): tap k's input channels at k·C
+    y = F.conv2d(stack[:t], weight, bias, conv.stride[1:], (ph, pw))  # (T, O, H', W')
+    past = cache.get(conv)
+    if past is None:
+        past = torch.empty((1, c, CACHE_T, *stack.shape[2:]), dtype=stack.dtype, device=stack.device,
+                           memory_format=video_layout(stack.device))
+        cache.set(conv, past)
+    for i, j in enumerate(range(t - CACHE_T, t)):
+        past[0, :, i].copy_(_stacked_input_frame(stack, c, j))
+    return y.transpose(0, 1).unsqueeze(0)
+
+
 def _convolve_window(conv: nn.Conv3d, window: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(B, C, 2 + T, H, W) → (B, O, T, H', W'): the 3-tap time conv without time padding."""
     kt, kh, kw = conv.kernel_size
     ph, pw = conv._pad[2], conv._pad[0]  # the spatial padding (CausalConv3d keeps it in _pad)
     mode = WINDOW_CONV
-    if mode == "conv3d" or window.shape[0] != 1 or kt != 3:
+    if mode not in WINDOW_CONVS:
+        raise ValueError(f"WINDOW_CONV must be one of {', '.join(map(repr, WINDOW_CONVS))}; got {mode!r}")
+    if mode in ("conv3d", "stacked2d_filled") or window.shape[0] != 1 or kt != 3:
         return F.conv3d(window, conv.weight, bias, conv.stride, (0, ph, pw), conv.dilation, conv.groups)
     frames = window[0].transpose(0, 1)  # (2 + T, C, H, W); channels-last when the window is
     t = frames.shape[0] - (kt - 1)
@@ -152,6 +215,4 @@ def _convolve_window(conv: nn.Conv3d, window: torch.Tensor, bias: torch.Tensor |
             stacked[:, k * c:(k + 1) * c].copy_(frames[k:k + t])
         weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, kt·C, kh, kw), tap-major like `stacked`
         y = F.conv2d(stacked, weight, bias, stride, (ph, pw))
-    else:
-        raise ValueError(f"WINDOW_CONV must be 'conv3d', 'taps2d' or 'stacked2d'; got {mode!r}")
     return y.transpose(0, 1).unsqueeze(0)  # (1, O, T, H', W')
