@@ -120,3 +120,19 @@ def test_tiled_paths_convolve_channels_last(model, frames, path):
         fn = lambda: vae.decode(z)  # noqa: E731
     layouts = conv_layouts(fn, vae.z_dim)
     assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convs not channels-last"
+
+
+@torch.no_grad()
+def test_filled_stack_video_decode_convolves_channels_last():
+    """`video.WINDOW_CONV = "stacked2d_filled"`: the stacks the norm writes are channels-last on CUDA."""
+    from qwenfast.vae import video
+
+    vae = meta_vae("qwenimage")
+    vae.vae_config = VAEConfig()
+    z = torch.empty(1, vae.z_dim, 3, 40, 9, device="meta", dtype=torch.bfloat16)
+    previous, video.WINDOW_CONV = video.WINDOW_CONV, "stacked2d_filled"
+    try:
+        layouts = conv_layouts(lambda: vae.decode(z), vae.z_dim)
+    finally:
+        video.WINDOW_CONV = previous
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convs not channels-last"
