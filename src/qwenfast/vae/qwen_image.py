@@ -537,6 +537,13 @@ class Encoder3d(nn.Module):
         return self.conv_out(x, cache, norm=self.norm_out)
 
 
+def chain(steps, x: torch.Tensor) -> torch.Tensor:
+    """x through `steps` (calls, each taking the previous output), holding only the current value."""
+    for step in steps:
+        x = step(x)
+    return x
+
+
 class UpBlock(nn.Module):
     """`num_res_blocks + 1` ResBlocks, then an optional 2x Resample."""
 
@@ -556,12 +563,19 @@ class UpBlock(nn.Module):
         """The output of an up block with an upsampler lacks the upsampler conv's bias (`output_bias`):
         the next block's first ResBlock adds it in its fused passes (PyTorch would spend a pass of its
         own on the bias of a tensor this size). `x_bias`: what `x` lacks, from the block before."""
-        x = self.resnets[0](x, cache, x_bias=x_bias)
+        return chain(self.steps(cache, x_bias), x)
+
+    def steps(self, cache: FrameCache | None = None, x_bias: torch.Tensor | None = None) -> Iterator[Callable]:
+        """The block as calls in order, each taking the previous one's output (`forward` chains them). A
+        caller that chains them itself holds nothing but the current input: the block's input is freed
+        once its first ResBlock returns, where `block(x)` keeps it (the caller's reference and
+        nn.Module.__call__'s arguments) until the whole block returns — at the 81x720p decode's peak,
+        the last block's input is a 675 MiB tensor."""
+        yield lambda x: self.resnets[0](x, cache, x_bias=x_bias)
         for resnet in self.resnets[1:]:
-            x = resnet(x, cache)
+            yield lambda x, resnet=resnet: resnet(x, cache)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, cache, with_bias=False)
-        return x
+            yield lambda x: self.upsamplers[0](x, cache, with_bias=False)
 
     @property
     def output_bias(self) -> torch.Tensor | None:
@@ -598,20 +612,23 @@ class Decoder3d(nn.Module):
         return self.mid_block(self.conv_in(x, cache), cache)
 
     def forward_local(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
-        """Mid-block output (B, C_mid, [T,] h, w) → pixels (B, 3, [T',] 8h, 8w), unclamped."""
-        for i in range(len(self.up_blocks)):
-            x = self.forward_level(i, x, cache)
-        return x
+        """Mid-block output (B, C_mid, [T,] h, w) → pixels (B, 3, [T',] 8h, 8w), unclamped. The levels'
+        steps chained here, so that each level's input is freed after its first ResBlock
+        (`UpBlock.steps`): forward hooks on the up blocks do not fire (those on their ResBlocks do)."""
+        return chain((step for i in range(len(self.up_blocks)) for step in self.level_steps(i, cache)), x)
 
     def forward_level(self, i: int, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         """Up block `i` of the local part; the last one also runs the head (RMSNorm, SiLU, conv_out).
         A level's output lacks its upsampler's bias, which the next level adds (`UpBlock`): every
         consumer of a level output is the next level, so the local part's output is unchanged."""
-        x = self.up_blocks[i](x, cache, x_bias=self.up_blocks[i - 1].output_bias if i > 0 else None)
+        return chain(self.level_steps(i, cache), x)
+
+    def level_steps(self, i: int, cache: FrameCache | None = None) -> Iterator[Callable]:
+        """`forward_level(i)` as calls in order (`UpBlock.steps`, then the head after the last block)."""
+        yield from self.up_blocks[i].steps(cache, x_bias=self.up_blocks[i - 1].output_bias if i > 0 else None)
         if i == len(self.up_blocks) - 1:
             # the norm writes into conv_out's frame window
-            x = self.conv_out(x, cache, norm=self.norm_out, norm_bias=self.up_blocks[i].output_bias)
-        return x
+            yield lambda x: self.conv_out(x, cache, norm=self.norm_out, norm_bias=self.up_blocks[i].output_bias)
 
     def topology(self) -> DecoderTopology:
         """The local part (and the mid block's tail) read from the module tree: per up block its 3x3
