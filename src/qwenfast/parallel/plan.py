@@ -253,10 +253,9 @@ class CostModel:
         the spatial scale. For the Qwen-Image VAE that is the defaults within 5%; the 2.1 VAE's decoder
         counts 15.5e6 FLOP per output px at 16x, 1152 mid channels (without this, `auto` estimated it as
         a Qwen-Image latent: 1.10x on 2 ranks at 1328², replicated, where the rehearsal predicted 1.45x
-        for `patch`)."""
+        for `patch`). The peak estimates keep the Qwen-Image figures (act_bytes_per_px_per_byte, 3
+        output channels, 4 frames per latent frame): for the 2.1 VAE's banded decode ~2x too high."""
         conv = sum(18 * ci * co * lv["scale"] ** 2 for lv in topology.cost_levels() for ci, co in lv["convs"])
-        # (the peak estimates keep the Qwen-Image figures: act_bytes_per_px_per_byte, 3 output channels,
-        # 4 frames per latent frame; for the 2.1 VAE's banded decode they over-estimate ~2x)
         local = conv / topology.scale ** 2 * _WORK_PER_CONV_FLOP
         mid = topology.levels[0].channels
         return replace(self, local_flop_per_px=local,

@@ -361,7 +361,8 @@ class Resample(nn.Module):
 
         if self.mode == "upsample3d" and cache is not None:
             x = self._time_upsample(x, cache)
-        y = spatial_resample(self.resample, video.frames_as_images(x), with_bias)  # (B·T, C', H', W'): a view when channels-last
+        # (B·T, C', H', W'): a view when channels-last
+        y = spatial_resample(self.resample, video.frames_as_images(x), with_bias)
         y = video.images_as_frames(y, x.shape[0])  # (B, C', T, H', W')
         if self.mode == "downsample3d" and cache is not None:
             y = self._time_downsample(y, cache)

@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "WINDOW_CONVS", "causal_window", "convolve_causal_window", "first_frame_past",
-           "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
+__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "WINDOW_CONVS", "causal_window", "convolve_causal_window",
+           "first_frame_past", "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
 
@@ -132,8 +132,7 @@ def _stacked_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
     holding input frame t - 2 + k (k = 0, 1, 2: the time taps in order); positions T, T + 1 are spare
     room for the shifted writes (never convolved). x (1, C, T, H, W)."""
     _, c, t, h, w = x.shape
-    stack = torch.empty((CACHE_T + t, (1 + CACHE_T) * c, h, w), dtype=x.dtype, device=x.device,
-                        memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
+    stack = _empty_stack(CACHE_T + t, x[0, :, 0])
     past = cache.get(conv)  # (1, C, 2, H, W): input frames -2, -1 (None: zeros, the start of the video)
     for k in range(CACHE_T):  # the slots that read the past: frame -2 + k + p lands at position p
         for p in range(CACHE_T - k):
@@ -149,6 +148,22 @@ def _stacked_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
         else:
             produce(frames)
     return stack
+
+
+def _empty_stack(positions: int, frame: torch.Tensor) -> torch.Tensor:
+    """A stack (positions, 3·C, H, W) for frames like `frame` (C, H, W): each position's three time-tap
+    slots side by side, channels-last on CUDA (the layout of cuDNN's fast 2-D convs)."""
+    c, h, w = frame.shape
+    return torch.empty((positions, (1 + CACHE_T) * c, h, w), dtype=frame.dtype, device=frame.device,
+                       memory_format=torch.channels_last if frame.is_cuda else torch.contiguous_format)
+
+
+def _conv_over_stack(conv: nn.Conv3d, stack: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 3-tap time conv as one 2-D conv over a stack (T, 3·C, H, W) whose slot k holds each output
+    frame's tap-k input frame: the weight tap-major (O, 3·C, kh, kw) → (T, O, H', W')."""
+    ph, pw = conv._pad[2], conv._pad[0]  # the spatial padding (CausalConv3d keeps it in _pad)
+    weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, 3·C, kh, kw): tap k's input channels at k·C
+    return F.conv2d(stack, weight, bias, conv.stride[1:], (ph, pw))
 
 
 def _stacked_input_frame(stack: torch.Tensor, c: int, j: int) -> torch.Tensor:
@@ -178,9 +193,7 @@ def _convolve_stack(conv: nn.Conv3d, stack: torch.Tensor, cache: FrameCache,
     """`convolve_causal_window` for a `_stacked_window`: one 2-D conv over its T positions with the weight
     tap-major (O, 3·C, kh, kw) → (1, O, T, H', W'); input frames T-2, T-1 kept as the next past."""
     t, c = stack.shape[0] - CACHE_T, stack.shape[1] // (1 + CACHE_T)
-    ph, pw = conv._pad[2], conv._pad[0]  # the spatial padding (CausalConv3d keeps it in _pad)
-    weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, 3·C, kh, kw): tap k's input channels at k·C
-    y = F.conv2d(stack[:t], weight, bias, conv.stride[1:], (ph, pw))  # (T, O, H', W')
+    y = _conv_over_stack(conv, stack[:t], bias)  # (T, O, H', W')
     past = cache.get(conv)
     if past is None:
         past = torch.empty((1, c, CACHE_T, *stack.shape[2:]), dtype=stack.dtype, device=stack.device,
@@ -209,10 +222,8 @@ def _convolve_window(conv: nn.Conv3d, window: torch.Tensor, bias: torch.Tensor |
             y += F.conv2d(frames[k:k + t], conv.weight[:, :, k], None, stride, (ph, pw))
     elif mode == "stacked2d":
         c = frames.shape[1]
-        stacked = torch.empty((t, kt * c, *frames.shape[2:]), dtype=window.dtype, device=window.device,
-                              memory_format=torch.channels_last if window.is_cuda else torch.contiguous_format)
+        stacked = _empty_stack(t, frames[0])
         for k in range(kt):
             stacked[:, k * c:(k + 1) * c].copy_(frames[k:k + t])
-        weight = conv.weight.transpose(1, 2).flatten(1, 2)  # (O, kt·C, kh, kw), tap-major like `stacked`
-        y = F.conv2d(stacked, weight, bias, stride, (ph, pw))
+        y = _conv_over_stack(conv, stacked, bias)
     return y.transpose(0, 1).unsqueeze(0)  # (1, O, T, H', W')
