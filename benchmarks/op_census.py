@@ -28,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_model  # noqa: E402
+from bench_vae21 import DRY_ARCH  # noqa: E402
+from bench_video import TINY  # noqa: E402
 
 from qwenfast.config import VAEConfig  # noqa: E402
 
@@ -88,13 +90,7 @@ class Census(TorchDispatchMode):
         return "\n".join(lines)
 
 
-TINY_ARCHS = {  # --tiny: small configs of both models (the released ones otherwise)
-    "qwenimage": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                      temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4),
-    "qwenimage21": dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                        temperal_downsample=[False, True, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
-                        scale_factor_spatial=8),
-}
+TINY_ARCHS = {"qwenimage": TINY, "qwenimage21": DRY_ARCH}  # --tiny: the other scripts' checking configs
 
 
 def build(model: str, tiny: bool):
@@ -104,13 +100,9 @@ def build(model: str, tiny: bool):
     return memory_model.meta_qwen_vae(torch.bfloat16, arch)
 
 
-def run(args) -> Census:
-    vae = build(args.model, args.tiny)
+def run(args, vae, frames: int, h: int, w: int) -> Census:
+    """`args.op` of `vae` on a (frames, h, w) video or image (frames = 1) of bf16 pixels, counted."""
     s = vae.spatial_compression_ratio
-    if args.video:
-        frames, h, w = args.video
-    else:
-        frames, h, w = 1, args.size, args.size
     if args.op == "encode":
         channels = vae.in_channels_pixels if args.model == "qwenimage21" else 3
         x = torch.empty(1, channels, frames, h, w, device="meta", dtype=torch.bfloat16)
@@ -150,7 +142,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.world:
         p.error(f"--rank must be in [0, {args.world}); got {args.rank}")
-    print(run(args).table(args.top))
+    frames, h, w = args.video or (1, args.size, args.size)
+    vae = build(args.model, args.tiny)
+    scale = vae.spatial_compression_ratio
+    if frames < 1 or (frames - 1) % 4 or h < scale or w < scale or h % scale or w % scale:
+        p.error(f"frames must be 1 + 4k and sides positive multiples of {scale} for {args.model}; "
+                f"got {frames} frames of {h}x{w}")
+    print(run(args, vae, frames, h, w).table(args.top))
     return 0
 
 

@@ -39,3 +39,13 @@ def test_a_rank_outside_the_world_is_refused(capsys):
     with pytest.raises(SystemExit):
         load().main(["patch", "--tiny", "--world", "2", "--rank", "2"])
     assert "--rank must be in [0, 2); got 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, got", [(["--size", "100"], "1 frames of 100x100"),
+                                       (["--video", "0", "64", "48"], "0 frames of 64x48"),
+                                       (["--video", "6", "64", "48"], "6 frames of 64x48")])
+def test_shapes_the_model_cannot_take_are_refused_in_one_line(argv, got, capsys):
+    with pytest.raises(SystemExit):
+        load().main(["decode", "--tiny", *argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"positive multiples of 8 for qwenimage; got {got}")

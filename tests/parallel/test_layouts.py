@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import load_benchmark
+from helpers import TINY, TINY21, load_benchmark
 from qwenfast.config import VAEConfig
 from qwenfast.parallel.patch import parallel_patch_decode
 from qwenfast.parallel.rehearsal import RehearsalComm
@@ -41,11 +41,6 @@ def conv_layouts(fn, z_dim: int = 4) -> list[bool]:
     return spy.layouts
 
 
-TINY = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-TINY21 = dict(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-              temperal_downsample=[False, True, True], latents_mean=[0.0] * 6, latents_std=[1.0] * 6,
-              scale_factor_spatial=8)
 CASES = [("qwenimage", 1), ("qwenimage", 3), ("qwenimage21", 1)]  # (model, latent frames)
 
 
