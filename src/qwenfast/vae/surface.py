@@ -63,19 +63,30 @@ def constant_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.T
 
 
 def cat_keeping_layout(parts: list[torch.Tensor], dim: int, like: torch.Tensor) -> torch.Tensor:
-    """torch.cat(parts, dim) in `like`'s layout (`memory_format_of`), with cat's own checks and type
-    promotion. torch.cat itself returns a contiguous tensor as soon as one part is plainly contiguous
-    (e.g. [received rows, a channels-last band]), and every conv after it would then run in cuDNN's
-    NCHW path or transpose first. With autograd recording, plain torch.cat (`out=` records none)."""
+    """torch.cat(parts, dim) in `like`'s layout (`memory_format_of`), with cat's type promotion. torch.cat
+    itself returns a contiguous tensor as soon as one part is plainly contiguous (e.g. [received rows, a
+    channels-last band]), and every conv after it would then run in cuDNN's NCHW path or transpose
+    first; and `torch.cat(..., out=)` into a channels-last result runs a strided gather kernel that took
+    17 ms for a 4096² Qwen-Image band on an H200 (a third of the rank's level path,
+    benchmarks/results/level_halo_cat_h200.md). So: one copy per part into its slice of the result
+    (a plain copy where the part already has the layout). With autograd recording, plain torch.cat."""
     if len(parts) == 1:
         return parts[0]
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return torch.cat(parts, dim)
+    d = dim % parts[0].dim()
+    if any(p.dim() != parts[0].dim() or p.shape[:d] + p.shape[d + 1:] != parts[0].shape[:d] + parts[0].shape[d + 1:]
+           or p.device != like.device for p in parts):
+        return torch.cat(parts, dim)  # mismatched parts: torch.cat's own error
     shape = list(parts[0].shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
+    shape[d] = sum(p.shape[d] for p in parts)
     dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
     out = torch.empty(shape, dtype=dtype, device=like.device, memory_format=memory_format_of(like))
-    return torch.cat(parts, dim, out=out)
+    start = 0
+    for part in parts:
+        out.narrow(d, start, part.shape[d]).copy_(part)
+        start += part.shape[d]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
