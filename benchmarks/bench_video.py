@@ -15,7 +15,7 @@ exact-tiled; encode 81 frames at 832x480. Per case: median ms, allocator peak ab
 use before (GiB) and that peak less the output tensor; max|Δ| against the first qwenfast run
 (`--compare`, on frames 0, 1, T/2, T-1, bf16), and the bf16 decode against an fp32 decode of a
 3-latent-frame 480p video (fp32 vs fp32 across implementations too). `--variants` also times the
-new path's window convs ("conv3d", "taps2d", "stacked2d"), decode chunk sizes and encode chunk sizes,
+new path's window convs (`WINDOW_VARIANTS`, `ENCODE_VARIANTS`) with their chunk sizes,
 a 96-channel 3x3x3 conv at 720p on 4 frames in each formulation (TFLOP/s), and profiles one decode.
 `--tiny` runs everything at toy sizes on the CPU (a smoke test of the script).
 """
@@ -41,8 +41,15 @@ FULL_CASES = {"decode 81x1280x720": (21, 90, 160), "decode 81x832x480": (21, 60,
               "encode image 1328x1328": (1, 1328, 1328)}  # the Edit pipelines' conditioning encode
 TINY_CASES = {"decode 9x64x48": (3, 8, 6), "decode 9x48x40": (3, 6, 5), "encode 9x48x40": (9, 48, 40),
               "decode image 64x64": (1, 8, 8), "encode image 64x64": (1, 64, 64)}
-WINDOW_VARIANTS = [("taps2d", 1), ("stacked2d", 1), ("stacked2d_filled", 1), ("conv3d", 2), ("taps2d", 2),
-                   ("conv3d", 4)]
+# (window conv, latent frames a step) of the decode variants, and (window conv, frames a step) of the encode
+# ones. "taps2d" and "stacked2d" (a copy into the stack) lost on the H200 at 1 and 2 latent frames a step
+# and conv3d at 4 held 21 GiB (results/video_0ebd864_h200.md): not timed again.
+# A third element: video.STACKED_MAX_CHANNELS (the stack only where the conv reads at most that many
+# channels: the decoder's 192- and 96-channel levels at 360x640 and 720x1280).
+WINDOW_VARIANTS = [("stacked2d_filled", 1, None), ("stacked2d_filled", 1, 192), ("stacked2d_filled", 1, 96),
+                   ("stacked2d_filled", 2, None), ("conv3d", 2, None)]
+ENCODE_VARIANTS = [("conv3d", 8, None), ("stacked2d_filled", 4, None), ("stacked2d_filled", 4, 192),
+                   ("stacked2d_filled", 8, None)]
 COLUMNS = [("case", "case", ""), ("label", "impl", ""), ("mode", "mode", ""), ("median_ms", "median ms", ".1f"),
            ("peak_gib", "peak GiB", ".2f"), ("beyond_out_gib", "peak - output", ".2f"),
            ("vs_first", "max|Δ| vs old", ".2e"), ("speedup", "x diffusers", ".2f")]
@@ -129,6 +136,23 @@ def conv_rates(device, tiny: bool) -> list[dict]:
     rows.append(dict(case="conv2d 3C on a prebuilt stack (no copy)", median_ms=st["median_ms"],
                      tflops=flop / st["median_ms"] / 1e9))
     video.WINDOW_CONV = "conv3d"
+    del win, stacked
+    # each level of the 720p decoder (channels, frames a step at 1 latent frame a step, size): cuDNN's
+    # channels-last conv3d against the 2-D conv over a prebuilt stack, which decides STACKED_MAX_CHANNELS
+    levels = [(8, 1, 6, 10), (8, 2, 12, 20), (8, 4, 24, 40)] if tiny else \
+        [(384, 1, 90, 160), (384, 2, 180, 320), (192, 4, 360, 640), (96, 4, 720, 1280)]
+    for c, t, h, w in levels:
+        conv = torch.nn.Conv3d(c, c, 3, bias=False).to(device=device, dtype=dtype)
+        conv._pad = (1, 1, 1, 1, 2, 0)
+        win = torch.randn(1, c, t + 2, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
+        stacked = torch.randn(t, 3 * c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        flop = 2 * c * c * 27 * t * h * w
+        with torch.inference_mode():
+            for name, fn in ((f"level {c} ch {h}x{w} x{t}: conv3d channels-last", lambda: video._convolve_window(conv, win, None)),
+                             (f"level {c} ch {h}x{w} x{t}: conv2d 3C on a stack", lambda: video._conv_over_stack(conv, stacked, None))):
+                _, st = measure(fn, device, 10, 3)
+                rows.append(dict(case=name, median_ms=st["median_ms"], tflops=flop / st["median_ms"] / 1e9))
+        del win, stacked
     return rows
 
 
@@ -200,20 +224,31 @@ def bench(args) -> dict:
             from qwenfast.vae import video
 
             model.vae_config = VAEConfig()
-            for conv_mode, chunk in WINDOW_VARIANTS:
-                video.WINDOW_CONV, model.decode_chunk_frames = conv_mode, chunk
+            for conv_mode, chunk, max_c in WINDOW_VARIANTS:
+                video.WINDOW_CONV, model.decode_chunk_frames, video.STACKED_MAX_CHANNELS = conv_mode, chunk, max_c
                 out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
-                record(case, f"untiled, {conv_mode}, {chunk} latent fr/step", out, stats)
+                where = "" if max_c is None else f" (C <= {max_c})"
+                record(case, f"untiled, {conv_mode}{where}, {chunk} latent fr/step", out, stats)
                 del out
-            video.WINDOW_CONV, model.decode_chunk_frames = "conv3d", 1
-        if args.variants and args.impl == "qwenfast" and kind == "encode":
+            video.STACKED_MAX_CHANNELS = None
+            video.WINDOW_CONV, model.decode_chunk_frames = "stacked2d_filled", 1
+            model.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=64 if args.tiny else 1024)
+            out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
+            record(case, "exact tiling, stacked2d_filled", out, stats)
+            del out
             model.vae_config = VAEConfig()
-            for chunk in (8, 16):
-                model.encode_chunk_frames = chunk
+            video.WINDOW_CONV, model.decode_chunk_frames = "conv3d", 1
+        if args.variants and args.impl == "qwenfast" and kind == "encode" and "image" not in case:
+            from qwenfast.vae import video
+
+            model.vae_config = VAEConfig()
+            for conv_mode, chunk, max_c in ENCODE_VARIANTS:
+                video.WINDOW_CONV, model.encode_chunk_frames, video.STACKED_MAX_CHANNELS = conv_mode, chunk, max_c
                 out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
-                record(case, f"untiled, {chunk} frames/step", out, stats)
+                where = "" if max_c is None else f" (C <= {max_c})"
+                record(case, f"untiled, {conv_mode}{where}, {chunk} frames/step", out, stats)
                 del out
-            model.encode_chunk_frames = None
+            video.WINDOW_CONV, model.encode_chunk_frames, video.STACKED_MAX_CHANNELS = "conv3d", None, None
         del x
 
     # fidelity: bf16 against fp32 (TF32 off) on a short video, each implementation against itself,
@@ -246,19 +281,27 @@ def bench(args) -> dict:
 
 
 def profile(model, cases, z_dim, device) -> str:
-    """Top CUDA kernels of one decode of the first case (a shorter video: 6 latent frames)."""
+    """Top CUDA kernels of one decode of the first case (a shorter video: 6 latent frames), with each
+    window conv that is in question ("conv3d", the default, and "stacked2d_filled")."""
+    from qwenfast.vae import video
+
     shape = next(iter(cases.values()))
     z = inputs("decode", (6, *shape[1:]), z_dim, device).to(torch.bfloat16)
     model.vae_config = VAEConfig()
-    with torch.inference_mode():
-        model.decode(z)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    tables = []
+    for mode in ("conv3d", "stacked2d_filled"):
+        video.WINDOW_CONV = mode
+        with torch.inference_mode():
             model.decode(z)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
-    print(table, flush=True)
-    return table
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model.decode(z)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+        print(f"window conv {mode}:\n{table}", flush=True)
+        tables.append(f"window conv {mode}:\n{table}")
+    video.WINDOW_CONV = "conv3d"
+    return "\n".join(tables)
 
 
 def report(paths: list[str], out: str | None) -> None:

@@ -48,12 +48,14 @@ WORKSPACE_PER_INPUT = {"vae21": 3.1, "diffusers21": 3.1, "image": 1.7, "video": 
 # Peaks measured on one H200 (bf16, max_memory_allocated after reset: weights and inputs included):
 # the 2.1 VAE with its banded local part (bench_vae21.py at 0ebd864, vae21_round2_h200.log; exact =
 # 512 px tiles; before the bands: 4.07 / 6.39 / 14.27 and 2.37 / 3.15 / 3.60 GiB) and the streamed video
-# path (bench_video.py at 0ebd864, video_h200.json; its peak is above the memory in use before the
-# decode, so without the weights: 0.24 GiB less than this model counts; exact = 1024 px tiles).
+# path (bench_video.py at ce6084c + the level-join fix, video_h200.json, with each up block's input
+# freed after its first ResBlock; at 0ebd864, before that: 9.10 / 5.50; its peak is above the memory in
+# use before the decode, so without the weights: 0.24 GiB less than this model counts; exact = 1024 px
+# tiles).
 MEASURED_GIB = {
     ("vae21", 1024, "untiled"): 2.59, ("vae21", 1328, "untiled"): 3.09, ("vae21", 2048, "untiled"): 6.29,
     ("vae21", 1024, "exact"): 1.66, ("vae21", 1328, "exact"): 2.10, ("vae21", 2048, "exact"): 2.40,
-    ("video", 720, "untiled"): 9.10, ("video", 720, "exact"): 5.50,
+    ("video", 720, "untiled"): 8.77, ("video", 720, "exact"): 5.31,
 }
 # The old video path (main at 60b746b, before the streamed one): not what runs now, shown for reference.
 MEASURED_OLD_VIDEO_GIB = {("video", 720, "untiled"): 11.47, ("video", 720, "exact"): 7.12}

@@ -54,6 +54,7 @@ class Census(TorchDispatchMode):
         self.bytes: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
         self.conv_flop = 0.0
+        self.conv_flop_by: collections.Counter = collections.Counter()  # (C_in, C_out, kernel, out H x W) -> FLOP
         self.convs = 0
         self.convs_not_channels_last: list[tuple[int, ...]] = []
 
@@ -64,7 +65,11 @@ class Census(TorchDispatchMode):
             x, w, transposed = args[0], args[1], args[6]
             # 2 FLOP per multiply-add: each output (a normal conv) or each input (a transposed one)
             # meets one filter of w[0].numel() taps
-            self.conv_flop += 2.0 * (x if transposed else out).numel() * w[0].numel()
+            flop = 2.0 * (x if transposed else out).numel() * w[0].numel()
+            self.conv_flop += flop
+            c_in, c_out = (w.shape[0], w.shape[1]) if transposed else (w.shape[1], w.shape[0])
+            kernel = "x".join(map(str, w.shape[2:])) + (" transposed" if transposed else "")
+            self.conv_flop_by[(c_in, c_out, kernel, f"{out.shape[-2]}x{out.shape[-1]}")] += flop
             self.convs += 1
             if not (x.shape[1] == 1 or x.stride(1) == 1):
                 self.convs_not_channels_last.append(tuple(x.shape))
@@ -87,6 +92,14 @@ class Census(TorchDispatchMode):
                  f"{'op':28s} {'call site':56s} {'GiB written':>11s} {'calls':>6s}"]
         for (name, site), b in self.bytes.most_common(top):
             lines.append(f"{name:28s} {site:56s} {b / 2**30:11.3f} {self.calls[(name, site)]:6d}")
+        return "\n".join(lines)
+
+    def conv_table(self) -> str:
+        """Conv FLOPs per (input channels, output channels, kernel, output size), largest first."""
+        lines = [f"{'C in':>5s} {'C out':>5s} {'kernel':>16s} {'out H x W':>11s} {'TFLOP':>8s} {'share':>6s}"]
+        for (c_in, c_out, kernel, size), flop in self.conv_flop_by.most_common():
+            lines.append(f"{c_in:5d} {c_out:5d} {kernel:>16s} {size:>11s} {flop / 1e12:8.2f} "
+                         f"{flop / self.conv_flop:6.1%}")
         return "\n".join(lines)
 
 
@@ -138,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=0, help="patch: the rank whose share is counted")
     p.add_argument("--halo", choices=("auto", "mid", "level"), default="auto", help="patch: VAEConfig.patch_halo")
     p.add_argument("--top", type=int, default=12, help="rows of the table")
+    p.add_argument("--convs", action="store_true", help="also the conv FLOPs per channels, kernel and size")
     p.add_argument("--tiny", action="store_true", help="a tiny config (checks the script)")
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.world:
@@ -148,7 +162,10 @@ def main(argv=None) -> int:
     if frames < 1 or (frames - 1) % 4 or h < scale or w < scale or h % scale or w % scale:
         p.error(f"frames must be 1 + 4k and sides positive multiples of {scale} for {args.model}; "
                 f"got {frames} frames of {h}x{w}")
-    print(run(args, vae, frames, h, w).table(args.top))
+    census = run(args, vae, frames, h, w)
+    print(census.table(args.top))
+    if args.convs:
+        print(census.conv_table())
     return 0
 
 

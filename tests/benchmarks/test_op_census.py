@@ -2,6 +2,7 @@
 share) gives a table; the conv FLOPs are the convs' own (a known conv counted exactly, a transposed one
 too); a rank outside the world is refused."""
 
+import argparse
 
 import pytest
 import torch
@@ -23,6 +24,16 @@ def test_every_op_gives_a_table(argv, capsys):
     head = out.splitlines()[0]
     assert head.startswith("convs: ") and "TFLOP" in head and "GiB" in out
     assert int(head.split()[1].rstrip(",")) > 0
+
+
+def test_conv_breakdown_sums_to_the_total(capsys):
+    census = load()
+    assert census.main(["decode", "--tiny", "--video", "9", "64", "48", "--convs"]) == 0
+    out = capsys.readouterr().out
+    assert "C in C out" in out and "3x3x3" in out
+    args = argparse.Namespace(op="decode", model="qwenimage", exact_tile=None)
+    c = census.run(args, census.build("qwenimage", True), 9, 64, 48)
+    assert c.conv_flop_by and abs(sum(c.conv_flop_by.values()) - c.conv_flop) <= 1e-6 * c.conv_flop
 
 
 def test_conv_flops_are_counted_per_multiply_add():

@@ -188,6 +188,27 @@ def test_out_writes_into_a_frame_window(impl, dtype):
     assert torch.all(window[:, :, :2] == 7.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["triton", "native"])
+def test_out_copies_fill_each_slot_of_a_stack(impl, dtype):
+    """`out` (R, *x.shape): y written into each out[r] (the video path's stacked windows: one frame chunk
+    in three channel slots, each shifted one frame); the slots' neighbours are left alone."""
+    from qwenfast.vae import video
+
+    x, gamma = make((1, 24, 3, 4, 5), torch.channels_last_3d, dtype, seed=16)
+    stack = torch.full((5, 72, 4, 5), 7.0, dtype=dtype, device=x.device).to(memory_format=torch.channels_last)
+    views = [stack[2 - k:5 - k, 24 * k:24 * (k + 1)].transpose(0, 1).unsqueeze(0) for k in (2, 1, 0)]
+    fn = rms_norm_triton if impl == "triton" else rms_norm_native
+    fn(x, gamma, silu=True, out=video._as_copies(views))
+    expected = rms_norm_native(x, gamma, silu=True)
+    for v in views:
+        assert_within_ulp(v, expected, dtype)
+    untouched = torch.ones(5, 72, dtype=torch.bool)
+    for k in range(3):
+        untouched[2 - k:5 - k, 24 * k:24 * (k + 1)] = False
+    assert torch.all(stack[untouched] == 7.0)
+
+
 def test_out_with_strides_the_kernel_cannot_write():
     x, gamma = make((1, 8, 3, 4), torch.contiguous_format, torch.float32, seed=13)
     out = torch.zeros(1, 8, 4, 3, device=x.device).transpose(2, 3)  # spatial dims that do not nest
@@ -206,7 +227,11 @@ def test_out_opcheck_and_errors():
     x, gamma = make((1, 16, 2, 3, 5), torch.channels_last_3d, torch.float32, seed=15)
     out = torch.empty_like(x)
     torch.library.opcheck(torch.ops.qwenfast.rms_norm_out.default, (x, gamma.reshape(-1), True, None, out))
+    copies = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    torch.library.opcheck(torch.ops.qwenfast.rms_norm_out.default, (x, gamma.reshape(-1), True, None, copies))
     with pytest.raises(ValueError, match="out: expected \\(1, 16, 2, 3, 5\\)"):
         rms_norm(x, gamma, out=out[:, :, :1])
     with pytest.raises(ValueError, match="out: expected .* torch.float32"):
         rms_norm(x, gamma, out=out.double())
+    with pytest.raises(ValueError, match="out: expected .*R copies"):
+        rms_norm(x, gamma, out=out[None, None])  # two leading dims: not copies of x

@@ -28,14 +28,14 @@ def tiny64():
 
 
 @contextlib.contextmanager
-def streaming(vae, decode_chunk_frames=1, encode_chunk_frames=None, window_conv="conv3d"):
-    previous = vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV
-    vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV = (
-        decode_chunk_frames, encode_chunk_frames, window_conv)
+def streaming(vae, decode_chunk_frames=1, encode_chunk_frames=None, window_conv="conv3d", stacked_max_channels=None):
+    previous = vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV, video.STACKED_MAX_CHANNELS
+    vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV, video.STACKED_MAX_CHANNELS = (
+        decode_chunk_frames, encode_chunk_frames, window_conv, stacked_max_channels)
     try:
         yield vae
     finally:
-        vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV = previous
+        vae.decode_chunk_frames, vae.encode_chunk_frames, video.WINDOW_CONV, video.STACKED_MAX_CHANNELS = previous
 
 
 def latent(shape, seed, dtype=torch.float32):
@@ -124,6 +124,27 @@ def test_window_conv_formulations_equal_conv3d_fp64(tiny64, window_conv, chunk):
     with streaming(ours, decode_chunk_frames=chunk, window_conv=window_conv):
         assert max_diff(ours.decode(z), reference) <= TOL_FP64
         assert max_diff(ours.decode(z2), reference2) <= TOL_FP64
+
+
+@torch.no_grad()
+def test_filled_stack_on_the_narrow_levels_only_equals_conv3d_fp64(tiny64):
+    """`STACKED_MAX_CHANNELS`: the <= 8-channel convs read stacks, the 16-channel ones windows, in one decode
+    and one encode (the stacks' past handed on to a window conv and back would show here)."""
+    _, ours = tiny64
+    z = latent((1, 4, 4, 6, 5), seed=28, dtype=torch.float64)
+    x = pixels((1, 3, 9, 16, 24), seed=29, dtype=torch.float64)
+    with streaming(ours):
+        reference, moments = ours.decode(z), ours.encode(x)
+    calls = []
+    original = video._stacked_window
+    with streaming(ours, window_conv="stacked2d_filled", stacked_max_channels=8):
+        video._stacked_window = lambda conv, *a: calls.append(conv.in_channels) or original(conv, *a)
+        try:
+            assert max_diff(ours.decode(z), reference) <= TOL_FP64
+            assert max_diff(ours.encode(x), moments) <= TOL_FP64
+        finally:
+            video._stacked_window = original
+    assert calls and max(calls) == 8  # stacks were used, and only where C <= 8 (conv_in's 3 or 4 too)
 
 
 @torch.no_grad()

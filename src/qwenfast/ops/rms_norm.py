@@ -11,6 +11,8 @@ to x's dtype before scaling: a difference of one bf16 rounding). x is (N, C, H, 
 in any memory format; y has x's dtype and memory format. gamma has C elements: diffusers' (C, 1, 1)
 or (C, 1, 1, 1) parameter, or (C,). With `out` (x's shape, dtype and device, any strides) y is written there and `out` returned:
 the video path normalises a chunk of frames straight into the frame window of the conv that reads it.
+`out` may also be (R, *x.shape): y written into each out[r] from one read of x (the three time-tap
+slots of a stacked window, video.py).
 
 Dispatch per call by `RMSNorm`, a `CustomOp` (the rule of every op here): the fused Triton kernel
 (qwenfast.ops.triton.rms_norm) for CUDA tensors with Triton importable and x fp16/bf16/fp32; otherwise
@@ -45,10 +47,11 @@ def _check(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None = Non
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != x.shape[1] or bias.device != x.device):
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"bias: expected {x.shape[1]} elements on {x.device} (one per channel of x), got {shape}")
-    if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
-                            or out.device != x.device):
+    if out is not None and (not isinstance(out, torch.Tensor) or out.shape[out.dim() - x.dim():] != x.shape
+                            or out.dim() - x.dim() not in (0, 1) or out.dtype != x.dtype or out.device != x.device):
         got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"out: expected {tuple(x.shape)} {x.dtype} on {x.device} like x, got {got}")
+        raise ValueError(f"out: expected {tuple(x.shape)} (or R copies of it, (R, *x.shape)) {x.dtype} on {x.device} "
+                         f"like x, got {got}")
 
 
 def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
@@ -65,7 +68,7 @@ def rms_norm_native(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False,
     if silu:
         y = F.silu(y)
     if out is not None:
-        return out.copy_(y)
+        return out.copy_(y)  # (R, *x.shape): broadcast into each copy
     return y.to(dtype)  # .to() keeps x's memory format
 
 

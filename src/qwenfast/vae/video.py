@@ -28,10 +28,14 @@ How the window is convolved is `WINDOW_CONV` (measured on the GPU, see benchmark
 - "stacked2d_filled": the same conv over a stack that the window's producer fills itself: instead of
   one window, `causal_window` builds the stack S (T + 2, 3·C, H, W) — position t holds input frames
   t-2, t-1, t in its three channel slots — and the producer (the RMS norm before the conv) writes
-  its T frames into each slot, frame-shifted (three passes of the norm instead of one pass and three
-  copies; B = 1). S is three windows' memory. On an H200 the 96-channel 720p conv over a prebuilt
-  stack ran at 534 TFLOP/s against conv3d's 323 (benchmarks/results/video_h200.md); whether the two
-  extra norm passes leave a net gain is to be measured (bench_video.py --variants).
+  its T frames into each slot, frame-shifted (one read of its input, three writes: the slots are one
+  evenly strided view; B = 1). S is three windows' memory. `STACKED_MAX_CHANNELS` limits it to the
+  narrow convs.
+Measured on one H200 (benchmarks/results/video_h200.md, 81x720p): "conv3d" is the fastest whole
+decode. The 2-D conv over a stack beats cuDNN's channels-last conv3d only on the 96-channel
+full-resolution level (530 against 405 TFLOP/s; at 192 and 384 channels it is 4-11% slower), and the
+stack's extra writes and memory cost more than that saves: 1755 ms with every conv stacked, 1663 with
+the 96-channel ones only, against conv3d's 1616 (taps2d and a copied stack lost earlier).
 All four are the same sums re-associated: exact to rounding.
 """
 
@@ -43,13 +47,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CACHE_T", "FrameCache", "WINDOW_CONV", "WINDOW_CONVS", "causal_window", "convolve_causal_window",
-           "first_frame_past", "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
+__all__ = ["CACHE_T", "FrameCache", "STACKED_MAX_CHANNELS", "WINDOW_CONV", "WINDOW_CONVS", "causal_window",
+           "convolve_causal_window", "first_frame_past", "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
 
 WINDOW_CONV = "conv3d"  # "conv3d" | "taps2d" | "stacked2d" | "stacked2d_filled": how a window is convolved
 WINDOW_CONVS = ("conv3d", "taps2d", "stacked2d", "stacked2d_filled")
+# "stacked2d_filled" only for convs of at most this many input channels (None: all); the others conv3d
+# (on an H200 the stacked 2-D conv wins only at 96 channels, not enough to pay for the stack: above).
+STACKED_MAX_CHANNELS: int | None = None
 
 
 class FrameCache:
@@ -110,7 +117,8 @@ def causal_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
     conv over it; once it is filled `x` is no longer needed, and a caller that drops it before the conv
     holds one chunk-sized tensor fewer."""
     b, c, t, h, w = x.shape
-    if WINDOW_CONV == "stacked2d_filled" and b == 1 and conv.kernel_size[0] == 1 + CACHE_T:
+    if (WINDOW_CONV == "stacked2d_filled" and b == 1 and conv.kernel_size[0] == 1 + CACHE_T
+            and (STACKED_MAX_CHANNELS is None or c <= STACKED_MAX_CHANNELS)):
         return _stacked_window(conv, x, cache, produce)
     window = torch.empty((b, c, CACHE_T + t, h, w), dtype=x.dtype, device=x.device,
                          memory_format=video_layout(x.device))  # (B, C, 2 + T, H, W)
@@ -141,13 +149,25 @@ def _stacked_window(conv: nn.Conv3d, x: torch.Tensor, cache: FrameCache,
                 slot.zero_()
             else:
                 slot.copy_(past[0, :, k + p])
-    for k in range(1 + CACHE_T):  # input frame j lands at position j + 2 - k of slot k
-        frames = stack[CACHE_T - k:CACHE_T - k + t, k * c:(k + 1) * c].transpose(0, 1).unsqueeze(0)  # (1, C, T, H, W)
-        if produce is None:
-            frames.copy_(x)
-        else:
-            produce(frames)
+    # input frame j lands at position j + 2 - k of slot k: the three slots' frame views (1, C, T, H, W)
+    # lie equally far apart in memory, so they are one view (3, 1, C, T, H, W) that the producer fills
+    # from one read of its input
+    slots = _as_copies([stack[CACHE_T - k:CACHE_T - k + t, k * c:(k + 1) * c].transpose(0, 1).unsqueeze(0)
+                        for k in reversed(range(1 + CACHE_T))])
+    if produce is None:
+        slots.copy_(x)  # broadcast into each slot
+    else:
+        produce(slots)
     return stack
+
+
+def _as_copies(views: list[torch.Tensor]) -> torch.Tensor:
+    """Views of one storage with one shape and strides, whose offsets step evenly, as one view (R, *shape)."""
+    first, step = views[0], views[1].storage_offset() - views[0].storage_offset()
+    if step <= 0 or any(v.shape != first.shape or v.stride() != first.stride() or
+                        v.storage_offset() != first.storage_offset() + r * step for r, v in enumerate(views)):
+        raise AssertionError("the stack's slot views do not step evenly")  # a bug: the stack is built here
+    return first.as_strided((len(views), *first.shape), (step, *first.stride()), first.storage_offset())
 
 
 def _empty_stack(positions: int, frame: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Per-pixel RMS norm (+ SiLU) of the Qwen-Image VAE, fused: one read of x, one write of y.
+"""Per-pixel RMS norm (+ SiLU) of the Qwen-Image VAE, fused: one read of x, one write of y (or of each
+of y's copies).
 
 diffusers computes `F.normalize(x.float(), dim=1).to(x.dtype) * sqrt(C) * gamma` and then SiLU: four
 to six passes over a decoder-sized tensor, two of them in fp32. Here one program takes BLOCK_S pixels
@@ -32,11 +33,11 @@ def _rms_norm_kernel(
     x_ptr,  # (N, C, S), strides (sxn, sxc, sxs)
     gamma_ptr,  # (C,)
     bias_ptr,  # (C,) added to x before the statistics (the preceding conv's bias), or unused
-    y_ptr,  # (N, C, S), strides (syn, syc, sys): y keeps x's memory format
+    y_ptr,  # (COPIES, N, C, S), strides (syr, syn, syc, sys): y keeps x's memory format
     C, S, scale, eps,  # scale = sqrt(C)
-    sxn, sxc, sxs, syn, syc, sys,
+    sxn, sxc, sxs, syr, syn, syc, sys,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr, INT64: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COPIES: tl.constexpr,  # y written COPIES times, syr elements apart
 ):
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -57,11 +58,9 @@ def _rms_norm_kernel(
     y = x * inv[:, None] * gamma[None, :]
     if SILU:
         y = y * tl.sigmoid(y)
-    tl.store(
-        y_ptr + pid_n * syn + offs_s[:, None] * sys + offs_c[None, :] * syc,
-        y.to(y_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    y = y.to(y_ptr.dtype.element_ty)
+    for r in tl.static_range(COPIES):  # the video path's stacked windows: each frame in three time-tap slots
+        tl.store(y_ptr + r * syr + pid_n * syn + offs_s[:, None] * sys + offs_c[None, :] * syc, y, mask=mask)
 
 
 def merged_spatial_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -118,19 +117,29 @@ def rms_norm_fwd(
     blocks: tuple[int, int, int] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x' / max(||x'||_channels, 1e-12) * sqrt(C) * gamma (then SiLU), x' = x (+ bias per channel),
-    in x's dtype and memory format, or written into `out` (x's shape and dtype, any strides whose
-    spatial dims nest: a slice of frames of a channels-last window, say) and returned.
+    in x's dtype and memory format, or written into `out` and returned: x's shape and dtype, any
+    strides whose spatial dims nest (a slice of frames of a channels-last window, say), or (R, *x.shape)
+    to write y into each out[r] from one read of x (the time-tap slots of a stacked window: out[r]
+    equally strided, out.stride(0) apart).
 
     x (N, C, *spatial), gamma and bias (C,) contiguous. The caller (qwenfast.ops.rms_norm) has
     checked ranks, shapes and devices.
     """
     x = _nesting(x)
-    if out is not None and merged_spatial_strides(out) is None:  # strides the kernel cannot write: copy
-        return out.copy_(rms_norm_fwd(x, gamma, silu, bias, blocks))
-    y = _empty_output(x) if out is None else out
+    if out is None:
+        y = first = _empty_output(x)
+        n_copies, syr = 1, 0
+    else:
+        if out.numel() == 0:
+            return out
+        y = out
+        copies = out.dim() == x.dim() + 1  # out (R, *x.shape): y written into each out[r]
+        first, n_copies, syr = (out[0], out.shape[0], out.stride(0)) if copies else (out, 1, 0)
+        if merged_spatial_strides(first) is None:  # strides the kernel cannot write: a copy
+            return out.copy_(rms_norm_fwd(x, gamma, silu, bias, blocks))
     if y.numel() == 0:
         return y
-    (sxn, sxc, sxs), (syn, syc, sys) = merged_spatial_strides(x), merged_spatial_strides(y)
+    (sxn, sxc, sxs), (syn, syc, sys) = merged_spatial_strides(x), merged_spatial_strides(first)
     n, c = x.shape[:2]
     s = math.prod(x.shape[2:])
     block_s, block_c, num_warps = blocks or default_blocks(c, sxc == 1)
@@ -139,11 +148,11 @@ def rms_norm_fwd(
     if n > MAX_GRID_Y:
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
     # the farthest element of one image, in elements: past int32, the kernel indexes in int64
-    reach = (s - 1) * max(sxs, sys) + (c - 1) * max(sxc, syc)
+    reach = (s - 1) * max(sxs, sys) + (c - 1) * max(sxc, syc) + (n_copies - 1) * syr
     _rms_norm_kernel[(cdiv(s, block_s), n)](
-        x, gamma, bias, y, c, s, float(c) ** 0.5, EPS, sxn, sxc, sxs, syn, syc, sys,
+        x, gamma, bias, y, c, s, float(c) ** 0.5, EPS, sxn, sxc, sxs, syr, syn, syc, sys,
         BLOCK_S=block_s, BLOCK_C=block_c, SILU=silu, INT64=reach > _INT32_MAX, HAS_BIAS=bias is not None,
-        num_warps=num_warps,
+        COPIES=n_copies, num_warps=num_warps,
     )
     return y
 
