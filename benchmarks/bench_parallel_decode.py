@@ -74,6 +74,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true",
                    help="also run every parallel mode with VAEConfig.cuda_graph (each rank's segments between "
                         "collectives as CUDA graphs), checked bit for bit against the eager run")
+    p.add_argument("--modes", action="append", default=None, metavar="MODE", choices=sorted(PARALLEL_MODES),
+                   help="--rehearse: only these modes (repeatable; default: all but blend unless --blend)")
+    p.add_argument("--keep", default=None, metavar="JSON",
+                   help="--rehearse: an earlier rehearsal's JSON whose rows this run does not redo (other modes, "
+                        "other cases) are kept in the tables and the plot, each with its own commit")
     p.add_argument("--link-gbps", type=float, default=360.0,
                    help="--rehearse: assumed per-GPU collective bandwidth, GB/s (default: 80%% of NVLink 4's 450)")
     return p.parse_args()
@@ -364,6 +369,10 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
              "| case | mode | N | single ms | slowest rank ms | graph ms | imbalance | redundancy | link ms | "
              "peak GiB (max rank) | MiB sent (max rank) | predicted speed-up | predicted / N |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    commits = list(dict.fromkeys(r.get("commit", prov["commit"]) for r in rows))
+    if len(commits) > 1:  # --keep: rows of an earlier run beside this run's
+        lines[-2] = lines[-2][:-1] + " commit |"
+        lines[-1] += "---|"
     for r in rows:
         g = r.get("slowest_graph_ms")
         peak = max(x["peak_gib"] for x in r["ranks"])
@@ -371,7 +380,8 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['case']} | {r['mode']} | {r['world']} | {r['single_ms']:.1f} | {r['slowest_ms']:.1f} | "
                      f"{'' if g is None else f'{g:.1f}'} | {r['imbalance']:.2f} | {r['redundancy']:.2f} | "
                      f"{r['link_ms']:.2f} | {peak:.2f} | {sent:.1f} | {r['predicted_speedup']:.2f} | "
-                     f"{r['predicted_speedup'] / r['world']:.2f} |")
+                     f"{r['predicted_speedup'] / r['world']:.2f} |" + (f" `{r.get('commit', prov['commit'])}` |"
+                                                                        if len(commits) > 1 else ""))
     shares = [(r, x) for r in rows for x in r["ranks"] if x.get("graph_equal_eager") is not None]
     if shares:
         bad = [f"{r['case']} {r['mode']} N={r['world']} rank {x['rank']}" for r, x in shares if not x["graph_equal_eager"]]
@@ -427,24 +437,49 @@ def main() -> int:
 def main_rehearse(args) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
-    modes = {k: v for k, v in PARALLEL_MODES.items() if args.blend or k != "tiled (blend)"}
+    modes = {k: v for k, v in PARALLEL_MODES.items()
+             if (k in args.modes if args.modes else args.blend or k != "tiled (blend)")}
     rows: list[dict] = []
     prov = provenance(args, None)
+    kept = kept_rows(args.keep, cases_of(args, vae), modes, args.rehearse)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
     for label, h, w, t, reps in cases_of(args, vae):
-        rows += rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)
+        rows += [dict(r, commit=prov["commit"]) for r in
+                 rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)]
         # written after every case: a run cut by a time limit keeps the cases it finished
+        merged = merge_kept(kept, rows)
         with open(stem + ".json", "w") as f:
-            json.dump(dict(provenance=prov, results=rows), f, indent=1)
+            json.dump(dict(provenance=prov, kept_from=args.keep, results=merged), f, indent=1)
         with open(stem + ".md", "w") as f:
-            f.write(rehearsal_markdown(prov, rows))
+            f.write(rehearsal_markdown(prov, merged))
     if not rows:
         print("no cases to rehearse (--sizes and --video-frames select none)", flush=True)
         return 2
+    rows = merge_kept(kept, rows)
     rehearsal_plot(rows, stem + ".png")
     print(rehearsal_markdown(prov, rows))
     return 0
+
+
+def kept_rows(path: str | None, cases: list[tuple], modes: dict, worlds: list[int]) -> list[dict]:
+    """The rows of an earlier rehearsal (`--keep`) that this run does not redo, each tagged with the commit
+    it ran at (a row that carries none gets its file's)."""
+    if not path:
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    redo = {(label, mode, n) for label, *_ in cases for mode in modes for n in worlds}
+    commit = old.get("provenance", {}).get("commit", "?")
+    return [dict(r, commit=r.get("commit", commit)) for r in old["results"]
+            if (r["case"], r["mode"], r["world"]) not in redo]
+
+
+def merge_kept(kept: list[dict], rows: list[dict]) -> list[dict]:
+    """kept + rows in the tables' order: by case as first met, then N, then mode as in PARALLEL_MODES."""
+    order = list(PARALLEL_MODES)
+    cases = list(dict.fromkeys(r["case"] for r in kept + rows))
+    return sorted(kept + rows, key=lambda r: (cases.index(r["case"]), r["world"], order.index(r["mode"])))
 
 
 def rehearsal_plot(rows: list[dict], path: str) -> None:

@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 10-14, one step per device call (each fits the 10-minute limit of one
 # call). The rounds of 2026-12-01 (benchmarks/results/gpu_round_2026-12-01.md) ran every step once; the
-# 16:10 round ran vae21, parallel and rest. Still open, in order of value:
-#   0. parallel again: the Qwen-Image level path ran NCHW after each exchange (fixed after the round):
-#      its image halo rule (mid) may change; then video (the QI encoder ran in its input's NCHW layout:
-#      image encodes and every video's first frame; bench_video now has an image-encode row, and the
-#      "stacked2d_filled" window variant: the norm writes the conv's stacked input, memory model +2 GiB
-#      at 720p; the default if it is faster)
-#   1. vae21 again: the transposed upsamplers now run under cudnn.deterministic (is it free at the
-#      released sizes? the new "untiled, direct upsamplers" row beside them decides the 2.1 default),
-#      and the default fused shortcut pass in every row
-#   2. rest: the graph tests (not re-run since the deterministic flag), the 2.1 rehearsal at 4096²
-#   3. tests (the whole suite on a GPU, after the round-2 test fixes), video after a video-path change
+# 16:10 round ran vae21, parallel and rest; the 18:14 round ran parallel, found the level path's
+# torch.cat(out=) into channels-last (a third of a level share's time; fixed), then levelfix + video and
+# relevel. Still open, in order of value:
+#   1. vae21 again: the transposed upsamplers run under cudnn.deterministic (free in the level path's
+#      bands: results/level_halo_cat_h200.md; at the released untiled sizes the "untiled, direct
+#      upsamplers" row decides the 2.1 default), and the default fused shortcut pass in every row
+#   2. tests (the whole suite on a GPU)
 #
 #   bash benchmarks/gpu_round.sh STEP        results under $OUT (default /tmp/gpu_round)
 #
@@ -27,6 +23,10 @@
 #             the streamed path with its variants, diffusers (issue 12; re-run after a change) ~6 min
 #   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14)  ~3 min
 #   rest      the CUDA-graph tests; the 2.1 rehearsal at 4096² (issue 14)                   ~8 min
+#   levelfix  one rank's level share (2.1 2048² N=2, QI 4096² N=4) with each way of joining the halo
+#             rows, with and without cudnn.deterministic, profiled (issue 14)                ~1 min
+#   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
+#             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
 # On the device: carry [".whl", ".before"]; .whl holds diffusers 0.42.1 + importlib_metadata for
 # Python 3.12 (pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -35,7 +35,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -96,6 +96,21 @@ rest)
     PYTHONPATH=$NEW step graph_tests 60 python3 -m pytest -q -p no:cacheprovider -ra --tb=short tests/vae/test_graphs.py
     PYTHONPATH=$NEW step rehearsal21_4096 420 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
         --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _4096_h200
+    ;;
+levelfix)
+    PYTHONPATH=$NEW:$PWD/benchmarks step levelfix 150 python3 benchmarks/diag_level_halo.py --out "$OUT"
+    ;;
+relevel)
+    R=benchmarks/results
+    P="python3 benchmarks/bench_parallel_decode.py --rehearse 2 4 8 --graphs --reps 2 --check-size 0 --out $OUT --tag _h200"
+    PYTHONPATH=$NEW step relevel 200 $P --sizes 1328 2048 4096 --video-frames 21 --video-reps 1 \
+        --modes "patch (level)" --keep $R/parallel_rehearsal_ce6084c_h200.json
+    PYTHONPATH=$NEW step relevel21 90 $P --vae qwenimage21 --sizes 1328 2048 --video-frames 0 \
+        --modes "patch (level)" --keep $R/parallel_rehearsal_qwenimage21_ce6084c_h200.json
+    cp "$OUT/parallel_rehearsal_qwenimage21_h200.json" /tmp/rehearsal21_small.json
+    PYTHONPATH=$NEW step rehearsal21_4096 240 $P --vae qwenimage21 --sizes 4096 --video-frames 0 \
+        --keep /tmp/rehearsal21_small.json
+    PYTHONPATH=$NEW step graph_tests 60 python3 -m pytest -q -p no:cacheprovider -ra --tb=short tests/vae/test_graphs.py
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \

@@ -1,0 +1,30 @@
+"""benchmarks/bench_parallel_decode.py's --keep: an earlier rehearsal's rows that this run does not redo
+stay in the tables, each with the commit it ran at; the rows it redoes are replaced, not doubled."""
+
+import json
+
+from helpers import load_benchmark
+
+
+def row(case, mode, world, ms, **extra):
+    return dict(case=case, mode=mode, world=world, slowest_ms=ms, **extra)
+
+
+def test_kept_rows_are_the_ones_not_redone_in_table_order(tmp_path):
+    bench = load_benchmark("bench_parallel_decode")
+    old = [row("2048x2048", m, n, 10.0) for m in ("patch", "patch (level)", "tiled (exact)") for n in (2, 4)]
+    old.append(row("4096x4096", "patch", 2, 30.0, commit="abc"))
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(dict(provenance=dict(commit="old1"), results=old)))
+    cases = [("2048x2048", 128, 128, 1, 2)]  # (label, h, w, t, reps) as cases_of gives them
+    kept = bench.kept_rows(str(path), cases, {"patch (level)": {}}, [2, 4])
+    assert {(r["case"], r["mode"], r["world"]) for r in kept} == {
+        ("2048x2048", "patch", 2), ("2048x2048", "patch", 4), ("2048x2048", "tiled (exact)", 2),
+        ("2048x2048", "tiled (exact)", 4), ("4096x4096", "patch", 2)}
+    assert {r["commit"] for r in kept} == {"old1", "abc"}  # a row's own commit wins over its file's
+    new = [row("2048x2048", "patch (level)", n, 5.0, commit="new") for n in (2, 4)]
+    merged = bench.merge_kept(kept, new)
+    assert [(r["case"], r["world"], r["mode"]) for r in merged][:3] == [
+        ("2048x2048", 2, "patch"), ("2048x2048", 2, "patch (level)"), ("2048x2048", 2, "tiled (exact)")]
+    assert len(merged) == 7 and all(r["slowest_ms"] == 5.0 for r in merged if r["mode"] == "patch (level)")
+    assert bench.kept_rows(None, cases, {}, [2]) == []
