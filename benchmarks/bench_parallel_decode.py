@@ -79,6 +79,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", default=None, metavar="JSON",
                    help="--rehearse: an earlier rehearsal's JSON whose rows this run does not redo (other modes, "
                         "other cases) are kept in the tables and the plot, each with its own commit")
+    p.add_argument("--render", nargs=2, metavar=("JSON", "STEM"), default=None,
+                   help="write STEM.md/.png/.json from a rehearsal's JSON again (no GPU)")
+    p.add_argument("--keep-commit", default=None,
+                   help="--render: the commit of the kept rows (the others are re-based on them, see --keep)")
     p.add_argument("--link-gbps", type=float, default=360.0,
                    help="--rehearse: assumed per-GPU collective bandwidth, GB/s (default: 80%% of NVLink 4's 450)")
     return p.parse_args()
@@ -371,7 +375,7 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     commits = list(dict.fromkeys(r.get("commit", prov["commit"]) for r in rows))
     if len(commits) > 1:  # --keep: rows of an earlier run beside this run's
-        lines[-2] = lines[-2][:-1] + " commit |"
+        lines[-2] += " commit |"
         lines[-1] += "---|"
     for r in rows:
         g = r.get("slowest_graph_ms")
@@ -382,6 +386,12 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
                      f"{r['link_ms']:.2f} | {peak:.2f} | {sent:.1f} | {r['predicted_speedup']:.2f} | "
                      f"{r['predicted_speedup'] / r['world']:.2f} |" + (f" `{r.get('commit', prov['commit'])}` |"
                                                                         if len(commits) > 1 else ""))
+    own = [r for r in rows if "single_ms_own" in r]
+    if own:
+        lines += ["", "Rows of a later run (commit column) are predicted against the kept run's single-GPU time of "
+                      "their case; their own single-GPU medians were "
+                      + ", ".join(f"{c} {ms:.1f}" for c, ms in dict((r["case"], r["single_ms_own"]) for r in own).items())
+                      + " ms."]
     shares = [(r, x) for r in rows for x in r["ranks"] if x.get("graph_equal_eager") is not None]
     if shares:
         bad = [f"{r['case']} {r['mode']} N={r['world']} rank {x['rank']}" for r, x in shares if not x["graph_equal_eager"]]
@@ -395,6 +405,8 @@ def main() -> int:
     global VAE
     args = parse_args()
     VAE = args.vae
+    if args.render:
+        return render(*args.render, args.keep_commit)
     if args.rehearse:
         return main_rehearse(args)
     comm = make_comm()
@@ -476,10 +488,44 @@ def kept_rows(path: str | None, cases: list[tuple], modes: dict, worlds: list[in
 
 
 def merge_kept(kept: list[dict], rows: list[dict]) -> list[dict]:
-    """kept + rows in the tables' order: by case as first met, then N, then mode as in PARALLEL_MODES."""
+    """kept + rows in the tables' order: by case as first met, then N, then mode as in PARALLEL_MODES.
+
+    One single-GPU reference per case: a row of this run whose case has kept rows is predicted against
+    the kept run's single-GPU time (its own is kept as `single_ms_own`), so that the modes of one case
+    compare on their ranks' times alone (the single decode's median of 2 moved by up to 11% run to run)."""
+    reference = {}
+    for r in kept:
+        reference.setdefault(r["case"], r["single_ms"])
+    rebased = []
+    for r in rows:
+        if r["case"] in reference and "single_ms_own" not in r:
+            single = reference[r["case"]]
+            r = dict(r, single_ms_own=r["single_ms"], single_ms=single,
+                     predicted_speedup=single / (r["slowest_ms"] + r["link_ms"]))
+            if "redundancy" in r:  # the sum of rank times over the single decode: the same reference
+                r["redundancy"] = r["redundancy"] * r["single_ms_own"] / single
+            if "slowest_graph_ms" in r:
+                r["predicted_speedup_graph"] = single / (r["slowest_graph_ms"] + r["link_ms"])
+        rebased.append(r)
     order = list(PARALLEL_MODES)
-    cases = list(dict.fromkeys(r["case"] for r in kept + rows))
-    return sorted(kept + rows, key=lambda r: (cases.index(r["case"]), r["world"], order.index(r["mode"])))
+    cases = list(dict.fromkeys(r["case"] for r in kept + rebased))
+    return sorted(kept + rebased, key=lambda r: (cases.index(r["case"]), r["world"], order.index(r["mode"])))
+
+
+def render(path: str, stem: str, commit: str | None) -> int:
+    """`--render`: the markdown and plot of a rehearsal's JSON again (no GPU). With --keep-commit, the rows
+    of that commit are taken as kept and the others re-based on them (`merge_kept`)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = data["results"]
+    if commit:
+        rows = merge_kept([r for r in rows if r.get("commit") == commit], [r for r in rows if r.get("commit") != commit])
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(data, results=rows), f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(rehearsal_markdown(data["provenance"], rows))
+    rehearsal_plot(rows, stem + ".png")
+    return 0
 
 
 def rehearsal_plot(rows: list[dict], path: str) -> None:

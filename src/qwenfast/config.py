@@ -116,9 +116,9 @@ class VAEConfig:
     """`patch` decode, how neighbour data is fetched: `mid` = one exchange of the mid-block output
     with a margin >= the receptive field (no messages until the gather); `level` = an exchange at
     each resolution level with a narrower margin (less redundant compute, more messages); `auto`
-    (default) = `level` for video latents (T > 1) and for the 2.1 VAE's images on 4 or more ranks,
-    `mid` for other images, as the one-GPU rehearsal predicted fastest (`parallel.plan.choose_patch_halo`,
-    docs/parallel.md)."""
+    (default) = `level` for video latents (T > 1) and for images on at least the model's
+    `patch_level_image_world` ranks (Qwen-Image 4, Qwen-Image-2.1 2), `mid` for images on fewer, as the
+    one-GPU rehearsal predicted fastest (`parallel.plan.choose_patch_halo`, docs/parallel.md)."""
 
     progress: bool = False
     """Show a progress bar over frames and tiles."""

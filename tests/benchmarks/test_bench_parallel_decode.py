@@ -1,13 +1,15 @@
 """benchmarks/bench_parallel_decode.py's --keep: an earlier rehearsal's rows that this run does not redo
-stay in the tables, each with the commit it ran at; the rows it redoes are replaced, not doubled."""
+stay in the tables, each with the commit it ran at; the rows it redoes are replaced, not doubled, and
+predicted against the kept run's single-GPU time of their case."""
 
 import json
 
 from helpers import load_benchmark
 
 
-def row(case, mode, world, ms, **extra):
-    return dict(case=case, mode=mode, world=world, slowest_ms=ms, **extra)
+def row(case, mode, world, ms, single=20.0, **extra):
+    return dict(case=case, mode=mode, world=world, slowest_ms=ms, single_ms=single, link_ms=0.0,
+                predicted_speedup=single / ms, **extra)
 
 
 def test_kept_rows_are_the_ones_not_redone_in_table_order(tmp_path):
@@ -22,8 +24,11 @@ def test_kept_rows_are_the_ones_not_redone_in_table_order(tmp_path):
         ("2048x2048", "patch", 2), ("2048x2048", "patch", 4), ("2048x2048", "tiled (exact)", 2),
         ("2048x2048", "tiled (exact)", 4), ("4096x4096", "patch", 2)}
     assert {r["commit"] for r in kept} == {"old1", "abc"}  # a row's own commit wins over its file's
-    new = [row("2048x2048", "patch (level)", n, 5.0, commit="new") for n in (2, 4)]
+    new = [row("2048x2048", "patch (level)", n, 5.0, single=22.0, commit="new") for n in (2, 4)]
     merged = bench.merge_kept(kept, new)
+    level = [r for r in merged if r["mode"] == "patch (level)"]
+    # one single-GPU reference per case: the kept run's, the new run's own kept beside it
+    assert all(r["single_ms"] == 20.0 and r["single_ms_own"] == 22.0 and r["predicted_speedup"] == 4.0 for r in level)
     assert [(r["case"], r["world"], r["mode"]) for r in merged][:3] == [
         ("2048x2048", 2, "patch"), ("2048x2048", 2, "patch (level)"), ("2048x2048", 2, "tiled (exact)")]
     assert len(merged) == 7 and all(r["slowest_ms"] == 5.0 for r in merged if r["mode"] == "patch (level)")

@@ -48,9 +48,10 @@ CASES = [
     ("patch level 20x7 rank0", (1, 4, 1, 20, 7),
      dict(parallel_decode_mode="patch", patch_halo="level", parallel_output="rank0"), "untiled"),
     ("patch level 13x21 thin bands", (1, 4, 1, 13, 21), dict(parallel_decode_mode="patch", patch_halo="level"), "untiled"),
-    ("patch bands 40x5", (1, 4, 1, 40, 5), dict(parallel_decode_mode="patch"), "untiled"),
+    ("patch bands 40x5", (1, 4, 1, 40, 5), dict(parallel_decode_mode="patch", patch_halo="mid"), "untiled"),
     # mutations: one pixel short of the receptive field; windows smaller than the latent, so it bites
-    ("patch margin-1 40x9", (1, 4, 1, 40, 9), dict(parallel_decode_mode="patch", tile_margin=MARGIN - 1), "untiled"),
+    ("patch margin-1 40x9", (1, 4, 1, 40, 9), dict(parallel_decode_mode="patch", patch_halo="mid", tile_margin=MARGIN - 1),
+     "untiled"),
     ("tiled exact margin-1 22x22", (1, 4, 1, 22, 22),
      dict(parallel_decode_mode="tiled", exact_tile_sample_size=32, tile_margin=MARGIN - 1), "untiled"),
 ]

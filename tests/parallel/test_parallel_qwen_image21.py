@@ -47,8 +47,8 @@ def test_public_decode_and_bad_latent(case_results):
 
 @pytest.mark.parametrize("model", ["qwenimage", "qwenimage21"])
 def test_auto_halo_on_images_follows_the_model(monkeypatch, model):
-    """`patch_halo="auto"` on an image latent: the 2.1 VAE exchanges level halos from 4 ranks on (its
-    `patch_level_image_world`), the Qwen-Image VAE never; a video latent (Qwen-Image) always does. The strategy
+    """`patch_halo="auto"` on an image latent: the 2.1 VAE exchanges level halos from 2 ranks on, the
+    Qwen-Image VAE from 4 (their `patch_level_image_world`); a video latent (Qwen-Image) always does. The strategy
     functions are replaced by recorders: only the choice is under test (the decodes are, above)."""
     import torch
 
@@ -67,4 +67,4 @@ def test_auto_halo_on_images_follows_the_model(monkeypatch, model):
     for frames, world in cases:
         z = torch.zeros(1, vae.z_dim, frames, 40, 7, dtype=torch.float64)
         patch.parallel_patch_decode(vae, z, RehearsalComm(0, world, "cpu"), cfg)
-    assert calls == (["mid", "mid", "level"] if model == "qwenimage21" else ["mid", "mid", "mid", "level"])
+    assert calls == (["level", "level", "level"] if model == "qwenimage21" else ["mid", "mid", "level", "level"])

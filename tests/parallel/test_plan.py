@@ -132,7 +132,8 @@ def test_exact_tiles_for_ranks_has_a_tile_per_rank_where_it_can(height, width, c
 
 @pytest.mark.parametrize("frames,halo,world,image_level_world,expect", [
     (1, "auto", 8, None, "mid"), (21, "auto", 2, None, "level"), (2, "auto", 2, None, "level"),  # Qwen-Image
-    (1, "auto", 2, 4, "mid"), (1, "auto", 4, 4, "level"), (1, "auto", 8, 4, "level"),  # the 2.1 VAE's images
+    (1, "auto", 2, 4, "mid"), (1, "auto", 4, 4, "level"), (1, "auto", 8, 4, "level"),  # Qwen-Image images
+    (1, "auto", 2, 2, "level"), (1, "auto", 1, 2, "mid"),  # the 2.1 VAE's images (one rank: nothing to exchange)
     (1, "level", 2, None, "level"), (21, "mid", 8, 4, "mid"), (1, "mid", 8, 4, "mid"),  # explicit: as given
 ])
 def test_patch_halo_auto_follows_the_rehearsal(frames, halo, world, image_level_world, expect):
@@ -142,8 +143,8 @@ def test_patch_halo_auto_follows_the_rehearsal(frames, halo, world, image_level_
 def test_each_model_declares_when_its_images_take_level_halos():
     from qwenfast import QwenImage21VAE, QwenImageVAE
 
-    assert QwenImageVAE.patch_level_image_world is None  # mid ahead at every size and N rehearsed
-    assert QwenImage21VAE.patch_level_image_world == 4
+    assert QwenImageVAE.patch_level_image_world == 4  # a tie at N = 2, level ahead from 4 ranks on
+    assert QwenImage21VAE.patch_level_image_world == 2  # level ahead at every N rehearsed
 
 
 def test_patch_halo_choice_rejects_bad_values():
@@ -176,7 +177,7 @@ def test_cost_model_counts_each_decoder_from_its_topology():
     """The cost model's sizes come from the decoder it plans for: for the Qwen-Image VAE its defaults,
     for the 2.1 VAE its own (16x, 1152 mid channels, ~15.5e6 FLOP per output px); `choose_decode`
     derives it from the topology it is given. Estimated as a Qwen-Image latent, a 1328² 2.1 decode on 2
-    ranks was judged not worth splitting (1.10x)."""
+    ranks with `mid` halos was judged not worth splitting (1.10x)."""
     from qwenfast import QwenImage21VAE, QwenImageVAE
 
     with torch.device("meta"):
@@ -190,16 +191,19 @@ def test_cost_model_counts_each_decoder_from_its_topology():
     m21 = base.for_topology(v21.topology)
     assert m21.scale == 16 and m21.mid_channels == 1152 and 15e6 < m21.local_flop_per_px < 17e6
     kw = dict(margin=13, topology=v21.topology, image_level_world=v21.patch_level_image_world)
-    assert plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=base, **kw).mode == "replicated"  # the old estimate
-    two = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, **kw)  # the model derived from the topology
+    # the old estimate (with mid, which auto then chose on 2 ranks)
+    assert plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=base, halo="mid", **kw).mode == "replicated"
+    as_mid = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, halo="mid", **kw)  # the model from the topology
+    two = plan.choose_decode(83, 83, 1, 2, "bfloat16", None, **kw)
     four = plan.choose_decode(83, 83, 1, 4, "bfloat16", None, **kw)
-    assert (two.mode, four.mode) == ("patch", "patch")  # the rehearsal's best: mid on 2, level on 4
-    assert "patch (mid)" in two.reason and "patch (level)" in four.reason
+    assert (as_mid.mode, two.mode, four.mode) == ("patch", "patch", "patch")  # the rehearsal's best: level
+    assert "patch (mid)" in as_mid.reason and "patch (level)" in two.reason and "patch (level)" in four.reason
     assert two == plan.choose_decode(83, 83, 1, 2, "bfloat16", None, model=m21, **kw)
 
 
 @pytest.mark.parametrize("model, world, expect", [
-    ("qwenimage21", 2, "patch (mid)"), ("qwenimage21", 4, "patch (level)"), ("qwenimage", 8, "patch (mid)"),
+    ("qwenimage21", 2, "patch (level)"), ("qwenimage21", 4, "patch (level)"), ("qwenimage", 2, "patch (mid)"),
+    ("qwenimage", 8, "patch (level)"),
 ])
 def test_dispatch_plans_auto_from_the_models_surface(model, world, expect):
     """`auto` as dispatch runs it (`dispatch.auto_choice`): the topology, cost model and halo trait of

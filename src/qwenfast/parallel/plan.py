@@ -114,16 +114,16 @@ def choose_patch_halo(frames: int, halo: str = "auto", *, world: int, image_leve
     never), `"mid"` otherwise.
 
     The rule is the one-GPU rehearsal's (benchmarks/results/parallel_rehearsal_h200.md and
-    parallel_rehearsal_qwenimage21_h200.md, predicted speed-up / N at N = 2 / 4 / 8, 2026-12-01 16:24 and
-    16:41 UTC). Qwen-Image VAE, 81x720p video: `level` 0.84 / 0.73 / 0.63 against `mid` 0.77 / 0.45 /
-    0.42 (thin bands of a 90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Its images:
-    `mid` first at every size and N — 0.98 / 0.90 / 0.80 against 0.82 / 0.79 / 0.74 at 4096², 0.87 /
-    0.70 / 0.44 against 0.63 / 0.59 / 0.41 at 2048², 0.70 / 0.49 / 0.20 against 0.49 / 0.37 / 0.18 at
-    1328². The 2.1 VAE's images (a 16x latent: the same 13-row margin is twice the share of a band):
-    `mid` at N = 2 (0.80 / 0.72 at 2048², 0.72 / 0.70 at 1328²), `level` from N = 4 (0.66 / 0.53 and
-    0.55 / 0.34 at 2048², 0.60 / 0.41 and 0.42 / 0.28 at 1328²). The FLOP count (`patch_halo_costs`)
-    ranks `level` first everywhere: what it does not count (per-level exchanges, crops and stage syncs,
-    a cost that grows with the band's area) is what decides, so the rule follows the measurement."""
+    parallel_rehearsal_qwenimage21_h200.md, 2026-12-01 18:19-18:38 UTC, after the level path's halo join
+    was fixed: level_halo_cat_h200.md). Predicted speed-up / N at N = 2 / 4 / 8, `level` against `mid`.
+    Qwen-Image VAE, 81x720p video: 0.92 / 0.77 / 0.59 against 0.77 / 0.44 / 0.42 (thin bands of a
+    90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Its images: 0.98 / 0.94 / 0.89
+    against 0.98 / 0.90 / 0.81 at 4096², 0.92 / 0.81 / 0.47 against 0.89 / 0.71 / 0.46 at 2048², 0.78 /
+    0.47 / 0.16 against 0.76 / 0.35 / 0.19 at 1328²: a tie at N = 2 (where `level` holds up to 17% more
+    per rank), `level` ahead from N = 4 but for 1328² on 8 ranks (launch-bound shares of ~15 ms). The 2.1
+    VAE's images (a 16x latent: the same 13-row margin is twice the share of a band): `level` ahead at
+    every N, 0.93 / 0.77 / 0.62 against 0.79 / 0.53 / 0.34 at 2048², 0.82 / 0.51 / 0.27 against 0.71 /
+    0.39 / 0.26 at 1328². Hence each model's `patch_level_image_world`: 4 and 2."""
     if halo not in PATCH_HALOS:
         named = f"{', '.join(map(repr, PATCH_HALOS[:-1]))} or {PATCH_HALOS[-1]!r}"
         raise ValueError(f"patch_halo must be {named}; got {halo!r}")

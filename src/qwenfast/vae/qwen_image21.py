@@ -500,10 +500,10 @@ class QwenImage21VAE(DecodeSurface, PretrainedVAE):
     # The local part of a large frame runs in stages and row bands (the surface's `decode_local` and
     # `decode_levels`, planned by `qwenfast.vae.bands.local_plan`): exact, in a fraction of the memory.
     band_local_part = True
-    # patch_halo="auto" exchanges halos per level on images from 4 ranks on: rehearsed on one H200, the
-    # predicted speed-up / N at 1328² and 2048² was 0.60 / 0.66 with `level` against 0.41 / 0.53 with
-    # `mid` at N = 4 (0.42 / 0.55 against 0.28 / 0.34 at N = 8), `mid` ahead at N = 2 (plan.choose_patch_halo)
-    patch_level_image_world = 4
+    # patch_halo="auto" exchanges halos per level on images from 2 ranks on: rehearsed on one H200
+    # (plan.choose_patch_halo), the slowest rank's ms with `level` against `mid` at 2048² was 89.5 / 105.9,
+    # 54.2 / 78.2, 33.2 / 60.9 at N = 2 / 4 / 8 (1328²: 45.9 / 53.2, 36.8 / 47.9, 35.0 / 35.9)
+    patch_level_image_world = 2
 
     def __init__(self, base_dim: int = 96, decoder_base_dim: int | None = 144, z_dim: int = 64,
                  dim_mult=(1, 2, 4, 8, 8), num_res_blocks: int = 2, attn_scales=(),
