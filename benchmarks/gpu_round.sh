@@ -4,10 +4,11 @@
 # 16:10 round ran vae21, parallel and rest; the 18:14 round ran parallel, found the level path's
 # torch.cat(out=) into channels-last (a third of a level share's time; fixed), then levelfix + video and
 # relevel. Still open, in order of value:
-#   1. vae21 again: the transposed upsamplers run under cudnn.deterministic (free in the level path's
-#      bands: results/level_halo_cat_h200.md; at the released untiled sizes the "untiled, direct
-#      upsamplers" row decides the 2.1 default), and the default fused shortcut pass in every row
-#   2. tests (the whole suite on a GPU)
+#   1. rest: the 2.1 rehearsal at 4096² (cut by its limit four times: its cuDNN autotuning of every band
+#      shape takes minutes; it has the whole call now)
+#   2. vae21 again: the "untiled, direct upsamplers" row beside the transposed default at the released
+#      sizes (cudnn.deterministic is free: results/level_halo_cat_h200.md, and the rehearsal's singles)
+#   3. tests (the whole suite on a GPU)
 #
 #   bash benchmarks/gpu_round.sh STEP        results under $OUT (default /tmp/gpu_round)
 #
@@ -22,7 +23,7 @@
 #   video     81-frame decodes (720p, 480p) and the 480p encode: the old path (.before, carried),
 #             the streamed path with its variants, diffusers (issue 12; re-run after a change) ~6 min
 #   graphs    qwenfast bench with CUDA graphs (its default on a GPU) and without (issue 14)  ~3 min
-#   rest      the CUDA-graph tests; the 2.1 rehearsal at 4096² (issue 14)                   ~8 min
+#   rest      the 2.1 rehearsal at 4096², merged into its table (issue 14)                  ~10 min
 #   levelfix  one rank's level share (2.1 2048² N=2, QI 4096² N=4) with each way of joining the halo
 #             rows, with and without cudnn.deterministic, profiled (issue 14)                ~1 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
@@ -90,12 +91,10 @@ parallel)
         --graphs --sizes 1328 2048 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
     ;;
 rest)
-    # what the 16:10 round of 2026-12-01 left: the CUDA-graph tests of every VAE and upsampler form (not
-    # re-run since the transposed convs run under cudnn.deterministic), the 2.1 rehearsal at 4096² alone
-    # (cut twice inside the parallel step's limit)
-    PYTHONPATH=$NEW step graph_tests 60 python3 -m pytest -q -p no:cacheprovider -ra --tb=short tests/vae/test_graphs.py
-    PYTHONPATH=$NEW step rehearsal21_4096 420 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
-        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _4096_h200
+    # the 2.1 rehearsal at 4096² alone, with the whole call (the CUDA-graph tests ran in relevel)
+    PYTHONPATH=$NEW step rehearsal21_4096 570 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
+        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200 \
+        --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
     ;;
 levelfix)
     PYTHONPATH=$NEW:$PWD/benchmarks step levelfix 150 python3 benchmarks/diag_level_halo.py --out "$OUT"
