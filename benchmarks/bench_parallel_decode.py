@@ -301,15 +301,16 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
 
 
 def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: dict, vae, device, reps: int,
-                  graphs: bool, link_gbps: float) -> list[dict]:
-    """Every rank's share of every mode, timed alone on this device (see the module docstring)."""
+                  graphs: bool, link_gbps: float):
+    """Every rank's share of every mode, timed alone on this device (see the module docstring): yields
+    one row per (N, mode) as it finishes, so that a run cut by a time limit keeps every finished row
+    (a 4096² case of the 2.1 VAE spends minutes in cuDNN's autotuning of its band shapes)."""
     from qwenfast.parallel.rehearsal import RehearsalComm
 
     z = latent(h, w, t, device, vae.dtype)
     zin = z[:, :, 0] if t == 1 else z
     vae.vae_config = VAEConfig()
     single = benchmarking.time_ms(lambda: vae.decode(zin), device, repeats=reps)["median_ms"]
-    rows = []
     for n in worlds:
         for name, cfg in modes.items():
             if name == "auto":
@@ -355,11 +356,10 @@ def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: 
             if graphs:
                 slow_g = max(x["ms_graph"] for x in ranks)
                 row.update(slowest_graph_ms=slow_g, predicted_speedup_graph=single / (slow_g + link_ms))
-            rows.append(row)
             print(f"{label} N={n} {name}: slowest rank {slowest['ms']:.1f} ms, link {link_ms:.2f} ms, "
                   f"predicted {row['predicted_speedup']:.2f}x", flush=True)
+            yield row
     del z
-    return rows
 
 
 def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
@@ -457,14 +457,14 @@ def main_rehearse(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
     for label, h, w, t, reps in cases_of(args, vae):
-        rows += [dict(r, commit=prov["commit"]) for r in
-                 rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps)]
-        # written after every case: a run cut by a time limit keeps the cases it finished
-        merged = merge_kept(kept, rows)
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(provenance=prov, kept_from=args.keep, results=merged), f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(rehearsal_markdown(prov, merged))
+        for row in rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps):
+            rows.append(dict(row, commit=prov["commit"]))
+            # written after every row: a run cut by a time limit keeps the rows it finished
+            merged = merge_kept(kept, rows)
+            with open(stem + ".json", "w") as f:
+                json.dump(dict(provenance=prov, kept_from=args.keep, results=merged), f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(rehearsal_markdown(prov, merged))
     if not rows:
         print("no cases to rehearse (--sizes and --video-frames select none)", flush=True)
         return 2

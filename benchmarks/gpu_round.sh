@@ -91,10 +91,14 @@ parallel)
         --graphs --sizes 1328 2048 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
     ;;
 rest)
-    # the 2.1 rehearsal at 4096² alone, with the whole call (the CUDA-graph tests ran in relevel)
-    PYTHONPATH=$NEW step rehearsal21_4096 570 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
-        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200 \
+    # the 2.1 rehearsal at 4096² alone, with the whole call (the CUDA-graph tests ran in relevel): the
+    # mode auto picks (level) at every N first, then mid and exact tiles; every finished row is kept
+    P="python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 --rehearse 2 4 8 --graphs --sizes 4096 \
+        --video-frames 0 --reps 2 --check-size 0 --out $OUT --tag _h200"
+    PYTHONPATH=$NEW step rehearsal21_4096_level 300 $P --modes "patch (level)" \
         --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
+    cp "$OUT/parallel_rehearsal_qwenimage21_h200.json" /tmp/rehearsal21_level.json
+    PYTHONPATH=$NEW step rehearsal21_4096_rest 270 $P --modes patch --modes "tiled (exact)" --keep /tmp/rehearsal21_level.json
     ;;
 levelfix)
     PYTHONPATH=$NEW:$PWD/benchmarks step levelfix 150 python3 benchmarks/diag_level_halo.py --out "$OUT"

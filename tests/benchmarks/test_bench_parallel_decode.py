@@ -33,3 +33,25 @@ def test_kept_rows_are_the_ones_not_redone_in_table_order(tmp_path):
         ("2048x2048", 2, "patch"), ("2048x2048", 2, "patch (level)"), ("2048x2048", 2, "tiled (exact)")]
     assert len(merged) == 7 and all(r["slowest_ms"] == 5.0 for r in merged if r["mode"] == "patch (level)")
     assert bench.kept_rows(None, cases, {}, [2]) == []
+
+
+def test_rehearsal_writes_each_row_and_redoes_only_the_modes_asked(tmp_path, monkeypatch):
+    """`--rehearse` on the CPU (full-size Qwen-Image VAE, a 64 px image, 2 ranks): every mode's row in the
+    JSON and the table; then `--modes "patch (level)" --keep` redoes that row alone, on the kept single."""
+    import sys
+
+    bench = load_benchmark("bench_parallel_decode")
+    common = ["bench_parallel_decode.py", "--rehearse", "2", "--sizes", "64", "--video-frames", "0", "--reps", "1",
+              "--check-size", "0", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", common + ["--tag", "_all"])
+    assert bench.main() == 0
+    first = json.loads((tmp_path / "parallel_rehearsal_all.json").read_text())["results"]
+    assert [r["mode"] for r in first] == ["patch", "patch (level)", "tiled (exact)"]
+    monkeypatch.setattr(sys, "argv", common + ["--tag", "_level", "--modes", "patch (level)",
+                                               "--keep", str(tmp_path / "parallel_rehearsal_all.json")])
+    assert bench.main() == 0
+    again = json.loads((tmp_path / "parallel_rehearsal_level.json").read_text())["results"]
+    assert [r["mode"] for r in again] == ["patch", "patch (level)", "tiled (exact)"]
+    assert again[0] == first[0] | {"commit": again[0]["commit"]} and again[2]["slowest_ms"] == first[2]["slowest_ms"]
+    assert again[1]["single_ms"] == first[0]["single_ms"] and "single_ms_own" in again[1]
+    assert "patch (level)" in (tmp_path / "parallel_rehearsal_level.md").read_text()
