@@ -74,7 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true",
                    help="also run every parallel mode with VAEConfig.cuda_graph (each rank's segments between "
                         "collectives as CUDA graphs), checked bit for bit against the eager run")
-    p.add_argument("--modes", action="append", default=None, metavar="MODE", choices=sorted(PARALLEL_MODES),
+    p.add_argument("--modes", action="append", default=None, metavar="MODE",
+                   choices=sorted(m for m in PARALLEL_MODES if m != "auto"),  # auto is one of the others
                    help="--rehearse: only these modes (repeatable; default: all but blend unless --blend)")
     p.add_argument("--keep", default=None, metavar="JSON",
                    help="--rehearse: an earlier rehearsal's JSON whose rows this run does not redo (other modes, "
@@ -301,16 +302,17 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
 
 
 def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: dict, vae, device, reps: int,
-                  graphs: bool, link_gbps: float):
+                  graphs: bool, link_gbps: float, single_ms: float | None = None):
     """Every rank's share of every mode, timed alone on this device (see the module docstring): yields
     one row per (N, mode) as it finishes, so that a run cut by a time limit keeps every finished row
-    (a 4096² case of the 2.1 VAE spends minutes in cuDNN's autotuning of its band shapes)."""
+    (a 4096² case of the 2.1 VAE spends minutes in cuDNN's autotuning of its band shapes). `single_ms`:
+    the single-GPU time of the case from an earlier run (`--keep`), instead of timing it again."""
     from qwenfast.parallel.rehearsal import RehearsalComm
 
     z = latent(h, w, t, device, vae.dtype)
     zin = z[:, :, 0] if t == 1 else z
     vae.vae_config = VAEConfig()
-    single = benchmarking.time_ms(lambda: vae.decode(zin), device, repeats=reps)["median_ms"]
+    single = single_ms or benchmarking.time_ms(lambda: vae.decode(zin), device, repeats=reps)["median_ms"]
     for n in worlds:
         for name, cfg in modes.items():
             if name == "auto":
@@ -349,7 +351,8 @@ def rehearse_case(label: str, h: int, w: int, t: int, worlds: list[int], modes: 
             slowest = max(ranks, key=lambda x: x["ms"])
             moved = max(max(x["bytes_sent"], x["bytes_received"]) for x in ranks)
             link_ms = moved / (link_gbps * 1e9) * 1e3
-            row = dict(case=label, mode=name, world=n, single_ms=single, slowest_ms=slowest["ms"],
+            row = dict(case=label, mode=name, world=n, single_ms=single, single_kept=single_ms is not None,
+                       slowest_ms=slowest["ms"],
                        imbalance=slowest["ms"] / (sum(x["ms"] for x in ranks) / n),
                        redundancy=sum(x["ms"] for x in ranks) / single, link_ms=link_ms,
                        predicted_speedup=single / (slowest["ms"] + link_ms), ranks=ranks, link_gbps=link_gbps)
@@ -387,11 +390,11 @@ def rehearsal_markdown(prov: dict, rows: list[dict]) -> str:
                      f"{r['predicted_speedup'] / r['world']:.2f} |" + (f" `{r.get('commit', prov['commit'])}` |"
                                                                         if len(commits) > 1 else ""))
     own = [r for r in rows if "single_ms_own" in r]
-    if own:
+    if own or any(r.get("single_kept") for r in rows):
         lines += ["", "Rows of a later run (commit column) are predicted against the kept run's single-GPU time of "
-                      "their case; their own single-GPU medians were "
-                      + ", ".join(f"{c} {ms:.1f}" for c, ms in dict((r["case"], r["single_ms_own"]) for r in own).items())
-                      + " ms."]
+                      "their case" + ("; their own single-GPU medians were " + ", ".join(
+                          f"{c} {ms:.1f}" for c, ms in dict((r["case"], r["single_ms_own"]) for r in own).items())
+                          + " ms" if own else "") + "."]
     shares = [(r, x) for r in rows for x in r["ranks"] if x.get("graph_equal_eager") is not None]
     if shares:
         bad = [f"{r['case']} {r['mode']} N={r['world']} rank {x['rank']}" for r, x in shares if not x["graph_equal_eager"]]
@@ -456,15 +459,15 @@ def main_rehearse(args) -> int:
     kept = kept_rows(args.keep, cases_of(args, vae), modes, args.rehearse)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
+    singles = {r["case"]: r["single_ms"] for r in reversed(kept)}  # the kept run's, case by case
     for label, h, w, t, reps in cases_of(args, vae):
-        for row in rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps):
+        for row in rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps,
+                                 single_ms=singles.get(label)):
             rows.append(dict(row, commit=prov["commit"]))
             # written after every row: a run cut by a time limit keeps the rows it finished
             merged = merge_kept(kept, rows)
-            with open(stem + ".json", "w") as f:
-                json.dump(dict(provenance=prov, kept_from=args.keep, results=merged), f, indent=1)
-            with open(stem + ".md", "w") as f:
-                f.write(rehearsal_markdown(prov, merged))
+            write_replacing(stem + ".json", json.dumps(dict(provenance=prov, kept_from=args.keep, results=merged), indent=1))
+            write_replacing(stem + ".md", rehearsal_markdown(prov, merged))
     if not rows:
         print("no cases to rehearse (--sizes and --video-frames select none)", flush=True)
         return 2
@@ -472,6 +475,14 @@ def main_rehearse(args) -> int:
     rehearsal_plot(rows, stem + ".png")
     print(rehearsal_markdown(prov, rows))
     return 0
+
+
+def write_replacing(path: str, text: str) -> None:
+    """`text` into `path` whole or not at all (a run killed by its time limit mid-write leaves the previous
+    file): written beside it, then renamed over it."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def kept_rows(path: str | None, cases: list[tuple], modes: dict, worlds: list[int]) -> list[dict]:
@@ -498,7 +509,7 @@ def merge_kept(kept: list[dict], rows: list[dict]) -> list[dict]:
         reference.setdefault(r["case"], r["single_ms"])
     rebased = []
     for r in rows:
-        if r["case"] in reference and "single_ms_own" not in r:
+        if r["case"] in reference and "single_ms_own" not in r and not r.get("single_kept"):
             single = reference[r["case"]]
             r = dict(r, single_ms_own=r["single_ms"], single_ms=single,
                      predicted_speedup=single / (r["slowest_ms"] + r["link_ms"]))

@@ -37,7 +37,8 @@ def test_kept_rows_are_the_ones_not_redone_in_table_order(tmp_path):
 
 def test_rehearsal_writes_each_row_and_redoes_only_the_modes_asked(tmp_path, monkeypatch):
     """`--rehearse` on the CPU (full-size Qwen-Image VAE, a 64 px image, 2 ranks): every mode's row in the
-    JSON and the table; then `--modes "patch (level)" --keep` redoes that row alone, on the kept single."""
+    JSON and the table; then `--modes "patch (level)" --keep` redoes that row alone, on the kept single-GPU
+    time (not timed again), every write whole (no .tmp file left)."""
     import sys
 
     bench = load_benchmark("bench_parallel_decode")
@@ -53,5 +54,7 @@ def test_rehearsal_writes_each_row_and_redoes_only_the_modes_asked(tmp_path, mon
     again = json.loads((tmp_path / "parallel_rehearsal_level.json").read_text())["results"]
     assert [r["mode"] for r in again] == ["patch", "patch (level)", "tiled (exact)"]
     assert again[0] == first[0] | {"commit": again[0]["commit"]} and again[2]["slowest_ms"] == first[2]["slowest_ms"]
-    assert again[1]["single_ms"] == first[0]["single_ms"] and "single_ms_own" in again[1]
+    # the case's single-GPU time is the kept run's, not timed again
+    assert again[1]["single_ms"] == first[0]["single_ms"] and again[1]["single_kept"] and "single_ms_own" not in again[1]
     assert "patch (level)" in (tmp_path / "parallel_rehearsal_level.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))

@@ -214,6 +214,10 @@ def test_out_with_strides_the_kernel_cannot_write():
     out = torch.zeros(1, 8, 4, 3, device=x.device).transpose(2, 3)  # spatial dims that do not nest
     rms_norm_triton(x, gamma, out=out)
     torch.testing.assert_close(out, rms_norm_native(x, gamma))
+    copies = torch.zeros(2, 1, 8, 4, 3, device=x.device).transpose(3, 4)  # the same, as two copies
+    rms_norm_triton(x, gamma, out=copies)
+    for copy in copies:
+        torch.testing.assert_close(copy, rms_norm_native(x, gamma))
 
 
 def test_native_keeps_the_input_dtype():

@@ -90,6 +90,10 @@ def test_cat_keeping_layout_equals_cat_in_the_layout_of_like(fmt, dim):
         out = cat_keeping_layout(parts, dim, like=band)
         assert torch.equal(out, torch.cat(parts, dim)) and out.is_contiguous(memory_format=fmt)
     assert cat_keeping_layout([band], dim, like=band) is band
+    with pytest.raises(IndexError):  # a dim out of range: torch.cat's error, not a cat along dim % ndim
+        cat_keeping_layout([band, band], band.dim(), like=band)
+    with pytest.raises(ValueError, match="parts on \\['cpu'\\], like on meta"):
+        cat_keeping_layout([band, band], dim, like=torch.empty(1, device="meta"))
 
 
 SMALL_TILES = dict(exact_tile_sample_size=32, tile_sample_min_height=32, tile_sample_min_width=32,

@@ -114,7 +114,7 @@ def choose_patch_halo(frames: int, halo: str = "auto", *, world: int, image_leve
     never), `"mid"` otherwise.
 
     The rule is the one-GPU rehearsal's (benchmarks/results/parallel_rehearsal_h200.md and
-    parallel_rehearsal_qwenimage21_h200.md, 2026-12-01 18:19-18:38 UTC, after the level path's halo join
+    parallel_rehearsal_qwenimage21_h200.md, 2026-12-01 18:14-18:38 UTC, after the level path's halo join
     was fixed: level_halo_cat_h200.md). Predicted speed-up / N at N = 2 / 4 / 8, `level` against `mid`.
     Qwen-Image VAE, 81x720p video: 0.92 / 0.77 / 0.59 against 0.77 / 0.44 / 0.42 (thin bands of a
     90-row latent: `mid`'s 13-row margins cost 1.3-2.1x the work). Its images: 0.98 / 0.94 / 0.89

@@ -672,7 +672,7 @@ class QwenImageVAE(DecodeSurface, PretrainedVAE):
 
     # patch_halo="auto" exchanges halos per level on images from 4 ranks on (video: always). Rehearsed on
     # one H200 (plan.choose_patch_halo): the slowest rank's ms with `level` against `mid` at N = 4 was
-    # 11.6 / 15.4 at 1328², 18.1 / 20.8 at 2048², 119.2 / 124.0 at 4096²; at N = 2 a tie (within 3%) with
+    # 11.6 / 15.4 at 1328², 18.1 / 20.8 at 2048², 119.2 / 124.0 at 4096²; at N = 2 a tie (within 4%) with
     # up to 17% more memory per rank.
     patch_level_image_world = 4
 

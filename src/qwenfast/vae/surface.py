@@ -74,10 +74,15 @@ def cat_keeping_layout(parts: list[torch.Tensor], dim: int, like: torch.Tensor) 
         return parts[0]
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return torch.cat(parts, dim)
-    d = dim % parts[0].dim()
-    if any(p.dim() != parts[0].dim() or p.shape[:d] + p.shape[d + 1:] != parts[0].shape[:d] + parts[0].shape[d + 1:]
-           or p.device != like.device for p in parts):
+    n = parts[0].dim()
+    if not -n <= dim < n:
+        return torch.cat(parts, dim)  # a dim out of range (or 0-d parts): torch.cat's own error
+    d = dim % n
+    other_dims = parts[0].shape[:d] + parts[0].shape[d + 1:]
+    if any(p.dim() != n or p.shape[:d] + p.shape[d + 1:] != other_dims for p in parts):
         return torch.cat(parts, dim)  # mismatched parts: torch.cat's own error
+    if any(p.device != like.device for p in parts):
+        raise ValueError(f"cat_keeping_layout: parts on {sorted({str(p.device) for p in parts})}, like on {like.device}")
     shape = list(parts[0].shape)
     shape[d] = sum(p.shape[d] for p in parts)
     dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))

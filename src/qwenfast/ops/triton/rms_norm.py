@@ -42,10 +42,11 @@ def _rms_norm_kernel(
     pid_s = tl.program_id(0)
     pid_n = tl.program_id(1).to(tl.int64)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # (BLOCK_S,) pixels
-    if INT64:  # offsets inside one image may pass 2**31 elements (video, huge images)
-        offs_s = offs_s.to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels, C rounded up to a power of two
     c_ok = offs_c < C
+    if INT64:  # offsets inside one image may pass 2**31 elements (video, huge images; NCHW channels)
+        offs_s = offs_s.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
     mask = (offs_s < S)[:, None] & c_ok[None, :]
 
     x = tl.load(x_ptr + pid_n * sxn + offs_s[:, None] * sxs + offs_c[None, :] * sxc, mask=mask, other=0.0)
@@ -59,8 +60,10 @@ def _rms_norm_kernel(
     if SILU:
         y = y * tl.sigmoid(y)
     y = y.to(y_ptr.dtype.element_ty)
-    for r in tl.static_range(COPIES):  # the video path's stacked windows: each frame in three time-tap slots
-        tl.store(y_ptr + r * syr + pid_n * syn + offs_s[:, None] * sys + offs_c[None, :] * syc, y, mask=mask)
+    y_at = y_ptr + pid_n * syn + offs_s[:, None] * sys + offs_c[None, :] * syc  # copy 0
+    for _ in tl.static_range(COPIES):  # the video path's stacked windows: each frame in three time-tap slots
+        tl.store(y_at, y, mask=mask)
+        y_at += syr  # a pointer step (64-bit), not r * syr in the arguments' int32
 
 
 def merged_spatial_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
@@ -147,8 +150,9 @@ def rms_norm_fwd(
         raise ValueError(f"blocks: BLOCK_C = {block_c} must cover all {c} channels")
     if n > MAX_GRID_Y:
         raise ValueError(f"x: batch {n} is over the {MAX_GRID_Y} programs a grid's second axis takes")
-    # the farthest element of one image, in elements: past int32, the kernel indexes in int64
-    reach = (s - 1) * max(sxs, sys) + (c - 1) * max(sxc, syc) + (n_copies - 1) * syr
+    # the farthest element of one image (of one copy: the kernel steps its pointer from copy to copy), in
+    # elements: past int32, the kernel indexes in int64
+    reach = (s - 1) * max(sxs, sys) + (c - 1) * max(sxc, syc)
     _rms_norm_kernel[(cdiv(s, block_s), n)](
         x, gamma, bias, y, c, s, float(c) ** 0.5, EPS, sxn, sxc, sxs, syr, syn, syc, sys,
         BLOCK_S=block_s, BLOCK_C=block_c, SILU=silu, INT64=reach > _INT32_MAX, HAS_BIAS=bias is not None,
