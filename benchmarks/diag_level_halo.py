@@ -6,10 +6,11 @@ and profiled (top CUDA kernels), against `mid` for the same rank.
     PYTHONPATH=src:benchmarks python benchmarks/diag_level_halo.py --out DIR
 
 Cases: the Qwen-Image-2.1 VAE at 2048² on 2 ranks (rank 0) and the Qwen-Image VAE at 4096² on 4
-ranks (rank 1), bf16, random full-size weights (a CPU run uses 512² to check the script). Joins:
+ranks (rank 1), or those given by --case, bf16, random full-size weights (a CPU run uses 512² to check
+the script). Joins:
 "per-part copies" (`surface.cat_keeping_layout`, the package's), "cat(out=) channels-last" (what it
 was: torch.cat into a channels-last result) and "cat, then channels-last" (torch.cat, NCHW, then a
-layout copy). Writes DIR/level_halo_cat.json; prints a table last.
+layout copy). Writes DIR/level_halo_cat.json (with --case: level_halo_cases.json); prints a table last.
 """
 
 from __future__ import annotations
@@ -58,12 +59,23 @@ def patched(module, name, value):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--case", action="append", default=None, metavar="MODEL:SIZE:WORLD:RANK",
+                   help="a share to time (repeatable; default qwenimage21:2048:2:0 and qwenimage:4096:4:1, "
+                        "on a CPU at 512 px)")
+    p.add_argument("--no-profile", action="store_true", help="times only")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = cuda
     cases = ([("qwenimage21", 2048, 2, 0), ("qwenimage", 4096, 4, 1)] if cuda else
              [("qwenimage21", 512, 2, 0), ("qwenimage", 512, 4, 1)])
+    if args.case:
+        try:
+            cases = [(m, int(size), int(world), int(rank)) for m, size, world, rank in (c.split(":") for c in args.case)]
+        except ValueError:
+            p.error(f"--case takes MODEL:SIZE:WORLD:RANK, e.g. qwenimage21:1328:8:3; got {args.case}")
+        if bad := [c for c in cases if c[0] not in B.VAES or not 0 <= c[3] < c[2]]:
+            p.error(f"--case: unknown model or rank outside the world in {bad}")
     times, profiles = {}, {}
 
     def share(vae, z, rank, world, mode):
@@ -88,7 +100,7 @@ def main() -> None:
         with patched(qwen_image, "deterministic_cudnn", no_det):
             times[f"{key}: level, per-part copies, no cudnn.deterministic"] = ms(share(vae, z, rank, world, "level"))
             times[f"{key}: mid, no cudnn.deterministic"] = ms(share(vae, z, rank, world, "mid"))
-        if cuda:
+        if cuda and not args.no_profile:
             for mode in ("level", "mid"):
                 fn = share(vae, z, rank, world, mode)
                 with torch.no_grad():
@@ -105,7 +117,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     info = benchmarking.provenance(dev, dtype="bfloat16", weights="random, full-size")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "level_halo_cat.json"), "w") as f:
+    name = "level_halo_cat.json" if not args.case else "level_halo_cases.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(dict(provenance=info, median_ms=times, profiles=profiles), f, indent=1)
     for k, v in times.items():
         print(f"{k:80s} {v:8.1f} ms")

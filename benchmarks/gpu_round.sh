@@ -4,8 +4,9 @@
 # 16:10 round ran vae21, parallel and rest; the 18:14 round ran parallel, found the level path's
 # torch.cat(out=) into channels-last (a third of a level share's time; fixed), then levelfix + video and
 # relevel. Still open, in order of value:
-#   1. rest: the 2.1 rehearsal at 4096² (cut by its limit four times: its cuDNN autotuning of every band
-#      shape takes minutes; it has the whole call now)
+#   1. rest: the 2.1 level shares at 1328² on 4 / 8 ranks with and without cudnn.deterministic (slower
+#      than at 45b96ef, unexplained), then the 2.1 rehearsal at 4096² (cut by its limit four times: its
+#      cuDNN autotuning of every band shape takes minutes; it has the rest of the call now)
 #   2. vae21 again: the "untiled, direct upsamplers" row beside the transposed default at the released
 #      sizes (cudnn.deterministic is free: results/level_halo_cat_h200.md, and the rehearsal's singles)
 #   3. tests (the whole suite on a GPU)
@@ -91,15 +92,19 @@ parallel)
         --graphs --sizes 1328 2048 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200
     ;;
 rest)
-    # the 2.1 rehearsal at 4096² alone, with the whole call (the CUDA-graph tests ran in relevel): the
+    # the 2.1 rehearsal at 4096², with most of the call (the CUDA-graph tests ran in relevel): the
     # mode auto picks (level) at every N first, then mid and exact tiles; every finished row is kept
     P="python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 --rehearse 2 4 8 --graphs --sizes 4096 \
         --video-frames 0 --reps 2 --check-size 0 --out $OUT --tag _h200"
-    PYTHONPATH=$NEW step rehearsal21_4096_level 300 $P --modes "patch (level)" \
+    # first (<= 60 s): why the 2.1 level shares at 1328² on 4 and 8 ranks are slower than at 45b96ef (36.8 /
+    # 35.0 against 31.0 / 22.0 ms): cudnn.deterministic on small band shapes?
+    PYTHONPATH=$NEW:$PWD/benchmarks step level_small 60 python3 benchmarks/diag_level_halo.py --out "$OUT" \
+        --case qwenimage21:1328:8:3 --case qwenimage21:1328:4:1 --no-profile
+    PYTHONPATH=$NEW step rehearsal21_4096_level 270 $P --modes "patch (level)" \
         --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
     cp "$OUT/parallel_rehearsal_qwenimage21_h200.json" /tmp/rehearsal21_level.json 2>/dev/null ||
         cp benchmarks/results/parallel_rehearsal_qwenimage21_h200.json /tmp/rehearsal21_level.json  # no level row finished
-    PYTHONPATH=$NEW step rehearsal21_4096_rest 270 $P --modes patch --modes "tiled (exact)" --keep /tmp/rehearsal21_level.json
+    PYTHONPATH=$NEW step rehearsal21_4096_rest 240 $P --modes patch --modes "tiled (exact)" --keep /tmp/rehearsal21_level.json
     ;;
 levelfix)
     PYTHONPATH=$NEW:$PWD/benchmarks step levelfix 150 python3 benchmarks/diag_level_halo.py --out "$OUT"
