@@ -48,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["CACHE_T", "FrameCache", "STACKED_MAX_CHANNELS", "WINDOW_CONV", "WINDOW_CONVS", "causal_window",
-           "convolve_causal_window", "first_frame_past", "frames_as_images", "images_as_frames", "video_layout", "pointwise_conv3d"]
+           "convolve_causal_window", "first_frame_past", "frames_as_images", "images_as_frames", "video_layout",
+           "pointwise_conv3d"]
 
 CACHE_T = 2  # a causal 3-tap time conv needs the last two input frames of the previous chunk
 
