@@ -459,15 +459,13 @@ def main_rehearse(args) -> int:
     kept = kept_rows(args.keep, cases_of(args, vae), modes, args.rehearse)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"parallel_rehearsal{vae_tag(args)}{args.tag}")
-    singles = {r["case"]: r["single_ms"] for r in reversed(kept)}  # the kept run's, case by case
+    singles = kept_singles(kept)
     for label, h, w, t, reps in cases_of(args, vae):
         for row in rehearse_case(label, h, w, t, args.rehearse, modes, vae, device, reps, args.graphs, args.link_gbps,
                                  single_ms=singles.get(label)):
             rows.append(dict(row, commit=prov["commit"]))
             # written after every row: a run cut by a time limit keeps the rows it finished
-            merged = merge_kept(kept, rows)
-            write_replacing(stem + ".json", json.dumps(dict(provenance=prov, kept_from=args.keep, results=merged), indent=1))
-            write_replacing(stem + ".md", rehearsal_markdown(prov, merged))
+            write_rehearsal(stem, dict(provenance=prov, kept_from=args.keep), merge_kept(kept, rows))
     if not rows:
         print("no cases to rehearse (--sizes and --video-frames select none)", flush=True)
         return 2
@@ -475,6 +473,12 @@ def main_rehearse(args) -> int:
     rehearsal_plot(rows, stem + ".png")
     print(rehearsal_markdown(prov, rows))
     return 0
+
+
+def write_rehearsal(stem: str, header: dict, rows: list[dict]) -> None:
+    """STEM.json (`header` and the rows) and STEM.md, each written whole (`write_replacing`)."""
+    write_replacing(stem + ".json", json.dumps(dict(header, results=rows), indent=1))
+    write_replacing(stem + ".md", rehearsal_markdown(header["provenance"], rows))
 
 
 def write_replacing(path: str, text: str) -> None:
@@ -498,15 +502,21 @@ def kept_rows(path: str | None, cases: list[tuple], modes: dict, worlds: list[in
             if (r["case"], r["mode"], r["world"]) not in redo]
 
 
+def kept_singles(kept: list[dict]) -> dict[str, float]:
+    """The kept run's single-GPU time of each case (its first row's): the one reference per case."""
+    singles: dict[str, float] = {}
+    for r in kept:
+        singles.setdefault(r["case"], r["single_ms"])
+    return singles
+
+
 def merge_kept(kept: list[dict], rows: list[dict]) -> list[dict]:
     """kept + rows in the tables' order: by case as first met, then N, then mode as in PARALLEL_MODES.
 
     One single-GPU reference per case: a row of this run whose case has kept rows is predicted against
     the kept run's single-GPU time (its own is kept as `single_ms_own`), so that the modes of one case
     compare on their ranks' times alone (the single decode's median of 2 moved by up to 11% run to run)."""
-    reference = {}
-    for r in kept:
-        reference.setdefault(r["case"], r["single_ms"])
+    reference = kept_singles(kept)
     rebased = []
     for r in rows:
         if r["case"] in reference and "single_ms_own" not in r and not r.get("single_kept"):
@@ -531,10 +541,7 @@ def render(path: str, stem: str, commit: str | None) -> int:
     rows = data["results"]
     if commit:
         rows = merge_kept([r for r in rows if r.get("commit") == commit], [r for r in rows if r.get("commit") != commit])
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(data, results=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(rehearsal_markdown(data["provenance"], rows))
+    write_rehearsal(stem, {k: v for k, v in data.items() if k != "results"}, rows)
     rehearsal_plot(rows, stem + ".png")
     return 0
 
