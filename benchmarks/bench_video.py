@@ -199,6 +199,22 @@ def bench(args) -> dict:
         print(f"{args.label:9s} {case:22s} {mode:28s} {stats['median_ms']:9.1f} ms  peak {stats['peak_gib']:6.2f} GiB",
               flush=True)
 
+    def variant(case, kind, x, mode, window_conv, cfg=None, decode_chunk_frames=1, encode_chunk_frames=None,
+                stacked_max_channels=None):
+        """One row of the new path with `video.WINDOW_CONV` and the chunk sizes set, then the defaults back."""
+        from qwenfast.vae import video
+
+        model.vae_config = cfg or VAEConfig()
+        video.WINDOW_CONV, video.STACKED_MAX_CHANNELS = window_conv, stacked_max_channels
+        model.decode_chunk_frames, model.encode_chunk_frames = decode_chunk_frames, encode_chunk_frames
+        try:
+            out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
+            record(case, mode, out, stats)
+        finally:
+            model.vae_config = VAEConfig()
+            video.WINDOW_CONV, video.STACKED_MAX_CHANNELS = "conv3d", None
+            model.decode_chunk_frames, model.encode_chunk_frames = 1, None
+
     for case, shape in cases.items():
         kind = case.split()[0]
         x = inputs(kind, shape, z_dim, device).to(low)
@@ -221,34 +237,17 @@ def bench(args) -> dict:
             record(case, mode, out, stats)
             del out
         if args.variants and args.impl == "qwenfast" and case == next(iter(cases)):
-            from qwenfast.vae import video
-
-            model.vae_config = VAEConfig()
             for conv_mode, chunk, max_c in WINDOW_VARIANTS:
-                video.WINDOW_CONV, model.decode_chunk_frames, video.STACKED_MAX_CHANNELS = conv_mode, chunk, max_c
-                out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
                 where = "" if max_c is None else f" (C <= {max_c})"
-                record(case, f"untiled, {conv_mode}{where}, {chunk} latent fr/step", out, stats)
-                del out
-            video.STACKED_MAX_CHANNELS = None
-            video.WINDOW_CONV, model.decode_chunk_frames = "stacked2d_filled", 1
-            model.vae_config = VAEConfig(use_tiling=True, exact_tile_sample_size=64 if args.tiny else 1024)
-            out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
-            record(case, "exact tiling, stacked2d_filled", out, stats)
-            del out
-            model.vae_config = VAEConfig()
-            video.WINDOW_CONV, model.decode_chunk_frames = "conv3d", 1
+                variant(case, kind, x, f"untiled, {conv_mode}{where}, {chunk} latent fr/step", conv_mode,
+                        decode_chunk_frames=chunk, stacked_max_channels=max_c)
+            variant(case, kind, x, "exact tiling, stacked2d_filled", "stacked2d_filled",
+                    cfg=VAEConfig(use_tiling=True, exact_tile_sample_size=64 if args.tiny else 1024))
         if args.variants and args.impl == "qwenfast" and kind == "encode" and "image" not in case:
-            from qwenfast.vae import video
-
-            model.vae_config = VAEConfig()
             for conv_mode, chunk, max_c in ENCODE_VARIANTS:
-                video.WINDOW_CONV, model.encode_chunk_frames, video.STACKED_MAX_CHANNELS = conv_mode, chunk, max_c
-                out, stats = measure(run_fn(args.impl, model, kind, x), device, max(1, reps - 1), warm)
                 where = "" if max_c is None else f" (C <= {max_c})"
-                record(case, f"untiled, {conv_mode}{where}, {chunk} frames/step", out, stats)
-                del out
-            video.WINDOW_CONV, model.encode_chunk_frames, video.STACKED_MAX_CHANNELS = "conv3d", None, None
+                variant(case, kind, x, f"untiled, {conv_mode}{where}, {chunk} frames/step", conv_mode,
+                        encode_chunk_frames=chunk, stacked_max_channels=max_c)
         del x
 
     # fidelity: bf16 against fp32 (TF32 off) on a short video, each implementation against itself,
