@@ -27,6 +27,10 @@
 #   rest      the 2.1 rehearsal at 4096², merged into its table (issue 14)                  ~10 min
 #   levelfix  one rank's level share (2.1 2048² N=2, QI 4096² N=4) with each way of joining the halo
 #             rows, with and without cudnn.deterministic, profiled (issue 14)                ~1 min
+#   firstcall why the first call of a 2.1 level share at 4096² takes minutes (the first three calls of a
+#             level share, a mid share and the single decode, the first profiled on the host, stacks
+#             every 30 s), the small level shares with and without cudnn.deterministic, then the 2.1
+#             rehearsal at 4096² of the modes that finish (mid, exact tiles) (issue 14)     ~9 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
 #             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
@@ -37,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest | levelfix | relevel) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -121,6 +125,14 @@ relevel)
     PYTHONPATH=$NEW step rehearsal21_4096 240 $P --vae qwenimage21 --sizes 4096 --video-frames 0 \
         --keep /tmp/rehearsal21_small.json
     PYTHONPATH=$NEW step graph_tests 60 python3 -m pytest -q -p no:cacheprovider -ra --tb=short tests/vae/test_graphs.py
+    ;;
+firstcall)
+    PYTHONPATH=$NEW:$PWD/benchmarks step first_call 200 python3 benchmarks/diag_first_call.py --out "$OUT"
+    PYTHONPATH=$NEW:$PWD/benchmarks step level_small 60 python3 benchmarks/diag_level_halo.py --out "$OUT" \
+        --case qwenimage21:1328:8:3 --case qwenimage21:1328:4:1 --no-profile
+    PYTHONPATH=$NEW step rehearsal21_4096_rest 270 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
+        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200 \
+        --modes patch --modes "tiled (exact)" --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
