@@ -9,12 +9,15 @@ limit still says where it was).
 
 A case is MODEL:SIZE:WORLD:RANK:HALO (HALO `level` or `mid`; WORLD 1: the single-device untiled decode).
 cuDNN's benchmark mode stays off (the package's default) unless --cudnn-benchmark. bf16, random
-full-size weights (a CPU run uses 256 px). Writes DIR/first_call.json; prints a table last.
+full-size weights (a CPU run uses 256 px). --cuda-profile: the last call's top CUDA kernels too;
+--no-deterministic: without the transposed upsamplers' cudnn.deterministic. Writes
+DIR/first_call.json (first_call_nodet.json); prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -28,6 +31,7 @@ from qwenfast import benchmarking
 from qwenfast.config import VAEConfig
 from qwenfast.parallel.dispatch import decode_parallel
 from qwenfast.parallel.rehearsal import RehearsalComm
+from qwenfast.vae import qwen_image
 
 
 def parse_case(text: str) -> tuple[str, int, int, int, str]:
@@ -45,15 +49,21 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3, help="calls timed per case (the first is profiled)")
     p.add_argument("--stack-every", type=float, default=30.0, help="seconds between stack dumps during a call")
     p.add_argument("--cudnn-benchmark", action="store_true")
+    p.add_argument("--cuda-profile", action="store_true", help="also profile the last call's CUDA kernels (top by time)")
+    p.add_argument("--no-deterministic", action="store_true",
+                   help="the transposed upsamplers without cudnn.deterministic (qwen_image.deterministic_cudnn)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.no_deterministic:
+        qwen_image.deterministic_cudnn = lambda on=True: contextlib.nullcontext()
     default = ["qwenimage21:4096:2:0:level", "qwenimage21:4096:2:0:mid", "qwenimage21:4096:1:0:mid"]
     try:
         cases = [parse_case(c) for c in (args.case or default)]
     except ValueError as e:
         p.error(f"--case takes MODEL:SIZE:WORLD:RANK:HALO (HALO level or mid), e.g. qwenimage21:4096:2:0:level; got {e}")
+    kernel_activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
     results, models = [], {}
     for name, size, world, rank, halo in cases:
         size = size if cuda else 256
@@ -71,11 +81,13 @@ def main() -> None:
             vae.vae_config = VAEConfig(use_parallel_decode=True, parallel_decode_mode="patch", patch_halo=halo)
             fn = lambda: decode_parallel(vae, z, comm=RehearsalComm(rank, world, dev))  # noqa: E731
         key = f"{name} {size}² " + ("single untiled" if world == 1 else f"rank {rank} of {world}, {halo}")
-        walls, table = [], ""
+        walls, table, kernels = [], "", ""
         for i in range(args.calls):
             print(f"== {key}: call {i + 1}", flush=True)
             faulthandler.dump_traceback_later(args.stack_every, repeat=True, file=sys.stdout)
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i == 0 else None
+            last = args.cuda_profile and i == args.calls - 1 and i > 0
+            prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i == 0 else
+                    torch.profiler.profile(activities=[kernel_activity]) if last else None)
             t0 = time.perf_counter()
             with torch.no_grad(), (prof or torch.autograd.profiler.record_function("call")):
                 fn()
@@ -84,17 +96,22 @@ def main() -> None:
             walls.append((time.perf_counter() - t0) * 1e3)
             faulthandler.cancel_dump_traceback_later()
             print(f"   {walls[-1]:.1f} ms", flush=True)
-            if prof is not None:
+            if prof is not None and i == 0:
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60)
                 print(table, flush=True)
-        results.append(dict(case=key, wall_ms=walls, first_call_cpu_profile=table))
+            elif prof is not None:
+                kernels = prof.key_averages().table(sort_by=f"{'cuda' if cuda else 'cpu'}_time_total", row_limit=16, max_name_column_width=90)
+                print(kernels, flush=True)
+        results.append(dict(case=key, wall_ms=walls, first_call_cpu_profile=table, last_call_cuda_profile=kernels))
         del z, fn
         if cuda:
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     info = benchmarking.provenance(dev, dtype="bfloat16", weights="random, full-size",
-                                   cudnn_benchmark=args.cudnn_benchmark, command=" ".join(sys.argv))
-    with open(os.path.join(args.out, "first_call.json"), "w") as f:
+                                   cudnn_benchmark=args.cudnn_benchmark,
+                                   cudnn_deterministic_upsamplers=not args.no_deterministic, command=" ".join(sys.argv))
+    name = "first_call" + ("_nodet" if args.no_deterministic else "") + ".json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(dict(provenance=info, results=results), f, indent=1)
     for r in results:
         print(f"{r['case']:60s} " + "  ".join(f"{w:10.1f}" for w in r["wall_ms"]) + " ms")

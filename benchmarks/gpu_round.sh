@@ -31,6 +31,8 @@
 #             level share, a mid share and the single decode, the first profiled on the host, stacks
 #             every 30 s), the small level shares with and without cudnn.deterministic, then the 2.1
 #             rehearsal at 4096² of the modes that finish (mid, exact tiles) (issue 14)     ~9 min
+#   levelprofile  the 2.1 level share at 4096² on 2 ranks (24 s a call in firstcall): its CUDA kernels,
+#             then without cudnn.deterministic (issue 14)                                   ~3 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
 #             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
@@ -41,7 +43,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -133,6 +135,11 @@ firstcall)
     PYTHONPATH=$NEW step rehearsal21_4096_rest 270 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
         --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200 \
         --modes patch --modes "tiled (exact)" --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
+    ;;
+levelprofile)
+    C="python3 benchmarks/diag_first_call.py --case qwenimage21:4096:2:0:level --calls 2"
+    PYTHONPATH=$NEW:$PWD/benchmarks step level_profile 150 $C --cuda-profile --out "$OUT"
+    PYTHONPATH=$NEW:$PWD/benchmarks step level_nodet 150 $C --no-deterministic --out "$OUT"
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
