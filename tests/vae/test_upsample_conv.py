@@ -143,3 +143,68 @@ def test_deterministic_cudnn_sets_the_flag_within_and_restores_it(monkeypatch):
     assert torch.backends.cudnn.deterministic is False  # restored on the error
     with deterministic_cudnn(False):  # off: left as it was (CPU tensors)
         assert torch.backends.cudnn.deterministic is False
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("limit_rows", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 5, 2, 3), (1, 5, 9, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transposed_upsample_in_row_pieces_is_exact_fp64(monkeypatch, limit_rows, shape, channels_last):
+    # past CONV_MAX_NUMEL elements the transposed conv runs in row pieces (cuDNN's int64 fallback took
+    # 23.6 s for one 2.1 level band at 4096²): each piece reads one input row each side
+    m = module()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with upsample_conv("transposed"):
+        whole = m(x)
+        b, _, h, w = shape
+        rows = limit_rows + 2  # input rows of one piece: its own plus the two overlap rows
+        monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", b * 3 * 4 * w * rows)
+        calls = []
+        real = torch.nn.functional.conv_transpose2d
+        monkeypatch.setattr(torch.nn.functional, "conv_transpose2d",
+                            lambda x, *a, **k: calls.append(x.shape[2]) or real(x, *a, **k))
+        pieces = m(x)
+    split = h > rows  # else the whole output fits the limit: one call
+    assert len(calls) == (-(-h // limit_rows) if split else 1) and (max(calls) <= rows or not split)
+    assert pieces.shape == whole.shape and pieces.dtype == whole.dtype
+    assert pieces.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert max_diff(pieces, whole) <= 1e-13
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_21_conv_in_row_pieces_is_exact_fp64(monkeypatch, kernel, with_bias):
+    from qwenfast.vae.qwen_image21 import Conv
+
+    torch.manual_seed(0)
+    conv = Conv(5, 7, kernel, padding=kernel // 2).double()
+    x = torch.randn(2, 5, 9, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    whole = conv(x, with_bias=with_bias)
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 2 * 4 * 7 * (2 + 2 * (kernel // 2)))  # 2 core rows a piece
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, *a, **k: calls.append(x.shape[2]) or real(x, *a, **k))
+    pieces = conv(x, with_bias=with_bias)
+    assert len(calls) == 5 and max(calls) <= 2 + 2 * (kernel // 2)
+    assert max_diff(pieces, whole) <= 1e-13
+
+
+@torch.no_grad()
+def test_a_21_decode_and_encode_in_row_pieces_equal_the_whole_fp64(monkeypatch):
+    _, vae = pair21(TINY21, dtype=torch.float64)
+    z = latent((1, TINY21["z_dim"], 1, 5, 4))
+    image = torch.randn(1, 4, 1, 32, 48, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    whole, moments = vae.decode(z), vae.encode_untiled(image)
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 4 * 12 * 16 * 3)  # most convs and upsamplers in pieces
+    calls = []
+    for name in ("conv2d", "conv_transpose2d"):
+        real = getattr(torch.nn.functional, name)
+        monkeypatch.setattr(torch.nn.functional, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    assert max_diff(vae.decode(z), whole) <= 1e-12
+    decode_calls = len(calls)
+    assert max_diff(vae.encode_untiled(image), moments) <= 1e-12
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in vae.modules())
+    assert decode_calls > convs and len(calls) > decode_calls

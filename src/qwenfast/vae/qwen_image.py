@@ -251,6 +251,35 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     return _sum_taps(weight, TRANSPOSED_TAPS, "yk,oikl,xl->ioyx")
 
 
+# The most elements one conv call reads or writes (`conv_in_row_pieces`). With a batch of one, torch
+# hands cuDNN a larger tensor whole, and cuDNN falls back to direct int64 kernels: 23.6 s for the
+# transposed upsampler writing (1, 288, 2160, 4096) in a 2.1 level band at 4096² on 2 ranks on an
+# H200, where pieces within the limit take milliseconds (benchmarks/results/first_call_h200.md).
+CONV_MAX_NUMEL = 2**31 - 1
+
+
+def conv_in_row_pieces(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_channels: int,
+                       reach: int, scale: int = 1) -> torch.Tensor:
+    """`conv(x)` for a conv whose output rows scale·r0 .. scale·r1 - 1 read input rows r0 - reach ..
+    r1 - 1 + reach (zero padding at the true border): a 'same' conv with kernel 2·reach + 1 (scale 1),
+    or the upsamplers' stride-2 4x4 transposed conv (reach 1, scale 2). (B, Ci, H, W) → (B, Co, s·H,
+    s·W), run in row pieces whose input and output stay within CONV_MAX_NUMEL elements when the whole
+    would not: each piece runs on its rows plus `reach` rows each side and keeps its core, so every
+    output pixel gets the same sums — exact. One call where the whole fits (or a row alone does not)."""
+    b, ci, h, w = x.shape
+    per_row = b * w * max(ci, out_channels * scale * scale)  # elements per input row, in or out
+    fits = CONV_MAX_NUMEL // per_row - 2 * reach  # core rows per piece
+    if per_row * h <= CONV_MAX_NUMEL or fits < 1:
+        return conv(x)
+    out = torch.empty((b, out_channels, scale * h, scale * w), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format_of(x))
+    for r0 in range(0, h, fits):
+        r1 = min(h, r0 + fits)
+        s0, s1 = max(0, r0 - reach), min(h, r1 + reach)
+        out[:, :, scale * r0:scale * r1] = conv(x[:, :, s0:s1])[:, :, scale * (r0 - s0):scale * (r1 - s0)]
+    return out
+
+
 @contextlib.contextmanager
 def deterministic_cudnn(on: bool = True) -> Iterator[None]:
     """Within (where `on`): cuDNN restricted to deterministic algorithms. A transposed conv runs on
@@ -303,7 +332,8 @@ class UpsampleConv2x(nn.Sequential):
         if mode == "transposed":
             w = transposed_weight(conv.weight)
             with deterministic_cudnn(x.is_cuda):
-                return F.conv_transpose2d(x, w, bias, stride=2, padding=1)
+                return conv_in_row_pieces(lambda x: F.conv_transpose2d(x, w, bias, stride=2, padding=1), x,
+                                          conv.out_channels, reach=1, scale=2)
         w = phase_weights(conv.weight)  # (a, b, Co, Ci, 2, 2)
         bsz, _, h, wd = x.shape
         out = torch.empty((bsz, conv.out_channels, 2 * h, 2 * wd), dtype=x.dtype, device=x.device,
