@@ -33,6 +33,9 @@
 #             rehearsal at 4096² of the modes that finish (mid, exact tiles) (issue 14)     ~9 min
 #   levelprofile  the 2.1 level share at 4096² on 2 ranks (24 s a call in firstcall): its CUDA kernels,
 #             then without cudnn.deterministic (issue 14)                                   ~3 min
+#   pieces    after the row-piece convs (qwen_image.conv_in_row_pieces): the first calls and kernels of
+#             the 2.1 level share at 4096² again, the 2.1 rehearsal's level rows at 4096², then the
+#             direct upsamplers beside the transposed default at 1328² and 2048² (issues 11, 14) ~6 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
 #             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
@@ -43,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile | pieces) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -140,6 +143,15 @@ levelprofile)
     C="python3 benchmarks/diag_first_call.py --case qwenimage21:4096:2:0:level --calls 2"
     PYTHONPATH=$NEW:$PWD/benchmarks step level_profile 150 $C --cuda-profile --out "$OUT"
     PYTHONPATH=$NEW:$PWD/benchmarks step level_nodet 150 $C --no-deterministic --out "$OUT"
+    ;;
+pieces)
+    PYTHONPATH=$NEW:$PWD/benchmarks step first_call 120 python3 benchmarks/diag_first_call.py --calls 3 --cuda-profile \
+        --out "$OUT"
+    PYTHONPATH=$NEW step rehearsal21_4096_level 240 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
+        --rehearse 2 4 8 --graphs --sizes 4096 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" --tag _h200 \
+        --modes "patch (level)" --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
+    PYTHONPATH=$NEW step vae21_direct 150 python3 benchmarks/bench_vae21.py --sizes 1328,2048 --encode-sizes "" \
+        --modes untiled --modes "untiled, direct upsamplers" --diffusers-max 0 --fp32-max 0 --json "$OUT/vae21_direct_h200.json"
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \
