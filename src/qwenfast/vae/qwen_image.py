@@ -114,6 +114,70 @@ _FIRST_FRAME_PASSED = "first-frame-passed"  # Resample state: the first frame sk
 # --------------------------------------------------------------------------------------------------
 
 
+# The most elements one conv call reads or writes (`conv_in_row_pieces`). With a batch of one, torch
+# hands cuDNN a larger tensor whole, and cuDNN falls back to direct int64 kernels: 23.6 s for the
+# transposed upsampler writing (1, 288, 2160, 4096) in a 2.1 level band at 4096² on 2 ranks on an
+# H200, where pieces within the limit take milliseconds (benchmarks/results/first_call_h200.md).
+CONV_MAX_NUMEL = 2**31 - 1
+
+
+def conv_in_row_pieces(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_channels: int,
+                       reach: int, scale: int = 1) -> torch.Tensor:
+    """`conv(x)` for a conv whose output rows scale·r0 .. scale·r1 - 1 read input rows r0 - reach ..
+    r1 - 1 + reach (zero padding at the true border): a 'same' conv with kernel 2·reach + 1 (scale 1),
+    or the upsamplers' stride-2 4x4 transposed conv (reach 1, scale 2). (B, Ci, H, W) → (B, Co, s·H,
+    s·W), run in row pieces whose input and output stay within CONV_MAX_NUMEL elements when the whole
+    would not: each piece runs on its rows plus `reach` rows each side and keeps its core, so every
+    output pixel gets the same sums — exact. One call where the whole fits (or a row alone does not)."""
+    b, ci, h, w = x.shape
+    per_row = b * w * max(ci, out_channels * scale * scale)  # elements per input row, in or out
+    fits = CONV_MAX_NUMEL // per_row - 2 * reach  # core rows per piece
+    if per_row * h <= CONV_MAX_NUMEL or fits < 1:
+        return conv(x)
+    out = torch.empty((b, out_channels, scale * h, scale * w), dtype=x.dtype, device=x.device,
+                      memory_format=memory_format_of(x))
+    for r0 in range(0, h, fits):
+        r1 = min(h, r0 + fits)
+        s0, s1 = max(0, r0 - reach), min(h, r1 + reach)
+        out[:, :, scale * r0:scale * r1] = conv(x[:, :, s0:s1])[:, :, scale * (r0 - s0):scale * (r1 - s0)]
+    return out
+
+
+# How a 1x1 conv of a channels-last frame runs (`conv2d_frame`): "cudnn" (F.conv2d) or "matmul" (F.linear
+# over the pixels' channel vectors, which channels-last memory holds as rows).
+POINTWISE_CONV = "cudnn"
+POINTWISE_CONVS = ("cudnn", "matmul")
+# Output channels a conv with fewer than a multiple of them is padded to, with zero filters, its output
+# then a view of the first ones (`conv2d_frame`; None: as it is): cuDNN may run a 3x3 conv to 4 channels
+# (the 2.1 VAE's head) in a generic direct kernel.
+NARROW_CONV_PAD: int | None = None
+
+
+def conv2d_frame(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1),
+                 padding=(0, 0)) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding) of a frame (B, Ci, H, W), as the decoders run every 2-D
+    conv: a 'same' conv (odd square kernel, stride 1, padding k // 2) in row pieces past 2**31 elements
+    (`conv_in_row_pieces`); a 1x1 conv of a channels-last frame per POINTWISE_CONV; a narrow output
+    per NARROW_CONV_PAD. Each computes the same sums per output value."""
+    co, _, kh, kw = weight.shape
+    stride, padding = tuple(stride), tuple(padding)
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        if (kh, kw) == (1, 1) and POINTWISE_CONV == "matmul" and stride == (1, 1) and padding == (0, 0) \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            # (B, H, W, Ci) rows → (B, H, W, Co) → the channels-last (B, Co, H, W) view
+            return F.linear(x.permute(0, 2, 3, 1), weight.view(co, -1), bias).permute(0, 3, 1, 2)
+        if NARROW_CONV_PAD and co % NARROW_CONV_PAD:
+            extra = NARROW_CONV_PAD - co % NARROW_CONV_PAD
+            padded = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, extra))  # zero filters after the real ones
+            return F.conv2d(x, padded, None if bias is None else F.pad(bias, (0, extra)), stride, padding)[:, :co]
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    if stride != (1, 1) or kh != kw or kh % 2 == 0 or padding != (kh // 2, kw // 2):
+        return conv(x)
+    return conv_in_row_pieces(conv, x, co, reach=kh // 2)
+
+
 class CausalConv3d(nn.Conv3d):
     """3-D conv, causal in time: `2·pad_t` zero frames in front, none behind.
 
@@ -158,7 +222,7 @@ class CausalConv3d(nn.Conv3d):
             if cache is not None and self.is_causal_in_time:
                 cache.set(self, video.first_frame_past(x))
             pw, _, ph = self._pad[:3]
-            return F.conv2d(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
+            return conv2d_frame(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
         # (B, C, T, H, W)
         if self.takes_window(x, cache):
             return video.convolve_causal_window(self, self.window(x, cache, norm, norm_bias), cache, bias)
@@ -251,35 +315,6 @@ def transposed_weight(weight: torch.Tensor) -> torch.Tensor:
     return _sum_taps(weight, TRANSPOSED_TAPS, "yk,oikl,xl->ioyx")
 
 
-# The most elements one conv call reads or writes (`conv_in_row_pieces`). With a batch of one, torch
-# hands cuDNN a larger tensor whole, and cuDNN falls back to direct int64 kernels: 23.6 s for the
-# transposed upsampler writing (1, 288, 2160, 4096) in a 2.1 level band at 4096² on 2 ranks on an
-# H200, where pieces within the limit take milliseconds (benchmarks/results/first_call_h200.md).
-CONV_MAX_NUMEL = 2**31 - 1
-
-
-def conv_in_row_pieces(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_channels: int,
-                       reach: int, scale: int = 1) -> torch.Tensor:
-    """`conv(x)` for a conv whose output rows scale·r0 .. scale·r1 - 1 read input rows r0 - reach ..
-    r1 - 1 + reach (zero padding at the true border): a 'same' conv with kernel 2·reach + 1 (scale 1),
-    or the upsamplers' stride-2 4x4 transposed conv (reach 1, scale 2). (B, Ci, H, W) → (B, Co, s·H,
-    s·W), run in row pieces whose input and output stay within CONV_MAX_NUMEL elements when the whole
-    would not: each piece runs on its rows plus `reach` rows each side and keeps its core, so every
-    output pixel gets the same sums — exact. One call where the whole fits (or a row alone does not)."""
-    b, ci, h, w = x.shape
-    per_row = b * w * max(ci, out_channels * scale * scale)  # elements per input row, in or out
-    fits = CONV_MAX_NUMEL // per_row - 2 * reach  # core rows per piece
-    if per_row * h <= CONV_MAX_NUMEL or fits < 1:
-        return conv(x)
-    out = torch.empty((b, out_channels, scale * h, scale * w), dtype=x.dtype, device=x.device,
-                      memory_format=memory_format_of(x))
-    for r0 in range(0, h, fits):
-        r1 = min(h, r0 + fits)
-        s0, s1 = max(0, r0 - reach), min(h, r1 + reach)
-        out[:, :, scale * r0:scale * r1] = conv(x[:, :, s0:s1])[:, :, scale * (r0 - s0):scale * (r1 - s0)]
-    return out
-
-
 @contextlib.contextmanager
 def deterministic_cudnn(on: bool = True) -> Iterator[None]:
     """Within (where `on`): cuDNN restricted to deterministic algorithms. A transposed conv runs on
@@ -323,7 +358,7 @@ class UpsampleConv2x(nn.Sequential):
         conv = self[1]
         bias = conv.bias if with_bias else None
         if mode == "direct":
-            return F.conv2d(self[0](x), conv.weight, bias, 1, 1)
+            return conv2d_frame(self[0](x), conv.weight, bias, padding=(1, 1))
         if mode not in UPSAMPLE_CONVS:
             raise ValueError(f"UPSAMPLE_CONV must be one of {', '.join(UPSAMPLE_CONVS)}; got {mode!r}")
         # The summed weights are recomputed per call from the live weight (an einsum beside the conv,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..config import VAEConfig
 from ..ops.attention import single_head_attention
 from ..ops.elementwise import bias_channel_to_space_add_, bias_residual_add
-from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, conv_in_row_pieces, residual_bias, spatial_resample
+from .qwen_image import AttentionBlock, RMSNorm, UpsampleConv2x, conv2d_frame, residual_bias, spatial_resample
 from .surface import DecodeSurface, DecoderTopology, Level, constant_tensor
 from .weights import PretrainedVAE
 
@@ -84,17 +84,8 @@ class Conv(nn.Conv2d):
     the Wan-family layer signature and ignores it (there is no temporal context)."""
 
     def forward(self, x: torch.Tensor, cache: Any = None, with_bias: bool = True) -> torch.Tensor:
-        """`with_bias=False` leaves the bias out for the next fused op to add. A 'same' conv runs in row
-        pieces where its input or output would pass 2**31 elements (`conv_in_row_pieces`)."""
-        bias = self.bias if with_bias else None
-
-        def conv(x):
-            return F.conv2d(x, self.weight, bias, self.stride, self.padding)
-
-        k = self.kernel_size[0]
-        if self.stride != (1, 1) or self.padding != (k // 2, k // 2) or self.kernel_size != (k, k) or k % 2 == 0:
-            return conv(x)
-        return conv_in_row_pieces(conv, x, self.out_channels, reach=k // 2)
+        """`with_bias=False` leaves the bias out for the next fused op to add."""
+        return conv2d_frame(x, self.weight, self.bias if with_bias else None, self.stride, self.padding)
 
 
 def _channel_to_space_map(in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> list[int]:
