@@ -36,9 +36,11 @@
 #   pieces    after the row-piece convs (qwen_image.conv_in_row_pieces): the first calls and kernels of
 #             the 2.1 level share at 4096² again, the 2.1 rehearsal's level rows at 4096², then the
 #             direct upsamplers beside the transposed default at 1328² and 2048² (issues 11, 14) ~6 min
-#   headconvs the decoders' 1x1 convs as matmuls and narrow heads padded with zero filters, alone and in
-#             whole decodes of both VAEs (diag_head_convs.py), then the VAE and parallel test files on
-#             the GPU (the whole suite is cut at 420 s) (issues 11, 14)                      ~7 min
+#   headconvs (ran at d54cd56; its script, dropped with the two forms it measured, is in that commit)
+#             the decoders' 1x1 convs as matmuls and narrow heads padded with zero filters, then the
+#             VAE and parallel test files on the GPU                                         ~7 min
+#   level21   the 2.1 rehearsal's level rows again (1328²-4096²) after its level shares were banded
+#             like the single decode's local part (issue 14)                                 ~3 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
 #             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
@@ -49,7 +51,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile | pieces | headconvs) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile | pieces | level21) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -156,10 +158,10 @@ pieces)
     PYTHONPATH=$NEW step vae21_direct 150 python3 benchmarks/bench_vae21.py --sizes 1328,2048 --encode-sizes "" \
         --modes untiled --modes "untiled, direct upsamplers" --diffusers-max 0 --fp32-max 0 --json "$OUT/vae21_direct_h200.json"
     ;;
-headconvs)
-    PYTHONPATH=$NEW:$PWD/benchmarks step head_convs 150 python3 benchmarks/diag_head_convs.py --out "$OUT"
-    PYTHONPATH=$NEW step pytest_gpu_vae_parallel 300 python3 -m pytest -q -p no:cacheprovider -ra --tb=short -n 6 \
-        tests/vae tests/parallel
+level21)
+    PYTHONPATH=$NEW step rehearsal21_level 200 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
+        --rehearse 2 4 8 --graphs --sizes 4096 2048 1328 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" \
+        --tag _h200 --modes "patch (level)" --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \

@@ -53,6 +53,19 @@ def run_cases(rank: int, world: int) -> dict:
             vae = vaes[arch]
             z = torch.randn(b, vae.z_dim, 1, h, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             results[name] = parallel_result(vae, z, cfg, reference(vae, z, ref_kind, SMALL_TILES), SMALL_TILES)
+        # `level` shares with every level in row bands (the 2.1 VAE bands its local part; forced here,
+        # where the planner would run these tiny levels whole)
+        from qwenfast.vae import bands
+
+        vae = vaes["tiny"]
+        z = torch.randn(1, vae.z_dim, 1, 30, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        cfg = dict(parallel_decode_mode="patch", patch_halo="level")
+        previous, bands.LOCAL_BAND_OVERHEAD = bands.LOCAL_BAND_OVERHEAD, 100.0
+        try:
+            results["patch level banded"] = parallel_result(vae, z, cfg, reference(vae, z, "untiled", SMALL_TILES),
+                                                            SMALL_TILES)
+        finally:
+            bands.LOCAL_BAND_OVERHEAD = previous
         # the public API: decode() with parallel decode = decode() without, clamped, 4-D in and out
         vae = vaes["tiny"]
         z = torch.randn(1, vae.z_dim, 10, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

@@ -28,7 +28,8 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
     """The attention output `x` (B, C, T, h, w) → this rank's band of pixels (B, C_out, T', s·rows, s·w).
 
     Every rank of `comm` holds one band (rank order = top to bottom); `halos` from
-    `vae.topology.level_halos()`. The levels run through `vae.decode_level` inside one `vae.stream`.
+    `vae.topology.level_halos()`. The levels run through `vae.decode_levels` (each alone, in row bands
+    where the model bands its local part: `vae.level_plan`) inside one `vae.stream`.
     The mid block's tail runs through `vae.run_graphed` (a CUDA graph with `cfg.cuda_graph`); the levels
     run eagerly: an exchange sits between every two of them, inside the stream's frame loop.
     """
@@ -52,7 +53,7 @@ def decode_band_with_level_halos(vae, x: torch.Tensor, band: plan.Tile, height: 
             with comm.guard(f"level {i}"):
                 core = (band.y1 - band.y0) * scale
                 rows_in = x.shape[-2]
-                x = vae.decode_level(i, x, cache)
+                x = vae.decode_levels(x, plan=vae.level_plan(i, x, cache), cache=cache)  # banded where it pays
                 grow = x.shape[-2] // rows_in  # 2 after an upsample; x p after a final unpatchify (2.1 VAE)
                 x = x[..., top * grow:(top + core) * grow, :]  # the core at the new resolution
         return x.contiguous()

@@ -143,34 +143,16 @@ def conv_in_row_pieces(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
     return out
 
 
-# How a 1x1 conv of a channels-last frame runs (`conv2d_frame`): "cudnn" (F.conv2d) or "matmul" (F.linear
-# over the pixels' channel vectors, which channels-last memory holds as rows).
-POINTWISE_CONV = "cudnn"
-POINTWISE_CONVS = ("cudnn", "matmul")
-# Output channels a conv with fewer than a multiple of them is padded to, with zero filters, its output
-# then a view of the first ones (`conv2d_frame`; None: as it is): cuDNN may run a 3x3 conv to 4 channels
-# (the 2.1 VAE's head) in a generic direct kernel.
-NARROW_CONV_PAD: int | None = None
-
-
 def conv2d_frame(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1),
                  padding=(0, 0)) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding) of a frame (B, Ci, H, W), as the decoders run every 2-D
-    conv: a 'same' conv (odd square kernel, stride 1, padding k // 2) in row pieces past 2**31 elements
-    (`conv_in_row_pieces`); a 1x1 conv of a channels-last frame per POINTWISE_CONV; a narrow output
-    per NARROW_CONV_PAD. Each computes the same sums per output value."""
+    """F.conv2d(x, weight, bias, stride, padding) of a frame (B, Ci, H, W), as both decoders run every 2-D
+    conv: a 'same' conv (odd square kernel, stride 1, padding k // 2) in row pieces where it would pass
+    2**31 elements (`conv_in_row_pieces`). (Measured and dropped, benchmarks/results/head_convs_h200.md:
+    1x1 convs as matmuls and narrow outputs padded with zero filters gained nothing in whole decodes.)"""
     co, _, kh, kw = weight.shape
     stride, padding = tuple(stride), tuple(padding)
 
     def conv(x: torch.Tensor) -> torch.Tensor:
-        if (kh, kw) == (1, 1) and POINTWISE_CONV == "matmul" and stride == (1, 1) and padding == (0, 0) \
-                and x.is_contiguous(memory_format=torch.channels_last):
-            # (B, H, W, Ci) rows → (B, H, W, Co) → the channels-last (B, Co, H, W) view
-            return F.linear(x.permute(0, 2, 3, 1), weight.view(co, -1), bias).permute(0, 3, 1, 2)
-        if NARROW_CONV_PAD and co % NARROW_CONV_PAD:
-            extra = NARROW_CONV_PAD - co % NARROW_CONV_PAD
-            padded = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, extra))  # zero filters after the real ones
-            return F.conv2d(x, padded, None if bias is None else F.pad(bias, (0, extra)), stride, padding)[:, :co]
         return F.conv2d(x, weight, bias, stride, padding)
 
     if stride != (1, 1) or kh != kw or kh % 2 == 0 or padding != (kh // 2, kw // 2):

@@ -345,6 +345,20 @@ class DecodeSurface(nn.Module, metaclass=abc.ABCMeta):
             x = out
         return x
 
+    def level_plan(self, i: int, x: torch.Tensor, cache=None) -> tuple[tuple[int, int, tuple], ...]:
+        """The plan for `decode_levels` that runs level i alone on its input `x` (a band of a parallel
+        decode's `level` halos): in row bands with level i's own receptive field as margin where
+        `decode_levels` would band (`band_local_part`, a cache-free 4-D frame; `bands.local_plan` of
+        that one level), else whole. A 2.1 level share at 4096² on 2 ranks held 13.5 GiB running each
+        level whole: the band plan of the single decode, one level at a time."""
+        from . import bands as planner
+
+        if not (self.band_local_part and cache is None and x.dim() == 4):
+            return ((i, i + 1, ()),)
+        one = dataclasses.replace(self.topology, tail_convs=0, levels=self.topology.levels[i:i + 1])
+        ((_, _, bands),) = planner.local_plan(one, tuple(x.shape), x.element_size())
+        return ((i, i + 1, bands),)
+
     def output_shape(self, z: torch.Tensor) -> tuple[int, ...]:
         """(B, out_channels, T', s·h, s·w): the decoded shape of latent `z` (B, z_dim, T, h, w)."""
         s = self.spatial_compression_ratio
