@@ -3,13 +3,11 @@
 # call). The rounds of 2026-12-01 (benchmarks/results/gpu_round_2026-12-01.md) ran every step once; the
 # 16:10 round ran vae21, parallel and rest; the 18:14 round ran parallel, found the level path's
 # torch.cat(out=) into channels-last (a third of a level share's time; fixed), then levelfix + video and
-# relevel. Still open, in order of value:
-#   1. rest: the 2.1 level shares at 1328² on 4 / 8 ranks with and without cudnn.deterministic (slower
-#      than at 45b96ef, unexplained), then the 2.1 rehearsal at 4096² (cut by its limit four times: its
-#      cuDNN autotuning of every band shape takes minutes; it has the rest of the call now)
-#   2. vae21 again: the "untiled, direct upsamplers" row beside the transposed default at the released
-#      sizes (cudnn.deterministic is free: results/level_halo_cat_h200.md, and the rehearsal's singles)
-#   3. tests (the whole suite on a GPU)
+# relevel; the 19:45 round found a 24-second cuDNN fallback in the 2.1 level shares at 4096² (fixed)
+# and ran firstcall, levelprofile, pieces, tests, headconvs and level21. Still open, in order of value:
+#   1. tests: the whole suite on a GPU within one call (cut at 420 s at ~78%: it has 500 s now)
+#   2. vae21 again: every size with the direct upsamplers beside the transposed default, and cuDNN's
+#      benchmark mode on against off in one process (on looked 5-19% faster across processes)
 #
 #   bash benchmarks/gpu_round.sh STEP        results under $OUT (default /tmp/gpu_round)
 #
@@ -76,7 +74,7 @@ step() {
 
 case "${1:-}" in
 tests)
-    PYTHONPATH=$NEW step pytest_gpu 420 python3 -m pytest -q -p no:cacheprovider -ra --tb=short -n 6
+    PYTHONPATH=$NEW step pytest_gpu 500 python3 -m pytest -q -p no:cacheprovider -ra --tb=short -n 6
     PYTHONPATH=$NEW step host_cost 90 python3 benchmarks/bench_host_cost.py --breakdown --json "$OUT/host_cost_h200.json"
     ;;
 vae21)
