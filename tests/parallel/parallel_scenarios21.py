@@ -57,13 +57,13 @@ def run_cases(rank: int, world: int) -> dict:
         # where the planner would run these tiny levels whole)
         from qwenfast.vae import bands
 
-        vae = vaes["tiny"]
-        z = torch.randn(1, vae.z_dim, 1, 30, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         cfg = dict(parallel_decode_mode="patch", patch_halo="level")
         previous, bands.LOCAL_BAND_OVERHEAD = bands.LOCAL_BAND_OVERHEAD, 100.0
-        try:
-            results["patch level banded"] = parallel_result(vae, z, cfg, reference(vae, z, "untiled", SMALL_TILES),
-                                                            SMALL_TILES)
+        try:  # the patch_size 2 arch: its last level (head and unpatchify) banded too
+            for name, arch, w in (("patch level banded", "tiny", 7), ("patch level banded p2", "patch2", 5)):
+                vae = vaes[arch]
+                z = torch.randn(1, vae.z_dim, 1, 30, w, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+                results[name] = parallel_result(vae, z, cfg, reference(vae, z, "untiled", SMALL_TILES), SMALL_TILES)
         finally:
             bands.LOCAL_BAND_OVERHEAD = previous
         # the public API: decode() with parallel decode = decode() without, clamped, 4-D in and out

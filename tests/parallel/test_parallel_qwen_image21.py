@@ -13,7 +13,8 @@ from parallel_harness import case_results_fixture
 
 SCENARIOS = str(Path(__file__).with_name("parallel_scenarios21.py"))
 NAMES = ["tiled exact B2", "tiled blend", "patch mid B2", "patch level", "auto", "patch mid rank0",
-         "patch level p2", "tiled exact p2", "tiled blend p2", "patch level banded"]
+         "patch level p2", "tiled exact p2", "tiled blend p2", "patch level banded",
+         "patch level banded p2"]
 
 
 case_results = case_results_fixture(SCENARIOS, [2, 3])

@@ -46,6 +46,33 @@ def test_conv2d_frame_equals_conv2d_fp64(monkeypatch, kernel, channels_last, str
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("shape, padding, dilation, groups", [
+    ((4, 6, 3, 3), (0, 0), (1, 1), 1),  # not 'same': the padding
+    ((4, 6, 3, 1), (1, 0), (1, 1), 1),  # a non-square kernel
+    ((4, 6, 2, 2), (1, 1), (1, 1), 1),  # an even kernel
+    ((4, 6, 3, 3), (2, 2), (2, 2), 1),  # dilated
+    ((4, 3, 3, 3), (1, 1), (1, 1), 2),  # grouped
+    ((4, 6, 3, 3), "same", (1, 1), 1),  # padding given by name
+])
+def test_a_conv_that_is_not_same_runs_in_one_call_and_equals_conv2d_fp64(monkeypatch, shape, padding, dilation, groups):
+    x = frame((1, 6, 9, 7))
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ref = F.conv2d(x, w, None, 1, padding, dilation, groups)
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 2 * 6 * 7 * 3)  # every 'same' conv would run in pieces
+    calls = counting(monkeypatch, "conv2d")
+    y = conv2d_frame(x, w, None, (1, 1), padding, dilation, groups)
+    assert len(calls) == 1 and y.shape == ref.shape
+    assert max_diff(y, ref) <= 1e-13
+
+
+def test_a_21_conv_refuses_a_padding_mode_it_would_ignore():
+    from qwenfast.vae.qwen_image21 import Conv
+
+    with pytest.raises(ValueError, match="padding_mode 'reflect' is not supported"):
+        Conv(2, 2, 3, padding=1, padding_mode="reflect").double()(frame((1, 2, 4, 4)))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_a_same_conv_in_row_pieces_is_exact_fp64(monkeypatch, kernel, with_bias):
@@ -77,5 +104,9 @@ def test_both_vaes_decode_the_same_in_row_pieces_fp64(monkeypatch):
     after = vae.decode(z), vae21.decode(z21), vae21.encode_untiled(image)
     for a, b in zip(after, before):
         assert max_diff(a, b) <= 1e-12
-    assert len(convs) + len(transposed) > sum(isinstance(m, torch.nn.Conv2d) for m in vae21.modules())  # pieces
+    pieces = len(convs) + len(transposed)
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 2**31 - 1)
+    convs.clear(), transposed.clear()
+    vae.decode(z), vae21.decode(z21), vae21.encode_untiled(image)
+    assert pieces > len(convs) + len(transposed)  # the same decodes took more conv calls: pieces ran
     assert max_diff(after[1].float(), ref21.decode(z21.float()).sample.clamp(-1, 1)) <= 1e-5

@@ -144,20 +144,21 @@ def conv_in_row_pieces(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 
 
 def conv2d_frame(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1),
-                 padding=(0, 0)) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding) of a frame (B, Ci, H, W), as both decoders run every 2-D
-    conv: a 'same' conv (odd square kernel, stride 1, padding k // 2) in row pieces where it would pass
-    2**31 elements (`conv_in_row_pieces`). (Measured and dropped, benchmarks/results/head_convs_h200.md:
-    1x1 convs as matmuls and narrow outputs padded with zero filters gained nothing in whole decodes.)"""
+                 padding=(0, 0), dilation=(1, 1), groups: int = 1) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups) of a frame (B, Ci, H, W), as both
+    decoders run their frame convs (the Qwen-Image VAE's on first frames and its direct upsamplers, the
+    2.1 VAE's `Conv`s): a 'same' conv (odd square kernel, stride 1, padding k // 2, no dilation or
+    groups) in row pieces where it would pass 2**31 elements (`conv_in_row_pieces`); any other conv in
+    one call. (Measured and dropped, benchmarks/results/head_convs_h200.md: 1x1 convs as matmuls and
+    narrow outputs padded with zero filters gained nothing in whole decodes.)"""
     co, _, kh, kw = weight.shape
-    stride, padding = tuple(stride), tuple(padding)
 
     def conv(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, bias, stride, padding)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
-    if stride != (1, 1) or kh != kw or kh % 2 == 0 or padding != (kh // 2, kw // 2):
-        return conv(x)
-    return conv_in_row_pieces(conv, x, co, reach=kh // 2)
+    same = (not isinstance(padding, str) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and kh == kw and kh % 2 == 1 and tuple(padding) == (kh // 2, kw // 2))
+    return conv_in_row_pieces(conv, x, co, reach=kh // 2) if same else conv(x)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -204,7 +205,8 @@ class CausalConv3d(nn.Conv3d):
             if cache is not None and self.is_causal_in_time:
                 cache.set(self, video.first_frame_past(x))
             pw, _, ph = self._pad[:3]
-            return conv2d_frame(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw))
+            return conv2d_frame(x, self.weight[:, :, -1], bias, self.stride[1:], (ph, pw), self.dilation[1:],
+                                self.groups)
         # (B, C, T, H, W)
         if self.takes_window(x, cache):
             return video.convolve_causal_window(self, self.window(x, cache, norm, norm_bias), cache, bias)

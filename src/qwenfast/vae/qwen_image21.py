@@ -85,7 +85,10 @@ class Conv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, cache: Any = None, with_bias: bool = True) -> torch.Tensor:
         """`with_bias=False` leaves the bias out for the next fused op to add."""
-        return conv2d_frame(x, self.weight, self.bias if with_bias else None, self.stride, self.padding)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Conv: padding_mode {self.padding_mode!r} is not supported (the model pads with zeros)")
+        return conv2d_frame(x, self.weight, self.bias if with_bias else None, self.stride, self.padding, self.dilation,
+                            self.groups)
 
 
 def _channel_to_space_map(in_dim: int, out_dim: int, factor_t: int, factor_s: int) -> list[int]:
