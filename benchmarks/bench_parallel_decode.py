@@ -12,7 +12,9 @@ Random weights (seeded: the same on every rank), bf16. For each size:
 
 Reported per mode: median ms (slowest rank, over --reps after a warm-up), speed-up over the single-GPU
 untiled decode (and over single-GPU exact tiling for `tiled`), per-rank peak memory, max|Δ| on rank 0
-against the single-GPU untiled decode (bf16 both), bytes sent and received per rank. Before timing,
+against the single-GPU untiled decode (bf16 both), bytes sent and received per rank, and with
+`--profile-collectives` each rank's time in collectives (one more run under the profiler). Videos:
+`--video-frames` latent frames at each of `--video-sizes` (1280x720 by default; 832x480 too). Before timing,
 an fp32 check on a small latent gives each mode's max|Δ| where rounding does not hide errors.
 Rank 0 writes JSON + markdown with provenance to --out.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -61,7 +64,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vae", choices=sorted(VAES), default="qwenimage",
                    help="the Qwen-Image (= Wan 2.1) VAE, or the Qwen-Image-2.1 VAE (images only: no video case)")
     p.add_argument("--sizes", type=int, nargs="*", default=[1328, 2048, 4096], help="square image sizes (px)")
-    p.add_argument("--video-frames", type=int, default=21, help="latent frames of the 720p video (21 = 81 frames; 0 skips)")
+    p.add_argument("--video-frames", type=int, default=21, help="latent frames of each video (21 = 81 frames; 0 skips)")
+    p.add_argument("--video-sizes", nargs="*", default=["1280x720"], metavar="WxH",
+                   help="frame sizes of the videos (px, each a multiple of 8), e.g. 1280x720 832x480")
+    p.add_argument("--profile-collectives", action="store_true",
+                   help="time each rank's collectives in one more run of every parallel mode under the profiler "
+                        "(NCCL kernels on a GPU, gloo's ops on a CPU): the measured side of the rehearsal's gap")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--video-reps", type=int, default=1)
     p.add_argument("--blend", action="store_true", help="also time blend tiling (slow, not exact)")
@@ -130,12 +138,27 @@ def vae_tag(args) -> str:
 
 def cases_of(args, vae) -> list[tuple]:
     """(label, latent h, latent w, latent frames, repeats) of every case: the square sizes, and the
-    81-frame 720p video for the Qwen-Image VAE (the 2.1 VAE is an image model)."""
+    videos (`--video-sizes`, e.g. "720p video, 81 frames") for the Qwen-Image VAE (the 2.1 VAE is an
+    image model)."""
     s = vae.spatial_compression_ratio
     cases = [(f"{n}x{n}", n // s, n // s, 1, args.reps) for n in args.sizes]
     if args.video_frames and VAE == "qwenimage":
-        cases.append((f"720p video, {1 + 4 * (args.video_frames - 1)} frames", 90, 160, args.video_frames, args.video_reps))
+        for size in args.video_sizes:
+            w, h = video_size(size, s)
+            cases.append((f"{h * s}p video, {1 + 4 * (args.video_frames - 1)} frames", h, w, args.video_frames,
+                          args.video_reps))
     return cases
+
+
+def video_size(text: str, scale: int) -> tuple[int, int]:
+    """"WxH" in pixels → the latent (w, h); both must be multiples of `scale`."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--video-sizes takes WxH in pixels, e.g. 1280x720; got {text!r}") from None
+    if w <= 0 or h <= 0 or w % scale or h % scale:
+        raise SystemExit(f"--video-sizes: {text} must be positive multiples of {scale} px")
+    return w // scale, h // scale
 
 
 def all_max(x: float, comm) -> float:
@@ -220,8 +243,24 @@ def provenance(args, comm) -> dict:
     return benchmarking.provenance(gpus=comm.world_size if comm else 1, vae=args.vae, **extra)
 
 
+def collective_ms(fn, comm) -> list[float]:
+    """Each rank's time in collectives during one more `fn()`, from the profiler: NCCL's kernels on a
+    GPU (their device time), gloo's ops on a CPU (their host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    barrier(comm)
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof, torch.no_grad():
+        fn()
+        sync()
+    if CUDA:
+        us = sum(e.self_device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
+    else:
+        us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.lower().startswith("gloo:"))
+    return all_values(us / 1e3, comm)
+
+
 def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm, vae, device,
-               graphs: bool = False) -> list[dict]:
+               graphs: bool = False, profile_collectives: bool = False) -> list[dict]:
     rank0 = comm is None or comm.rank == 0
     z = latent(h, w, t, device, vae.dtype)
     rows = []
@@ -240,6 +279,7 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
                      bytes_sent=[0], bytes_received=[0]))
     del out
     runs = [(name, cfg) for name, cfg in modes.items()]
+    output_gib = math.prod(vae.output_shape(z)) * z.element_size() / 2**30  # the decoded output, on every rank
     if graphs:  # each mode again with its segments as CUDA graphs, collectives outside (a CPU decodes eagerly)
         runs += [(f"{name} +graphs", dict(cfg, cuda_graph=True)) for name, cfg in modes.items()]
     eager_out = {}
@@ -258,6 +298,7 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
         if out is not None and t == 1:
             out = out[:, :, 0]
         row = dict(case=label, mode=name, ran=stats.get("mode"), ms=ms, speedup=ms_untiled / ms, peak_gib=peak,
+                   output_gib=output_gib,
                    max_abs=(out - against).abs().max().item() if (rank0 and against is not None and name != "tiled (blend)") else None,
                    bytes_sent=all_values(stats.get("bytes_sent", 0), comm),
                    bytes_received=all_values(stats.get("bytes_received", 0), comm))
@@ -269,6 +310,8 @@ def bench_case(label: str, h: int, w: int, t: int, reps: int, modes: dict, comm,
             vae.release_cuda_graphs()
         elif graphs:
             eager_out[name] = out
+        if profile_collectives and not cfg.get("cuda_graph"):  # after the timed runs: the profiler costs time
+            row["collective_ms"] = collective_ms(fn, comm)
         rows.append(row)
         del out
     del ref, z
@@ -287,8 +330,10 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
     if check:
         lines += ["fp32 check (small latent): max|Δ| vs single-device untiled (blend: vs single-device blend): "
                   + ", ".join(f"{k} {v:.2e}" for k, v in check.items()), ""]
-    lines += ["| case | mode | ran | ms | speed-up | peak GiB (per rank) | max abs diff | MiB sent (per rank) |",
-              "|---|---|---|---:|---:|---|---:|---|"]
+    coll = any("collective_ms" in r for r in rows)
+    lines += ["| case | mode | ran | ms | speed-up | peak GiB (per rank) | max abs diff | MiB sent (per rank) |"
+              + (" collectives ms (per rank) |" if coll else ""),
+              "|---|---|---|---:|---:|---|---:|---|" + ("---|" if coll else "")]
     for r in rows:
         peaks = ", ".join(f"{p:.2f}" for p in r["peak_gib"])
         sent = ", ".join(f"{b / 2**20:.1f}" for b in r["bytes_sent"])
@@ -297,7 +342,8 @@ def markdown(prov: dict, check: dict, rows: list[dict]) -> str:
         ran = r.get("ran", "") or ""
         if "graph_equal_eager" in r:
             ran += ", bit for bit = eager" if r["graph_equal_eager"] else ", DIFFERS FROM EAGER"
-        lines.append(f"| {r['case']} | {r['mode']} | {ran} | {r['ms']:.1f} | {sp} | {peaks} | {mad} | {sent} |")
+        lines.append(f"| {r['case']} | {r['mode']} | {ran} | {r['ms']:.1f} | {sp} | {peaks} | {mad} | {sent} |"
+                     + (f" {', '.join(f'{c:.2f}' for c in r.get('collective_ms', []))} |" if coll else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -428,7 +474,8 @@ def main() -> int:
     vae = model(torch.bfloat16 if CUDA else torch.float32, device)
     rows = []
     for label, h, w, t, reps in cases_of(args, vae):
-        rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device, args.graphs)
+        rows += bench_case(label, h, w, t, reps, modes, comm_or_single, vae, device, args.graphs,
+                           args.profile_collectives)
         if rank0:
             r = rows[-1]
             print(f"{label}: " + ", ".join(f"{x['mode']} {x['ms']:.1f} ms" for x in rows if x["case"] == label), flush=True)

@@ -39,6 +39,10 @@
 #             VAE and parallel test files on the GPU                                         ~7 min
 #   level21   the 2.1 rehearsal's level rows again (1328²-4096²) after its level shares were banded
 #             like the single decode's local part (issue 14)                                 ~3 min
+#   multi     (issue 15; a machine of several GPUs: nvidia-h200-x2/-x4/-x8) every mode under torchrun on
+#             all its GPUs: the Qwen-Image VAE at 1328²-4096² and 81 frames at 1280x720 and 832x480, the
+#             2.1 VAE at 1328²-4096², each rank's collectives profiled; then the scaling report of
+#             every run so far, with the one-GPU rehearsal's predictions beside it          ~9 min
 #   relevel   the rehearsal of the level rows again after the join fix (the other rows kept from the
 #             ce6084c run), the 2.1 rehearsal at 4096² (every mode), the CUDA-graph tests  ~6 min
 #
@@ -49,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
-tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile | pieces | level21) ;;
+tests | vae21 | video | parallel | graphs | rest | levelfix | relevel | firstcall | levelprofile | pieces | level21 | multi) ;;
 *) sed -n '2,/^# On the device/p' "$0"; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_round}
@@ -160,6 +164,21 @@ level21)
     PYTHONPATH=$NEW step rehearsal21_level 200 python3 benchmarks/bench_parallel_decode.py --vae qwenimage21 \
         --rehearse 2 4 8 --graphs --sizes 4096 2048 1328 --video-frames 0 --reps 2 --check-size 0 --out "$OUT" \
         --tag _h200 --modes "patch (level)" --keep benchmarks/results/parallel_rehearsal_qwenimage21_h200.json
+    ;;
+multi)
+    N=$(nvidia-smi -L | wc -l)
+    R=benchmarks/results
+    T="torchrun --nproc-per-node $N benchmarks/bench_parallel_decode.py --blend --profile-collectives --reps 3 \
+        --out $OUT --tag _${N}xh200"
+    PYTHONPATH=$NEW step multi_qwenimage 300 $T --sizes 1328 2048 4096 --video-frames 21 --video-sizes 1280x720 832x480
+    PYTHONPATH=$NEW step multi_qwenimage21 200 $T --vae qwenimage21 --sizes 1328 2048 4096 --video-frames 0
+    for v in "" _qwenimage21; do  # the report: this run beside the kept runs of the other GPU counts
+        mine=$OUT/parallel_decode_${N}gpu${v}_${N}xh200.json
+        kept=$(ls $R/parallel_decode_*gpu${v}_*xh200.json 2>/dev/null | grep -v "/parallel_decode_${N}gpu" |
+            { [ -z "$v" ] && grep -v qwenimage21 || cat; })
+        PYTHONPATH=$NEW step "scaling$v" 30 python3 benchmarks/plot_parallel_scaling.py $kept "$mine" \
+            --rehearsal $R/parallel_rehearsal${v}_h200.json --out "$OUT/parallel_scaling$v"
+    done
     ;;
 graphs)
     PYTHONPATH=$NEW step bench_graphs 75 python3 -m qwenfast bench --sizes 1024,1328,2048 --modes untiled,exact \

@@ -58,3 +58,37 @@ def test_rehearsal_writes_each_row_and_redoes_only_the_modes_asked(tmp_path, mon
     assert again[1]["single_ms"] == first[0]["single_ms"] and again[1]["single_kept"] and "single_ms_own" not in again[1]
     assert "patch (level)" in (tmp_path / "parallel_rehearsal_level.md").read_text()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_two_rank_run_profiles_collectives_and_takes_video_sizes(tmp_path):
+    """Under torchrun (2 gloo ranks, the full-size Qwen-Image VAE, tiny latents): an image and a
+    `--video-sizes` video case, every parallel row with each rank's time in collectives
+    (`--profile-collectives`) and the decoded output's size, and equal to the single-GPU decode."""
+    from pathlib import Path
+
+    from helpers import torchrun
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_parallel_decode.py"
+    done = torchrun(["--sizes", "32", "--video-frames", "2", "--video-sizes", "32x24", "--reps", "1",
+                     "--check-size", "0", "--profile-collectives", "--out", str(tmp_path), "--tag", "_t"],
+                    nproc=2, timeout=240, script=script)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "parallel_decode_2gpu_t.json").read_text())["results"]
+    assert [r["case"] for r in rows if r["mode"] == "patch"] == ["32x32", "24p video, 5 frames"]
+    parallel = [r for r in rows if not r["mode"].startswith("single")]
+    assert parallel and all(len(r["collective_ms"]) == 2 and min(r["collective_ms"]) > 0 for r in parallel)
+    assert all(r["max_abs"] == 0.0 for r in parallel if r["mode"] != "auto")  # fp32 on the CPU: exact
+    video = next(r for r in parallel if r["case"].endswith("frames"))
+    assert video["output_gib"] == 3 * 5 * 24 * 32 * 4 / 2**30
+
+
+def test_a_video_size_that_is_not_a_multiple_of_8_is_refused(monkeypatch, capsys):
+    import sys
+
+    import pytest
+
+    bench = load_benchmark("bench_parallel_decode")
+    monkeypatch.setattr(sys, "argv", ["bench_parallel_decode.py", "--rehearse", "2", "--sizes", "--video-sizes",
+                                      "830x480", "--check-size", "0"])
+    with pytest.raises(SystemExit, match="multiples of 8"):
+        bench.main()

@@ -49,3 +49,47 @@ def test_markdown_lists_every_count_and_verdict(runs):
 
 def test_video_case_has_no_output_size():
     assert scaling.output_gib("720p video, 21 frames") is None
+
+
+def test_the_rehearsal_sits_beside_the_measurement_and_is_checked(runs, tmp_path):
+    rehearsal = tmp_path / "rehearsal.json"
+    rehearsal.write_text(json.dumps({"results": [
+        dict(case="4096x4096", mode="patch", world=2, predicted_speedup=1.90),  # measured 400/220 = 1.82
+        dict(case="4096x4096", mode="patch", world=4, predicted_speedup=3.60)]}))  # measured 2.67: 35% off
+    rows = {(r["mode"], r["n"]): r for r in scaling.scaling_rows(runs, scaling.load_rehearsal(str(rehearsal)))}
+    assert rows[("patch", 2)]["predicted"] == 1.90 and rows[("tiled (exact)", 2)]["predicted"] is None
+    assert dict(scaling.check_targets(rows[("patch", 2)]))["rehearsal within 15%"] is True
+    assert dict(scaling.check_targets(rows[("patch", 4)]))["rehearsal within 15%"] is False
+    text = scaling.markdown(runs, list(rows.values()))
+    assert "1.82x (220 ms); predicted 1.90x" in text
+
+
+def test_targets_by_case_and_recorded_output_sizes(tmp_path):
+    def one(n, case, ms, peak, output=None):
+        rows = [dict(case=case, mode="single untiled", ms=100.0, peak_gib=[peak]),
+                dict(case=case, mode="patch", ms=ms, peak_gib=[peak / n] * n, collective_ms=[0.5, 1.5][:n],
+                     **({} if output is None else {"output_gib": output}))]
+        return {"provenance": {"gpus": n, "vae": "qwenimage", "torch": "2.11", "commit": "c", "date_utc": "d"},
+                "results": rows}
+
+    for n in (1, 2):
+        ms = 100.0 / 1.5 if n > 1 else 100.0  # 1.5x on 2 GPUs
+        (tmp_path / f"r{n}.json").write_text(json.dumps(one(n, "1328x1328", ms, 6.0)))
+        (tmp_path / f"v{n}.json").write_text(json.dumps(one(n, "720p video, 81 frames", ms, 6.0, output=0.4)))
+    image = {r["n"]: r for r in scaling.scaling_rows(scaling.load([str(tmp_path / "r1.json"), str(tmp_path / "r2.json")]))}
+    assert dict(scaling.check_targets(image[2]))["speed-up >= 1.40"] is True  # 1328²: 0.7·N
+    assert image[2]["collective_ms"] == 1.5  # the slowest rank's
+    video = {r["n"]: r for r in scaling.scaling_rows(scaling.load([str(tmp_path / "v1.json"), str(tmp_path / "v2.json")]))}
+    assert dict(scaling.check_targets(video[2]))["speed-up >= 1.70"] is False  # 0.85·N
+    assert video[2]["peak_limit_gib"] == pytest.approx(1.2 / 2 * 6.0 + 0.4)  # the recorded output size
+
+
+def test_runs_of_two_vaes_or_two_of_one_count_are_refused(tmp_path):
+    a = {"provenance": {"gpus": 2, "vae": "qwenimage"}, "results": []}
+    b = {"provenance": {"gpus": 4, "vae": "qwenimage21"}, "results": []}
+    for name, run in (("a", a), ("b", b), ("c", a)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="different VAEs"):
+        scaling.load([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="two runs of 2 GPUs"):
+        scaling.load([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
