@@ -98,6 +98,13 @@ def latent(shape: tuple[int, ...], seed: int = 1, dtype: torch.dtype = torch.flo
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def frame(shape: tuple[int, ...], channels_last: bool = False, dtype: torch.dtype = torch.float64,
+          seed: int = 4) -> torch.Tensor:
+    """A seeded random frame (B, C, H, W) (CPU), drawn in float64 then cast; channels-last on request."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def pair(arch: dict | None = None, seed: int = 0, vae_config=None):
     """(diffusers reference, ours over the same tensors)."""
     from qwenfast import QwenImageVAE

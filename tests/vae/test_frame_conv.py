@@ -8,14 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TINY21, latent, max_diff, pair, pair21
+from helpers import TINY21, frame, latent, max_diff, pair, pair21
 from qwenfast.vae import qwen_image
 from qwenfast.vae.qwen_image import conv2d_frame
-
-
-def frame(shape, channels_last=False, dtype=torch.float64, seed=4):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def weights(co, ci, k, dtype=torch.float64):

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 
-from helpers import TINY21, latent, max_diff, pair, pair21, tiny_vae
+from helpers import TINY21, frame, latent, max_diff, pair, pair21, tiny_vae
 from qwenfast import VAEConfig
 from qwenfast.vae import qwen_image
 from qwenfast.vae.qwen_image import UPSAMPLE_CONVS, UpsampleConv2x
@@ -41,9 +41,7 @@ def module(ci=5, co=3, dtype=torch.float64):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_formulations_equal_direct_fp64(mode, shape, channels_last):
     m = module()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = frame(shape, channels_last, seed=1)
     with upsample_conv("direct"):
         ref = m(x)
     with upsample_conv(mode):
@@ -153,9 +151,7 @@ def test_transposed_upsample_in_row_pieces_is_exact_fp64(monkeypatch, limit_rows
     # past CONV_MAX_NUMEL elements the transposed conv runs in row pieces (cuDNN's int64 fallback took
     # 23.6 s for one 2.1 level band at 4096²): each piece reads one input row each side
     m = module()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = frame(shape, channels_last, seed=3)
     with upsample_conv("transposed"):
         whole = m(x)
         b, _, h, w = shape
