@@ -60,6 +60,34 @@ def test_a_conv_that_is_not_same_runs_in_one_call_and_equals_conv2d_fp64(monkeyp
     assert max_diff(y, ref) <= 1e-13
 
 
+@torch.no_grad()
+def test_int_arguments_and_an_unbatched_frame_take_what_conv2d_takes(monkeypatch):
+    w, b = weights(4, 6, 3)
+    x = frame((2, 6, 9, 7))
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 2 * 6 * 7 * 3)  # a 'same' conv in pieces of one row
+    calls = counting(monkeypatch, "conv2d")
+    y = conv2d_frame(x, w, b, 1, 1, 1)  # ints, as F.conv2d takes them: still the 'same' conv, in pieces
+    assert len(calls) == 9 and max_diff(y, F.conv2d(x, w, b, 1, 1)) <= 1e-13
+    calls.clear()
+    y = conv2d_frame(x[0], w, b, padding=(1, 1))  # (C, H, W) unbatched: one call, as F.conv2d runs it
+    assert len(calls) == 1 and max_diff(y, F.conv2d(x[0], w, b, 1, 1)) <= 1e-13
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_row_pieces_keep_the_dtype_and_the_whole_calls_values(monkeypatch, dtype, kernel):
+    x, (w, b) = frame((2, 6, 9, 7), channels_last=True, dtype=dtype), weights(4, 6, kernel, dtype)
+    whole = conv2d_frame(x, w, b, padding=(kernel // 2, kernel // 2))
+    monkeypatch.setattr(qwen_image, "CONV_MAX_NUMEL", 2 * 6 * 7 * (2 + 2 * (kernel // 2)))  # 2 core rows a piece
+    calls = counting(monkeypatch, "conv2d")
+    pieces = conv2d_frame(x, w, b, padding=(kernel // 2, kernel // 2))
+    assert len(calls) == 5 and pieces.dtype == dtype and pieces.is_contiguous(memory_format=torch.channels_last)
+    # the same sums per value in the same dtype: equal to the whole call up to the kernels' order of adds
+    # (the CPU: equal, or 4.8e-7 of 10 for the fp32 1x1), a few units in the last place at most
+    assert max_diff(pieces, whole) <= 4 * torch.finfo(dtype).eps * whole.abs().max().item()
+
+
 def test_a_21_conv_refuses_a_padding_mode_it_would_ignore():
     from qwenfast.vae.qwen_image21 import Conv
 

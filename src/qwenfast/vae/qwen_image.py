@@ -156,9 +156,12 @@ def conv2d_frame(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     def conv(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
-    same = (not isinstance(padding, str) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
-            and kh == kw and kh % 2 == 1 and tuple(padding) == (kh // 2, kw // 2))
-    return conv_in_row_pieces(conv, x, co, reach=kh // 2) if same else conv(x)
+    def pair(v) -> tuple:  # F.conv2d's int-or-pair arguments, as a pair
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    same = (x.dim() == 4 and not isinstance(padding, str) and pair(stride) == (1, 1) and pair(dilation) == (1, 1)
+            and groups == 1 and kh == kw and kh % 2 == 1 and pair(padding) == (kh // 2, kw // 2))
+    return conv_in_row_pieces(conv, x, co, reach=kh // 2) if same else conv(x)  # else one call: F.conv2d's rules
 
 
 class CausalConv3d(nn.Conv3d):
