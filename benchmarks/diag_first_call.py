@@ -35,10 +35,15 @@ from qwenfast.vae import qwen_image
 
 
 def parse_case(text: str) -> tuple[str, int, int, int, str]:
-    name, size, world, rank, halo = text.split(":")
-    if name not in B.VAES or halo not in ("level", "mid") or not 0 <= int(rank) < int(world):
-        raise ValueError(text)
-    return name, int(size), int(world), int(rank), halo
+    """MODEL:SIZE:WORLD:RANK:HALO → its fields; ValueError(text) for anything else."""
+    try:
+        name, size, world, rank, halo = text.split(":")
+        size, world, rank = int(size), int(world), int(rank)
+    except ValueError:
+        raise ValueError(repr(text)) from None
+    if name not in B.VAES or halo not in ("level", "mid") or size < 1 or not 0 <= rank < world:
+        raise ValueError(repr(text))
+    return name, size, world, rank, halo
 
 
 def main() -> None:
@@ -64,14 +69,12 @@ def main() -> None:
     except ValueError as e:
         p.error(f"--case takes MODEL:SIZE:WORLD:RANK:HALO (HALO level or mid), e.g. qwenimage21:4096:2:0:level; got {e}")
     kernel_activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-    results, models = [], {}
+    results, vae, loaded = [], None, None
     for name, size, world, rank, halo in cases:
         size = size if cuda else 256
-        if name not in models:
-            B.VAE = name
-            models.clear()  # one model at a time on the device
-            models[name] = B.model(torch.bfloat16 if cuda else torch.float32, dev)
-        vae = models[name]
+        if name != loaded:  # one model at a time on the device: the last one freed first
+            vae, B.VAE, loaded = None, name, name
+            vae = B.model(torch.bfloat16 if cuda else torch.float32, dev)
         s = vae.spatial_compression_ratio
         z = B.latent(size // s, size // s, 1, dev, vae.dtype)
         if world == 1:
@@ -89,7 +92,7 @@ def main() -> None:
             prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i == 0 else
                     torch.profiler.profile(activities=[kernel_activity]) if last else None)
             t0 = time.perf_counter()
-            with torch.no_grad(), (prof or torch.autograd.profiler.record_function("call")):
+            with torch.no_grad(), (prof or contextlib.nullcontext()):
                 fn()
                 if cuda:
                     torch.cuda.synchronize()
@@ -100,7 +103,8 @@ def main() -> None:
                 table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60)
                 print(table, flush=True)
             elif prof is not None:
-                kernels = prof.key_averages().table(sort_by=f"{'cuda' if cuda else 'cpu'}_time_total", row_limit=16, max_name_column_width=90)
+                kernels = prof.key_averages().table(sort_by=f"{'cuda' if cuda else 'cpu'}_time_total", row_limit=16,
+                                                    max_name_column_width=90)
                 print(kernels, flush=True)
         results.append(dict(case=key, wall_ms=walls, first_call_cpu_profile=table, last_call_cuda_profile=kernels))
         del z, fn

@@ -31,14 +31,28 @@ PATCH_TARGETS = {"1328x1328": 0.7, "2048x2048": 0.85, "4096x4096": 0.85, "720p v
 PARALLEL_MODES = ("patch", "patch (level)", "tiled (exact)", "tiled (blend)", "auto")
 
 
+def read_results(path: str, what: str) -> dict:
+    """A JSON file of bench_parallel_decode.py (`what` it should be, for the error) with its "results";
+    a missing, unreadable or foreign file is one line of error, not a traceback."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise SystemExit(f"{path}: not {what} (no \"results\" list)")
+    return data
+
+
 def load(paths: list[str]) -> dict[int, dict]:
     """{N: the run's JSON} keyed by the GPU count the run recorded; the runs must be of one VAE and one
     run per GPU count (else which baseline a row has would be a guess)."""
     runs: dict[int, dict] = {}
     vaes = set()
     for path in paths:
-        run = json.loads(Path(path).read_text())
-        n = int(run["provenance"]["gpus"])
+        run = read_results(path, "a run of bench_parallel_decode.py")
+        n = int(run.get("provenance", {}).get("gpus", 0))
+        if n < 1:
+            raise SystemExit(f"{path}: no GPU count in its provenance: not a multi-GPU run's file")
         if n in runs:
             raise SystemExit(f"two runs of {n} GPUs given ({path} and an earlier file): one per GPU count")
         runs[n] = run
@@ -53,8 +67,11 @@ def load_rehearsal(path: str | None) -> dict[tuple[str, str, int], float]:
     measured run used graphs is not known here: the eager one)."""
     if path is None:
         return {}
-    return {(r["case"], r["mode"], int(r["world"])): r["predicted_speedup"]
-            for r in json.loads(Path(path).read_text())["results"]}
+    what = "a rehearsal (bench_parallel_decode.py --rehearse)"
+    rows = read_results(path, what)["results"]
+    if not all(isinstance(r, dict) and {"case", "mode", "world", "predicted_speedup"} <= r.keys() for r in rows):
+        raise SystemExit(f"{path}: not {what}: its rows lack case, mode, world or predicted_speedup")
+    return {(r["case"], r["mode"], int(r["world"])): r["predicted_speedup"] for r in rows}
 
 
 def output_gib(case: str) -> float | None:

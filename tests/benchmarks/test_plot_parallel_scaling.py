@@ -93,3 +93,16 @@ def test_runs_of_two_vaes_or_two_of_one_count_are_refused(tmp_path):
         scaling.load([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     with pytest.raises(SystemExit, match="two runs of 2 GPUs"):
         scaling.load([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+
+
+def test_a_missing_or_foreign_file_is_one_line_of_error(tmp_path):
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({"provenance": {"gpus": 2}, "results": [dict(case="4096x4096", mode="patch")]}))
+    (tmp_path / "broken.json").write_text("{")
+    for call, match in [(lambda: scaling.load([str(tmp_path / "nowhere.json")]), "cannot read a run"),
+                        (lambda: scaling.load([str(tmp_path / "broken.json")]), "cannot read a run"),
+                        (lambda: scaling.load_rehearsal(str(measured)), "not a rehearsal"),
+                        (lambda: scaling.load_rehearsal(str(tmp_path / "nowhere.json")), "cannot read a rehearsal")]:
+        with pytest.raises(SystemExit, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
